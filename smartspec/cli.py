@@ -1,0 +1,62 @@
+"""The `smartspec` command. Each subcommand lives in its own module, imported only when chosen, so
+client commands start fast (they never import torch or transformers)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with add_arguments(parser) and run(args) -> int | None, one-line help)
+COMMANDS = {
+    "up": ("smartspec.commands.up", "start verifier, drafters and router on loopback and wait"),
+    "generate": ("smartspec.commands.generate", "send one prompt to a running router"),
+    "models": ("smartspec.commands.models", "print (and build on first use) the embedded default model folders"),
+    "serve": (None, "run one service of the stack: smartspec serve ROLE ..."),
+}
+
+# smartspec serve ROLE -> module with add_arguments(parser) and run(args)
+ROLES = {
+    "verifier": ("verifier_svc.main", "the target model: prefill, verify, KV cache"),
+    "drafter": ("drafter_svc.main", "one proposer backend (--kind draft_model, prompt_lookup, ...)"),
+    "router": ("router.main", "the client-facing front door: batching, speculation policy, streaming"),
+}
+
+
+def _add_module_parser(subparsers, name: str, module_name: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module = importlib.import_module(module_name)
+    module.add_arguments(parser)
+    parser.set_defaults(_module=module)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smartspec", description="Speculative decoding that stays profitable under load.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = argv[0] if argv else None
+    for name, (module_name, help_text) in COMMANDS.items():
+        if module_name is None:
+            serve = subparsers.add_parser(name, help=help_text, description=help_text)
+            roles = serve.add_subparsers(dest="role", required=True, metavar="ROLE")
+            role_wanted = argv[1] if wanted == "serve" and len(argv) > 1 else None
+            for role, (role_module, role_help) in ROLES.items():
+                if role_wanted == role:
+                    _add_module_parser(roles, role, role_module, role_help)
+                else:
+                    roles.add_parser(role, help=role_help)
+        elif wanted == name:
+            _add_module_parser(subparsers, name, module_name, help_text)
+        else:
+            subparsers.add_parser(name, help=help_text)  # listed in --help; its module is not imported
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    code = args._module.run(args)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

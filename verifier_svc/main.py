@@ -1,0 +1,52 @@
+"""`smartspec serve verifier`: load the target model and serve the VerifierService."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from smartspec.config import add_model_flags, add_server_flags
+
+log = logging.getLogger("smartspec.verifier")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_server_flags(parser)
+    add_model_flags(parser, "target")
+
+
+def build_servicer(model_path: str, device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0):
+    """Loads the target and returns a ready VerifierServicer (also used in-process by tests)."""
+    from smartspec.models import resolve_model_path
+    from smartspec.runtime.loading import describe, load_causal_lm, max_context_of
+    from smartspec.runtime.runner import BatchedRunner
+    from verifier_svc.engine import VerifierEngine
+    from verifier_svc.server import VerifierServicer
+
+    path = resolve_model_path(model_path, "target")
+    model = load_causal_lm(path, device, dtype)
+    limit = min(max_context, max_context_of(model)) if max_context > 0 else max_context_of(model)
+    runner = BatchedRunner(model, max_sequences=max_sequences, max_context=limit)
+    info = describe(model, str(path))
+    info.max_context = limit
+    return VerifierServicer(VerifierEngine(runner, vocab_size=info.vocab_size), info)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from smartspec.serving import announce, serve_until_signal, start_server
+    from smartspec.wire import verifier_pb2_grpc
+    from verifier_svc.server import SERVICE_NAME
+
+    servicer = build_servicer(args.target_model, args.device, args.dtype, args.max_sequences, args.max_context)
+    running = await start_server(
+        lambda server: verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server), [SERVICE_NAME], args.host, args.port
+    )
+    log.info("verifier serving %s on %s", servicer.model_info.model, running.address)
+    announce("verifier", running)
+    await serve_until_signal(running, args.grace_s)
+    servicer.thread.close()
+
+
+def run(args: argparse.Namespace) -> None:
+    asyncio.run(serve(args))

@@ -1,0 +1,88 @@
+"""gRPC face of the verifier: wire messages in and out, model work on the model thread."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from smartspec.errors import RequestError
+from smartspec.runtime.runner import StepResult
+from smartspec.serving import ModelThread, rpc_errors
+from smartspec.wire import common_pb2, verifier_pb2, verifier_pb2_grpc
+from verifier_svc.engine import VerifierEngine
+
+SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name
+
+
+def step_stats(step: StepResult, started: float, num_sequences: int, num_forwards: int = 1) -> common_pb2.StepStats:
+    """Wire form of a step's shape and timing; handler time runs from `started` (perf_counter) to now."""
+    return common_pb2.StepStats(
+        forward_s=step.forward_s,
+        handler_s=time.perf_counter() - started,
+        num_sequences=num_sequences,
+        num_new_tokens=step.new_tokens,
+        num_context_tokens=step.context_tokens,
+        num_forwards=num_forwards if num_sequences else 0,
+    )
+
+
+def split_ragged(flat: list[int], counts: list[int], what: str) -> list[list[int]]:
+    """Cuts a flat token list into per-request lists of the given counts (vLLM-style ragged batch)."""
+    if sum(counts) != len(flat):
+        raise RequestError("INVALID_ARGUMENT", f"{what}: counts add up to {sum(counts)} but {len(flat)} tokens were sent")
+    parts, start = [], 0
+    for count in counts:
+        parts.append(flat[start : start + count])
+        start += count
+    return parts
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
+    def __init__(self, engine: VerifierEngine, model_info: common_pb2.ModelInfo) -> None:
+        self.engine = engine
+        self.model_info = model_info
+        self.thread = ModelThread("verifier-model")
+
+    @rpc_errors
+    async def Prefill(self, request: verifier_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> verifier_pb2.PrefillResponse:
+        started = time.perf_counter()
+        items = [(item.request_id, list(item.token_ids)) for item in request.items]
+        next_tokens, step = await self.thread.run(self.engine.prefill, items)
+        return verifier_pb2.PrefillResponse(next_token_ids=next_tokens, stats=step_stats(step, started, len(items)))
+
+    @rpc_errors
+    async def Verify(self, request: verifier_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> verifier_pb2.VerifyResponse:
+        started = time.perf_counter()
+        ids = list(request.request_ids)
+        if len(request.draft_counts) != len(ids):
+            raise RequestError("INVALID_ARGUMENT", f"{len(ids)} request ids but {len(request.draft_counts)} draft counts")
+        drafts = split_ragged(list(request.draft_token_ids), list(request.draft_counts), "draft_token_ids")
+        outcome = await self.thread.run(self.engine.verify, ids, drafts)
+        return verifier_pb2.VerifyResponse(
+            accepted_counts=outcome.accepted,
+            emitted_token_ids=[token for tokens in outcome.emitted for token in tokens],
+            committed_lengths=outcome.committed_lengths,
+            stats=step_stats(outcome.step, started, len(ids)),
+        )
+
+    @rpc_errors
+    async def Release(self, request: verifier_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> verifier_pb2.ReleaseResponse:
+        released = await self.thread.run(self.engine.release, list(request.request_ids))
+        return verifier_pb2.ReleaseResponse(released=released)
+
+    @rpc_errors
+    async def Info(self, request: verifier_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> verifier_pb2.InfoResponse:
+        runner = self.engine.runner
+
+        def snapshot() -> tuple[int, int]:
+            return runner.used_tokens, runner.live
+
+        used, live = await self.thread.run(snapshot)
+        return verifier_pb2.InfoResponse(
+            model=self.model_info,
+            kv_capacity_tokens=runner.max_sequences * runner.max_context,
+            kv_used_tokens=used,
+            live_sequences=live,
+            max_sequences=runner.max_sequences,
+        )
