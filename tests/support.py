@@ -1,0 +1,96 @@
+"""Test helpers: tiny models, greedy references from transformers, servers on background threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+
+def build_tiny_model(dest: Path, tokenizer_from: Path, seed: int, layers: int) -> Path:
+    """Saves a seeded random-init Llama that shares the tokenizer at `tokenizer_from`.
+
+    initializer_range=0.5: at the default 0.02 a random model repeats one token under greedy, which
+    would make lossless tests nearly unable to fail.
+    """
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, do_sample=False)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def reference_greedy(model_path: Path, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """transformers' own greedy decoding of `prompt`: the tokens, and the top-2 logit gap at each
+    position (a mismatch where the gap is below 1e-4 is a numeric tie, not a bug)."""
+    from transformers import AutoModelForCausalLM
+
+    key = str(model_path)
+    if key not in _MODELS:
+        _MODELS[key] = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = _MODELS[key]
+    ids = torch.tensor([list(prompt)])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+    )
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    gaps = [float((s[0].topk(2).values[0] - s[0].topk(2).values[1])) for s in out.scores]
+    return tokens, gaps
+
+
+def first_mismatch(got: Sequence[int], want: Sequence[int], gaps: Sequence[float]) -> str | None:
+    """None when equal; else a message naming the first differing position and the reference's top-2 gap."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            tie = " (numeric tie)" if gaps[i] < 1e-4 else ""
+            return f"position {i}: got {a}, reference {b}, reference top-2 logit gap {gaps[i]:.2e}{tie}"
+    if len(got) != len(want):
+        return f"length {len(got)} != reference length {len(want)}"
+    return None
+
+
+class ServerThread:
+    """Runs an aio gRPC server (smartspec.serving.start_server) on its own event loop in a thread,
+    so tests can talk to it over real loopback with plain synchronous stubs."""
+
+    def __init__(self, register: Callable, service_names: Sequence[str]) -> None:
+        from smartspec.serving import start_server
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.running = self.call(start_server(register, service_names, "127.0.0.1", 0))
+        self.address = self.running.address
+
+    def call(self, coroutine):
+        """Runs a coroutine on the server's loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=120)
+
+    def stop(self) -> None:
+        self.call(self.running.stop(0))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
