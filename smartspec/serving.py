@@ -110,9 +110,12 @@ async def start_server(
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")  # grpcio raises RuntimeError on failure
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port} (in use, or not a local address)")
+        raise OSError(f"cannot bind {host}:{port}: the port is in use or the address is not local")
     await server.start()
     running = RunningServer(server, host, bound, health_servicer, tuple(service_names))
     await running.set_serving(True)

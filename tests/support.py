@@ -44,8 +44,9 @@ _MODELS: dict[str, torch.nn.Module] = {}
 
 
 def reference_greedy(model_path: Path, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], list[float]]:
-    """transformers' own greedy decoding of `prompt`: the tokens, and the top-2 logit gap at each
-    position (a mismatch where the gap is below 1e-4 is a numeric tie, not a bug)."""
+    """transformers' own greedy decoding of `prompt` (up to `new_tokens`, ending early at an
+    end-of-sequence token as generate does): the tokens, and the top-2 logit gap at each position
+    (a mismatch where the gap is below 1e-4 is a numeric tie, not a bug)."""
     from transformers import AutoModelForCausalLM
 
     key = str(model_path)
@@ -54,7 +55,7 @@ def reference_greedy(model_path: Path, prompt: Sequence[int], new_tokens: int) -
     model = _MODELS[key]
     ids = torch.tensor([list(prompt)])
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
         output_scores=True, return_dict_in_generate=True, pad_token_id=0,
     )
     tokens = out.sequences[0, ids.shape[1]:].tolist()
