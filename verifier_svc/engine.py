@@ -12,12 +12,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from smartspec.errors import RequestError
+from smartspec.protocol import MAX_DRAFT_TOKENS
 from smartspec.runtime.runner import BatchedRunner, StepResult, StepRow
 from verifier_svc.acceptance import greedy_accept
-
-# Most draft tokens one request may propose in one step (bounds the padding slack of the KV pool).
-MAX_DRAFT_TOKENS = 64
-
 
 @dataclass
 class VerifyOutcome:

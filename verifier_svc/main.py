@@ -18,26 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_servicer(model_path: str, device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0):
     """Loads the target and returns a ready VerifierServicer (also used in-process by tests)."""
-    from smartspec.models import resolve_model_path
-    from smartspec.runtime.loading import describe, load_causal_lm, max_context_of
-    from smartspec.runtime.runner import BatchedRunner
+    from smartspec.runtime.loading import load_runner
     from verifier_svc.engine import VerifierEngine
     from verifier_svc.server import VerifierServicer
 
-    path = resolve_model_path(model_path, "target")
-    model = load_causal_lm(path, device, dtype)
-    limit = min(max_context, max_context_of(model)) if max_context > 0 else max_context_of(model)
-    runner = BatchedRunner(model, max_sequences=max_sequences, max_context=limit)
-    info = describe(model, str(path))
-    info.max_context = limit
+    runner, info = load_runner(model_path, "target", device, dtype, max_sequences, max_context)
     return VerifierServicer(VerifierEngine(runner, vocab_size=info.vocab_size), info)
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from smartspec.serving import announce, serve_until_signal, start_server
+    from smartspec.serving import announce, serve_until_signal, setup_logging, start_server
     from smartspec.wire import verifier_pb2_grpc
     from verifier_svc.server import SERVICE_NAME
 
+    setup_logging(args.log_level)
     servicer = build_servicer(args.target_model, args.device, args.dtype, args.max_sequences, args.max_context)
     running = await start_server(
         lambda server: verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server), [SERVICE_NAME], args.host, args.port

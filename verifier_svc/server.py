@@ -7,35 +7,12 @@ import time
 import grpc
 
 from smartspec.errors import RequestError
-from smartspec.runtime.runner import StepResult
+from smartspec.protocol import split_ragged, step_stats
 from smartspec.serving import ModelThread, rpc_errors
 from smartspec.wire import common_pb2, verifier_pb2, verifier_pb2_grpc
 from verifier_svc.engine import VerifierEngine
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_name
-
-
-def step_stats(step: StepResult, started: float, num_sequences: int, num_forwards: int = 1) -> common_pb2.StepStats:
-    """Wire form of a step's shape and timing; handler time runs from `started` (perf_counter) to now."""
-    return common_pb2.StepStats(
-        forward_s=step.forward_s,
-        handler_s=time.perf_counter() - started,
-        num_sequences=num_sequences,
-        num_new_tokens=step.new_tokens,
-        num_context_tokens=step.context_tokens,
-        num_forwards=num_forwards if num_sequences else 0,
-    )
-
-
-def split_ragged(flat: list[int], counts: list[int], what: str) -> list[list[int]]:
-    """Cuts a flat token list into per-request lists of the given counts (vLLM-style ragged batch)."""
-    if sum(counts) != len(flat):
-        raise RequestError("INVALID_ARGUMENT", f"{what}: counts add up to {sum(counts)} but {len(flat)} tokens were sent")
-    parts, start = [], 0
-    for count in counts:
-        parts.append(flat[start : start + count])
-        start += count
-    return parts
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
@@ -49,7 +26,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         started = time.perf_counter()
         items = [(item.request_id, list(item.token_ids)) for item in request.items]
         next_tokens, step = await self.thread.run(self.engine.prefill, items)
-        return verifier_pb2.PrefillResponse(next_token_ids=next_tokens, stats=step_stats(step, started, len(items)))
+        return verifier_pb2.PrefillResponse(next_token_ids=next_tokens, stats=step_stats(started, step.forward_s, len(items), step.new_tokens, step.context_tokens, step.num_forwards))
 
     @rpc_errors
     async def Verify(self, request: verifier_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> verifier_pb2.VerifyResponse:
@@ -63,7 +40,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             accepted_counts=outcome.accepted,
             emitted_token_ids=[token for tokens in outcome.emitted for token in tokens],
             committed_lengths=outcome.committed_lengths,
-            stats=step_stats(outcome.step, started, len(ids)),
+            stats=step_stats(started, outcome.step.forward_s, len(ids), outcome.step.new_tokens, outcome.step.context_tokens, outcome.step.num_forwards),
         )
 
     @rpc_errors

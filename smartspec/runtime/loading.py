@@ -60,3 +60,17 @@ def describe(model: torch.nn.Module, name: str) -> "common_pb2.ModelInfo":
         dtype=str(param.dtype).removeprefix("torch."),
         eos_token_ids=eos_ids_of(model),
     )
+
+
+def load_runner(spec: str, role: str, device: str, dtype: str, max_sequences: int, max_context: int = 0):
+    """Resolves and loads a model ('embedded' or a folder) into a BatchedRunner; returns it with the
+    model's wire description. max_context 0 keeps the model's own limit."""
+    from smartspec.models import resolve_model_path
+    from smartspec.runtime.runner import BatchedRunner
+
+    path = resolve_model_path(spec, role)
+    model = load_causal_lm(path, device, dtype)
+    limit = min(max_context, max_context_of(model)) if max_context > 0 else max_context_of(model)
+    info = describe(model, str(path))
+    info.max_context = limit
+    return BatchedRunner(model, max_sequences=max_sequences, max_context=limit), info

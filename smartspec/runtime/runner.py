@@ -32,6 +32,7 @@ class StepResult:
     forward_s: float
     new_tokens: int
     context_tokens: int
+    num_forwards: int = 1
 
 
 class BatchedRunner:
@@ -110,18 +111,52 @@ class BatchedRunner:
         self._length[seq_id] = length
 
     # --- the batched step -----------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self, rows: list[StepRow]) -> StepResult:
-        """Appends each row's tokens to its sequence in one forward and returns the requested logits."""
+        """Appends each row's tokens to its sequence and returns the requested logits, in one forward
+        unless the rows' padded shape would not fit the KV pool (see ``_fit_groups``)."""
         if not rows:
-            return StepResult([], 0.0, 0, 0)
+            return StepResult([], 0.0, 0, 0, 0)
+        if min(len(r.tokens) for r in rows) < 1:
+            raise ValueError("every row of a step needs at least one token")
+        logits: dict[str, torch.Tensor] = {}
+        total = StepResult([], 0.0, 0, 0, 0)
+        for group in self._fit_groups(rows):
+            part = self._forward(group)
+            logits.update((row.seq_id, out) for row, out in zip(group, part.logits))
+            total.forward_s += part.forward_s
+            total.new_tokens += part.new_tokens
+            total.context_tokens += part.context_tokens
+            total.num_forwards += 1
+        total.logits = [logits[row.seq_id] for row in rows]
+        return total
+
+    def _fit_groups(self, rows: list[StepRow]) -> list[list[StepRow]]:
+        """Splits rows so that no forward's padded view passes the KV pool's length limit.
+
+        A forward pads every row to the longest one and attends over max(start) + that many positions,
+        so a long new prompt beside a long-running sequence can overflow the pool although each fits on
+        its own. Almost always one group.
+        """
+        limit = self.pool.max_len
+        groups: list[tuple[int, int, list[StepRow]]] = []  # (max start, max count, rows)
+        for row in sorted(rows, key=lambda r: len(r.tokens), reverse=True):
+            start = self._length[row.seq_id]
+            for g, (g_start, g_count, members) in enumerate(groups):
+                if max(g_start, start) + g_count <= limit:
+                    groups[g] = (max(g_start, start), g_count, members + [row])
+                    break
+            else:
+                groups.append((start, len(row.tokens), [row]))
+        return [members for _, _, members in groups]
+
+    @torch.inference_mode()
+    def _forward(self, rows: list[StepRow]) -> StepResult:
+        """One batched forward over rows whose padded view fits the pool."""
         order = sorted(range(len(rows)), key=lambda i: self._slot_of[rows[i].seq_id])
         batch = [rows[i] for i in order]
         starts = [self._length[r.seq_id] for r in batch]
         counts = [len(r.tokens) for r in batch]
         n_max = max(counts)
-        if min(counts) < 1:
-            raise ValueError("every row of a step needs at least one token")
         view_len = max(starts) + n_max
         self.pool.ensure(self.live, view_len)
 

@@ -1,0 +1,1 @@
+"""The drafter service: one gRPC interface, pluggable proposer backends (prompt lookup, draft model, ...)."""

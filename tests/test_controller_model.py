@@ -1,0 +1,124 @@
+"""The controller's estimates: acceptance posteriors, the cost model's online refit, closed-loop decisions."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from router.controller.acceptance import DrafterRates, RequestAcceptance, expected_tokens
+from router.controller.controller import Slot, SpeculationController
+from router.controller.cost_model import LinearCostModel, VERIFY_FEATURES, verify_features
+
+
+def test_expected_tokens_matches_the_closed_form():
+    for a in (0.1, 0.5, 0.9):
+        for k in range(6):
+            assert expected_tokens(a, k) == pytest.approx((1 - a ** (k + 1)) / (1 - a))
+
+
+def test_posterior_learns_a_requests_rate_from_geometric_outcomes():
+    rng = random.Random(0)
+    true_rate, k = 0.8, 4
+    posterior = RequestAcceptance.from_prior(0.3)
+    for _ in range(300):
+        accepted = 0
+        while accepted < k and rng.random() < true_rate:
+            accepted += 1
+        posterior.observe(k, accepted)
+    assert posterior.mean == pytest.approx(true_rate, abs=0.04)
+
+
+def test_drafter_rate_is_a_sliding_window():
+    rates = DrafterRates(initial=0.5, window=10)
+    assert rates.rate == 0.5
+    for _ in range(10):
+        rates.observe(4, 4)  # all accepted: 4 successes, no failure
+    assert rates.rate == 0.99  # capped below 1
+    for _ in range(10):
+        rates.observe(4, 0)  # the old evidence slides out
+    assert rates.rate == 0.01
+    assert rates.position_proposed[:4] == [20] * 4 and rates.position_accepted[0] == 10
+
+
+def test_online_refit_recovers_the_true_step_cost():
+    true = np.array([0.04, 0.006, 0.00002, 0.003, 0.025])
+    model = LinearCostModel(VERIFY_FEATURES, prior=[0.1, 0.0, 0.0, 0.0, 0.0], window=200, refit_every=10)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        b = int(rng.integers(1, 17))
+        ks = rng.integers(0, 6, size=b)
+        feats = verify_features(b, int(b + ks.sum()), int(rng.integers(10, 800)) * b, bool(ks.any()))
+        model.observe(feats, float(feats @ true) * float(rng.normal(1.0, 0.02)))
+    probe = verify_features(8, 30, 4000, True)
+    assert model.predict(probe) == pytest.approx(float(probe @ true), rel=0.05)
+    assert model.error().mape < 0.2
+
+
+def test_refit_with_a_constant_feature_stays_near_the_prior():
+    """Batch size never varies in the window: its coefficient must not run off."""
+    model = LinearCostModel(VERIFY_FEATURES, prior=[0.04, 0.005, 0.00002, 0.003, 0.02], refit_every=1)
+    for n in range(1, 40):
+        model.observe(verify_features(4, 4 + n % 5, 400, n % 5 > 0), 0.06 + 0.005 * (n % 5))
+    assert 0 <= model.as_dict()["sequences"] < 0.05
+    assert all(c >= 0 for c in model.coef)
+
+
+def controller_with(step_cost: tuple[float, ...], initial_rate: float = 0.5) -> SpeculationController:
+    controller = SpeculationController(k_max=8, initial_rate=initial_rate)
+    controller.verify_cost.reset_prior(step_cost)
+    controller.drafter_cost("prompt_lookup")
+    return controller
+
+
+def test_closed_loop_speculates_when_drafts_land_and_stops_when_they_miss():
+    controller = controller_with((0.03, 0.004, 0.0, 0.001, 0.015))
+    slots = [Slot("r", "prompt_lookup", cap=8, context_tokens=100)]
+    history = []
+    for _ in range(20):
+        (k,) = controller.decide(slots)
+        controller.observe_verify("r", "prompt_lookup", k, k)  # everything accepted
+        history.append(k)
+    assert history[-1] >= 6
+    for step in range(40):
+        (k,) = controller.decide(slots)
+        if k == 0:
+            break
+        controller.observe_verify("r", "prompt_lookup", k, 0)  # the copied passage ended: all rejected
+    assert k == 0, "speculation never stopped although every draft was rejected"
+    assert step >= 5  # one bad step does not outweigh twenty good ones
+    # with no new evidence the estimate drifts back to the prior and speculation is tried again
+    assert any(controller.decide(slots)[0] > 0 for _ in range(40))
+
+
+def test_load_turns_speculation_off():
+    """Same acceptance; a cheap step speculates, a step where tokens are dear does not."""
+    light = controller_with((0.05, 0.001, 0.0, 0.0, 0.01), initial_rate=0.8)
+    heavy = controller_with((0.05, 0.03, 0.0, 0.0, 0.05), initial_rate=0.8)
+    slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=200) for i in range(16)]
+    assert sum(light.decide(slots)) > 16
+    assert sum(heavy.decide(slots)) == 0
+
+
+def test_hysteresis_keeps_k_when_the_gain_is_marginal():
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.01))
+    slots = [Slot("r", "prompt_lookup", cap=8, context_tokens=10)]
+    first = controller.decide(slots)
+    controller._previous["r"] = first[0] - 1  # last step chose one less: nearly as good
+    assert controller.decide(slots) == [first[0] - 1]
+    controller.hysteresis = 0.0
+    controller._previous["r"] = first[0] - 1
+    assert controller.decide(slots) == first
+
+
+def test_step_error_is_measured_and_requests_are_forgotten():
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.01))
+    slots = [Slot("r", "prompt_lookup", cap=4, context_tokens=10)]
+    ks = controller.decide(slots)
+    controller.observe_step(1, 1 + ks[0], 10, {"prompt_lookup": (ks, 0.001)}, step_s=controller.last.predicted_s * 2)
+    assert controller.step_error() == pytest.approx(0.5)
+    controller.observe_verify("r", "prompt_lookup", 3, 1)
+    controller.forget("r")
+    assert controller._posteriors == {} and controller._previous == {}
+    assert controller.drafter_rates("prompt_lookup").samples == 1
