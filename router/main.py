@@ -1,0 +1,71 @@
+"""`smartspec serve router`: the client-facing RouterService in front of a verifier and drafters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from smartspec.config import add_flag, add_server_flags
+
+log = logging.getLogger("smartspec.router")
+
+DEFAULT_PORT = 50051
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_server_flags(parser, default_port=DEFAULT_PORT)
+    add_flag(parser, "--verifier", default="127.0.0.1:50052", help="verifier address HOST:PORT")
+    add_flag(parser, "--drafter", action="append", default=[], metavar="NAME=HOST:PORT",
+             help="a drafter service, e.g. prompt_lookup=127.0.0.1:50053 (repeatable; env: comma-separated)")
+    add_flag(parser, "--target-model", default="embedded", help="folder whose tokenizer the router uses (the verifier's target), or 'embedded'")
+    add_flag(parser, "--max-batch", type=int, default=16, help="most requests in the running batch")
+    add_flag(parser, "--max-queue", type=int, default=64, help="most requests waiting for admission; beyond it, RESOURCE_EXHAUSTED")
+    add_flag(parser, "--default-drafter", default="prompt_lookup", help="drafter for requests that name none: none, prompt_lookup, draft_model")
+    add_flag(parser, "--default-policy", default="fixed:3", help="speculation policy for requests that name none: none or fixed:K")
+    add_flag(parser, "--default-max-tokens", type=int, default=128, help="max_tokens for requests that leave it unset")
+    add_flag(parser, "--drafter-timeout-s", type=float, default=2.0, help="deadline of one Propose call; past it the step goes on without speculation")
+    add_flag(parser, "--verifier-timeout-s", type=float, default=120.0, help="deadline of one Prefill or Verify call")
+    add_flag(parser, "--startup-timeout-s", type=float, default=120.0, help="how long to wait for the verifier to answer at startup")
+
+
+def load_tokenizer(spec: str):
+    """Only the tokenizer: the router never loads model weights."""
+    from transformers import AutoTokenizer
+
+    from smartspec.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_path(spec, "target")), local_files_only=True)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    from router.server import SERVICE_NAME, RouterSettings, build_router, parse_drafters
+    from router.validate import Defaults
+    from smartspec.serving import announce, serve_until_signal, setup_logging, start_server
+    from smartspec.wire import router_pb2_grpc
+
+    setup_logging(args.log_level)
+    settings = RouterSettings(
+        defaults=Defaults(drafter=args.default_drafter, policy=args.default_policy, max_tokens=args.default_max_tokens),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        drafter_timeout_s=args.drafter_timeout_s,
+        verifier_timeout_s=args.verifier_timeout_s,
+    )
+    drafters = parse_drafters(args.drafter)
+    tokenizer = load_tokenizer(args.target_model)
+    servicer = await build_router(tokenizer, args.verifier, drafters, settings, startup_timeout_s=args.startup_timeout_s)
+    running = await start_server(
+        lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server), [SERVICE_NAME], args.host, args.port
+    )
+    announce("router", running)
+    
+    async def drain() -> None:
+        await servicer.scheduler.drain(args.grace_s)
+
+    await serve_until_signal(running, args.grace_s, on_stop=drain)
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(serve(args))
+    return 0

@@ -1,0 +1,366 @@
+"""Continuous batching: requests join and leave the running batch between steps.
+
+One loop iteration:
+  1. admit: waiting requests (up to the batch limit) are prefilled in one batched Prefill call; the
+     first token comes from it;
+  2. step: the policies pick k per request, the drafters are called in parallel (asyncio.gather),
+     then ONE Verify call checks every running request's proposal (k = 0 is plain decoding);
+  3. the emitted tokens are committed per request (stop rules applied) and streamed out;
+  4. finished and cancelled requests are released in the verifier and their drafter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import grpc
+
+from router.drafters import DrafterClient, describe_rpc_error
+from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
+from router.request import RequestState
+from smartspec.errors import RequestError
+from smartspec.wire import verifier_pb2, verifier_pb2_grpc
+
+log = logging.getLogger("smartspec.router.scheduler")
+
+# Verifier statuses that mean "this request cannot be served" rather than "the verifier is broken".
+PASS_THROUGH = {"INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the router learns from the verifier's Info."""
+
+    max_context: int
+    vocab_size: int
+    eos_ids: frozenset[int]
+    max_sequences: int
+
+
+class Scheduler:
+    """Owns the admission queue and the running batch; runs the step loop as one asyncio task."""
+
+    def __init__(
+        self,
+        verifier: verifier_pb2_grpc.VerifierServiceStub,
+        drafters: dict[str, DrafterClient],
+        limits: Limits,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        verifier_timeout_s: float = 120.0,
+    ) -> None:
+        self.verifier = verifier
+        self.drafters = drafters
+        self.limits = limits
+        self.max_batch = max(1, min(max_batch, limits.max_sequences))
+        self.max_queue = max_queue
+        self.verifier_timeout_s = verifier_timeout_s
+        self.waiting: collections.deque[RequestState] = collections.deque()
+        self.running: list[RequestState] = []
+        self.steps = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self._idle = asyncio.Event()
+        self.draining = False
+        self._closing = False
+        # After the verifier refused a prefill for lack of sequence slots (it may serve other routers,
+        # or still hold released state): admit at most this many at once, and none while `_blocked`
+        # (a single request was refused) until one of ours leaves.
+        self._admit_cap: int | None = None
+        self._blocked = False
+
+    # --- called by RPC handlers -----------------------------------------------------------------
+    def submit(self, request: RequestState) -> None:
+        """Queues a request for admission, or refuses it at once when the queue is full."""
+        if self.draining:
+            raise RequestError("UNAVAILABLE", "the router is shutting down; retry on another router")
+        if len(self.waiting) >= self.max_queue:
+            raise RequestError(
+                "RESOURCE_EXHAUSTED",
+                f"the router is overloaded: {len(self.waiting)} requests already wait for admission (limit {self.max_queue}); retry later",
+            )
+        self.waiting.append(request)
+        self._wake.set()
+
+    def cancel(self, request: RequestState) -> None:
+        """The client went away: drop a waiting request now, a running one at the next step boundary."""
+        request.cancelled = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self._wake.set()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="router-scheduler")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuses new requests, lets the admitted and waiting ones finish for up to `timeout_s`
+        seconds, then closes."""
+        self.draining = True
+        if self.waiting or self.running:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("shutdown: %d requests still unfinished after %.1fs", len(self.waiting) + len(self.running), timeout_s)
+        await self.close()
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stops the loop after its current iteration (cancelling it only past `timeout_s`, so a step's
+        releases are not cut short); every unfinished request fails with UNAVAILABLE and is released."""
+        self._closing = self.draining = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    pass
+        error = RequestError("UNAVAILABLE", "the router is shutting down")
+        for request in [*self.waiting, *self.running]:
+            request.fail(error)
+        self.waiting.clear()
+        await self._release(self.running)
+        self.running = []
+
+    async def run(self) -> None:
+        while not self._closing:
+            if not self.waiting and not self.running:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self.iterate()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not hang every client: fail the batch, keep serving
+                log.exception("router step failed")
+                error = RequestError("INTERNAL", "the router failed while serving this request (see the router's log)")
+                for request in self.running:
+                    request.fail(error)
+                await self._release(self.running)
+                self.running = []
+
+    async def iterate(self) -> None:
+        """One admission + one step + cleanup."""
+        await self._admit()
+        await self._reap()
+        if self.running:
+            await self._step()
+            await self._reap()
+
+    # --- admission ------------------------------------------------------------------------------
+    async def _admit(self) -> None:
+        if self._blocked and self.running:
+            return
+        room = self.max_batch - len(self.running)
+        if self._admit_cap is not None:
+            room = min(room, self._admit_cap)
+        batch: list[RequestState] = []
+        while self.waiting and len(batch) < room:
+            request = self.waiting.popleft()
+            if not request.cancelled:
+                batch.append(request)
+        if not batch:
+            return
+        now = time.perf_counter()
+        for request in batch:
+            request.admitted = now
+        self.running.extend(batch)  # from here on a failure is theirs too; _reap releases the failed
+        items = [verifier_pb2.PrefillItem(request_id=r.id, token_ids=r.tokens) for r in batch]
+        try:
+            reply = await self.verifier.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=self.verifier_timeout_s)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                await self._requeue(batch, err)
+                return
+            error = _verifier_error("prefill", err)
+            for request in batch:
+                request.fail(error)
+            return
+        self._admit_cap = None
+        if len(reply.next_token_ids) != len(batch):
+            raise RuntimeError(f"verifier prefill answered {len(reply.next_token_ids)} tokens for {len(batch)} requests")
+        for request, token in zip(batch, reply.next_token_ids):
+            request.send(request.commit([token]))
+
+    async def _requeue(self, batch: list[RequestState], err: grpc.RpcError) -> None:
+        """The verifier has no free slot for `batch`: back to the front of the queue, smaller next time."""
+        self.running = [r for r in self.running if r not in batch]
+        for request in reversed(batch):
+            request.admitted = None
+            self.waiting.appendleft(request)
+        level = logging.WARNING if self._admit_cap is None else logging.DEBUG  # once per episode
+        log.log(level, "verifier full (%s); %d requests wait for a free slot", err.details(), len(batch))
+        self._admit_cap = max(1, len(batch) // 2)
+        self._blocked = len(batch) == 1
+        if not self.running:
+            await asyncio.sleep(0.05)  # nothing of ours to finish first: retry shortly
+
+    # --- one speculative step -------------------------------------------------------------------
+    async def _step(self) -> None:
+        started = time.perf_counter()
+        batch = list(self.running)
+        views = self._views(batch)
+        groups = self._groups(batch)
+        asked = [0] * len(batch)
+        for policy, members in groups.items():
+            for i, k in zip(members, policy.choose([views[i] for i in members])):
+                asked[i] = clamp_k(k, views[i].max_k)
+        proposals, draft_times = await self._propose(batch, asked)
+        final = [0] * len(batch)
+        for policy, members in groups.items():
+            refined = policy.refine([views[i] for i in members], [asked[i] for i in members], [len(proposals[i]) for i in members])
+            for i, k in zip(members, refined):
+                final[i] = clamp_k(k, min(asked[i], len(proposals[i])))
+        drafts = [proposal[:k] for proposal, k in zip(proposals, final)]
+        message = verifier_pb2.VerifyRequest(
+            request_ids=[r.id for r in batch],
+            draft_counts=[len(d) for d in drafts],
+            draft_token_ids=[t for d in drafts for t in d],
+        )
+        verify_started = time.perf_counter()
+        try:
+            reply = await self.verifier.Verify(message, timeout=self.verifier_timeout_s)
+        except grpc.RpcError as err:
+            error = _verifier_error("verify", err)
+            for request in batch:
+                request.fail(error)
+            return
+        finished = time.perf_counter()
+        self.steps += 1
+        emitted = list(reply.emitted_token_ids)
+        if len(reply.accepted_counts) != len(batch) or len(emitted) != sum(reply.accepted_counts) + len(batch):
+            raise RuntimeError(f"verifier answered {len(reply.accepted_counts)} counts and {len(emitted)} tokens for {len(batch)} requests")
+        start = 0
+        for request, draft, accepted in zip(batch, drafts, reply.accepted_counts):
+            tokens = emitted[start : start + accepted + 1]
+            start += accepted + 1
+            request.counters.steps += 1
+            request.counters.proposed += len(draft)
+            request.counters.accepted += accepted
+            if not request.done:
+                request.send(request.commit(tokens))
+        for policy, members in groups.items():
+            policy.observe(
+                StepOutcome(
+                    requests=tuple(
+                        RequestOutcome(views[i].request_id, views[i].drafter, asked[i], len(drafts[i]), reply.accepted_counts[i], views[i].context_tokens)
+                        for i in members
+                    ),
+                    num_sequences=len(batch),
+                    new_tokens=sum(len(d) + 1 for d in drafts),
+                    context_tokens=reply.stats.num_context_tokens,
+                    verify_s=finished - verify_started,
+                    step_s=finished - started,
+                    drafts=draft_times,
+                )
+            )
+
+    def _views(self, batch: Sequence[RequestState]) -> list[RequestView]:
+        """What the policies see; a request whose drafter is missing or backing off has drafter 'none'."""
+        return [
+            RequestView(
+                request_id=r.id,
+                drafter=r.params.drafter if self._can_draft(r) else "none",
+                context_tokens=len(r.tokens),
+                generated=r.generated,
+                max_k=r.draft_room(self.limits.max_context) if self._can_draft(r) else 0,
+                steps=r.counters.steps,
+                proposed=r.counters.proposed,
+                accepted=r.counters.accepted,
+            )
+            for r in batch
+        ]
+
+    @staticmethod
+    def _groups(batch: Sequence[RequestState]) -> dict[SpeculationPolicy, list[int]]:
+        groups: dict[SpeculationPolicy, list[int]] = collections.defaultdict(list)
+        for i, request in enumerate(batch):
+            groups[request.params.policy].append(i)
+        return groups
+
+    def _can_draft(self, request: RequestState) -> bool:
+        drafter = self.drafters.get(request.params.drafter)
+        return drafter is not None and drafter.available()
+
+    async def _propose(
+        self, batch: Sequence[RequestState], ks: Sequence[int]
+    ) -> tuple[list[list[int]], dict[str, tuple[tuple[int, ...], float]]]:
+        """Calls every drafter that has work, in parallel. Returns each request's proposal (cut to its k
+        and to valid token ids; empty when it asked for none or its drafter failed) and, per drafter
+        called, the ks asked of it and its wall time."""
+        by_drafter: dict[str, list[int]] = collections.defaultdict(list)
+        for i, (request, k) in enumerate(zip(batch, ks)):
+            if k > 0:
+                by_drafter[request.params.drafter].append(i)
+        names = list(by_drafter)
+        results = await asyncio.gather(
+            *(self.drafters[n].propose([batch[i] for i in by_drafter[n]], [ks[i] for i in by_drafter[n]]) for n in names)
+        )
+        proposals: list[list[int]] = [[] for _ in batch]
+        times: dict[str, tuple[tuple[int, ...], float]] = {}
+        for name, (drafted, seconds) in zip(names, results):
+            times[name] = (tuple(ks[i] for i in by_drafter[name]), seconds)
+            for i, proposal in zip(by_drafter[name], drafted):
+                proposals[i] = _valid_prefix(proposal[: ks[i]], self.limits.vocab_size)
+        return proposals, times
+
+    # --- cleanup --------------------------------------------------------------------------------
+    async def _reap(self) -> None:
+        gone = [r for r in self.running if r.done or r.cancelled]
+        if gone:
+            self.running = [r for r in self.running if not (r.done or r.cancelled)]
+            self._blocked = False
+            await self._release(gone)
+
+    async def _release(self, requests: Iterable[RequestState]) -> None:
+        """Frees state in the verifier (awaited: its slots are needed for the next admission) and in
+        drafters (in the background: nothing waits on them)."""
+        requests = list(requests)
+        if not requests:
+            return
+        for request in requests:
+            request.params.policy.forget(request.id)
+        by_drafter: dict[str, list[str]] = collections.defaultdict(list)
+        for request in requests:
+            if request.drafter_contacted and request.params.drafter in self.drafters:
+                by_drafter[request.params.drafter].append(request.id)
+        for name, ids in by_drafter.items():
+            task = asyncio.get_running_loop().create_task(self.drafters[name].release(ids))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        release = self.verifier.Release(verifier_pb2.ReleaseRequest(request_ids=[r.id for r in requests]), timeout=self.verifier_timeout_s)
+        try:
+            await asyncio.shield(asyncio.ensure_future(release))  # completes even if the loop is cancelled meanwhile
+        except grpc.RpcError as err:
+            log.warning("verifier release of %d requests failed: %s", len(requests), describe_rpc_error(err))
+
+
+def _valid_prefix(draft: Sequence[int], vocab_size: int) -> list[int]:
+    """A drafter's tokens up to the first one outside the vocabulary (which the verifier would refuse)."""
+    out: list[int] = []
+    for token in draft:
+        if not 0 <= token < vocab_size:
+            break
+        out.append(int(token))
+    return out
+
+
+def _verifier_error(what: str, err: grpc.RpcError) -> RequestError:
+    code = err.code().name if err.code() is not None else "UNKNOWN"
+    if code in PASS_THROUGH:
+        return RequestError(code, err.details() or f"the verifier refused the {what}")
+    if code in {"UNAVAILABLE", "DEADLINE_EXCEEDED"}:
+        return RequestError("UNAVAILABLE", f"the verifier did not answer the {what} ({code}: {err.details()}); retry later")
+    return RequestError("INTERNAL", f"the verifier failed the {what} ({code}: {err.details()})")

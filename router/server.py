@@ -1,0 +1,150 @@
+"""gRPC face of the router: validate, queue, then relay the request's chunks as they are committed."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Sequence
+
+import grpc
+
+from router.drafters import DrafterClient
+from router.policy import PolicyRegistry
+from router.request import Chunk, RequestState
+from router.scheduler import Limits, Scheduler
+from router.validate import Defaults, PromptEncoder, RequestValidator
+from smartspec.errors import RequestError
+from smartspec.serving import CHANNEL_OPTIONS, rpc_errors
+from smartspec.wire import drafter_pb2_grpc, router_pb2, router_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+log = logging.getLogger("smartspec.router")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The router's knobs (each is a flag of `smartspec serve router`)."""
+
+    defaults: Defaults = field(default_factory=Defaults)
+    max_batch: int = 16
+    max_queue: int = 64
+    drafter_timeout_s: float = 2.0
+    verifier_timeout_s: float = 120.0
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, validate: Callable, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int]) -> None:
+        self.validate = validate
+        self.scheduler = scheduler
+        self.decode = decode
+        self.eos_ids = eos_ids
+
+    def _submit(self, request: router_pb2.GenerateRequest) -> RequestState:
+        prompt_ids, params = self.validate(request)
+        state = RequestState(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_ids=self.eos_ids)
+        self.scheduler.submit(state)
+        return state
+
+    async def _chunks(self, state: RequestState) -> AsyncIterator[Chunk]:
+        """The request's chunks until the last; cancels the request if the caller stops listening."""
+        try:
+            while True:
+                item = await state.outbox.get()
+                if isinstance(item, RequestError):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            if not state.done:
+                self.scheduler.cancel(state)
+
+    @rpc_errors
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
+        state = self._submit(request)
+        token_ids: list[int] = []
+        text: list[str] = []
+        async for chunk in self._chunks(state):
+            token_ids.extend(chunk.token_ids)
+            text.append(chunk.text)
+            if chunk.finish_reason:
+                return router_pb2.GenerateResponse(
+                    token_ids=token_ids, text="".join(text), finish_reason=chunk.finish_reason, stats=chunk.stats
+                )
+        raise RequestError("INTERNAL", "generation ended without a finish reason")
+
+    @rpc_errors
+    async def GenerateStream(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        state = self._submit(request)
+        async for chunk in self._chunks(state):
+            yield router_pb2.GenerateStreamResponse(
+                token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason, stats=chunk.stats
+            )
+
+
+async def build_router(
+    tokenizer,
+    verifier_address: str,
+    drafter_addresses: dict[str, str],
+    settings: RouterSettings,
+    startup_timeout_s: float = 60.0,
+    policies: PolicyRegistry | None = None,
+) -> RouterServicer:
+    """Connects to the verifier (reading its limits from Info) and the drafters, and starts the step
+    loop. Must run on the event loop that will serve the router. `policies` may register policies
+    beyond 'none' and 'fixed:K' by name (e.g. the goodput controller)."""
+    from router.detokenize import tokenizer_decoder
+
+    verifier = verifier_pb2_grpc.VerifierServiceStub(grpc.aio.insecure_channel(verifier_address, options=CHANNEL_OPTIONS))
+    info = await verifier.Info(verifier_pb2.InfoRequest(), timeout=startup_timeout_s, wait_for_ready=True)
+    limits = Limits(
+        max_context=info.model.max_context,
+        vocab_size=info.model.vocab_size,
+        eos_ids=frozenset(info.model.eos_token_ids),
+        max_sequences=info.max_sequences or settings.max_batch,
+    )
+    drafters = {
+        name: DrafterClient(
+            name, drafter_pb2_grpc.DrafterServiceStub(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)), settings.drafter_timeout_s
+        )
+        for name, address in drafter_addresses.items()
+    }
+    defaults = settings.defaults
+    if defaults.drafter != "none" and defaults.drafter not in drafters:
+        log.warning("default drafter %r is not configured; requests that name no drafter decode without one", defaults.drafter)
+        defaults = Defaults(drafter="none", policy=defaults.policy, max_tokens=defaults.max_tokens)
+    validate = RequestValidator(PromptEncoder(tokenizer), defaults, list(drafters), limits.max_context, policies)
+    validate_defaults(validate)
+    scheduler = Scheduler(
+        verifier, drafters, limits, max_batch=settings.max_batch, max_queue=settings.max_queue, verifier_timeout_s=settings.verifier_timeout_s
+    )
+    scheduler.start()
+    log.info(
+        "router: verifier %s (%s, context %d, eos %s), drafters %s, batch %d, queue %d",
+        verifier_address, info.model.model, limits.max_context, sorted(limits.eos_ids), drafter_addresses or "none",
+        scheduler.max_batch, scheduler.max_queue,
+    )
+    return RouterServicer(validate, scheduler, tokenizer_decoder(tokenizer), limits.eos_ids)
+
+
+def validate_defaults(validate: RequestValidator) -> None:
+    """Fails at startup, not on the first request, when a default policy or drafter is malformed."""
+    try:
+        validate.policies.get(validate.defaults.policy)
+        if validate.defaults.max_tokens < 1:
+            raise RequestError("INVALID_ARGUMENT", "the default max_tokens must be at least 1")
+    except RequestError as err:
+        raise ValueError(err.message) from None
+
+
+def parse_drafters(specs: Sequence[str]) -> dict[str, str]:
+    """['prompt_lookup=127.0.0.1:5001', ...] -> {'prompt_lookup': '127.0.0.1:5001'}."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, address = spec.partition("=")
+        if not sep or not name or not address:
+            raise ValueError(f"--drafter {spec!r}: expected NAME=HOST:PORT, e.g. prompt_lookup=127.0.0.1:50053")
+        if name == "none":
+            raise ValueError("--drafter: 'none' is reserved (it means no drafter)")
+        out[name] = address
+    return out

@@ -1,0 +1,116 @@
+"""Turning a client's GenerateRequest into prompt tokens and Params, or a clear INVALID_ARGUMENT /
+OUT_OF_RANGE error. Everything a client can get wrong is caught here, before the request queues."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from router.policy import PolicyRegistry
+from router.request import Params
+from smartspec.errors import RequestError
+from smartspec.wire import router_pb2
+
+KNOWN_DRAFTERS = ("none", "draft_model", "prompt_lookup")
+ROLES = ("system", "user", "assistant")
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What an unset field means on this router."""
+
+    drafter: str = "prompt_lookup"
+    policy: str = "fixed:3"
+    max_tokens: int = 128
+
+
+class PromptEncoder:
+    """The target's tokenizer: plain text is tokenized as ``tokenizer(text).input_ids``; messages go
+    through the chat template with a generation prompt."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def text(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt).input_ids)
+
+    def messages(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+
+class RequestValidator:
+    """Checks a request against the router's settings and the verifier's limits."""
+
+    def __init__(
+        self, encoder: PromptEncoder, defaults: Defaults, drafters: Sequence[str], max_context: int, policies: PolicyRegistry | None = None
+    ) -> None:
+        self.encoder = encoder
+        self.policies = policies or PolicyRegistry()
+        self.defaults = defaults
+        self.available = ("none", *drafters)
+        self.max_context = max_context
+
+    def __call__(self, request: router_pb2.GenerateRequest) -> tuple[list[int], Params]:
+        drafter = self._drafter(request.drafter or self.defaults.drafter)
+        policy = self.policies.get(request.policy or self.defaults.policy)
+        stop = self._stops(request.stop)
+        if request.HasField("max_tokens") and request.max_tokens < 1:
+            raise RequestError("INVALID_ARGUMENT", f"max_tokens must be at least 1 (got {request.max_tokens})")
+        prompt_ids = self._prompt(request)
+        room = self.max_context - len(prompt_ids)
+        if request.HasField("max_tokens"):
+            max_tokens = request.max_tokens
+            if max_tokens > room:
+                raise RequestError(
+                    "OUT_OF_RANGE",
+                    f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) = {len(prompt_ids) + max_tokens} tokens exceeds "
+                    f"the model's context limit of {self.max_context}; shorten the prompt or lower max_tokens",
+                )
+        else:
+            if room < 1:
+                raise RequestError(
+                    "OUT_OF_RANGE",
+                    f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate within the model's context "
+                    f"limit of {self.max_context}; shorten the prompt",
+                )
+            max_tokens = min(self.defaults.max_tokens, room)
+        return prompt_ids, Params(max_tokens=max_tokens, stop=stop, drafter=drafter, policy=policy)
+
+    def _prompt(self, request: router_pb2.GenerateRequest) -> list[int]:
+        if request.prompt and request.messages:
+            raise RequestError("INVALID_ARGUMENT", "give either prompt or messages, not both")
+        if not request.prompt and not request.messages:
+            raise RequestError("INVALID_ARGUMENT", "the prompt is empty: give a non-empty prompt or at least one message")
+        if request.prompt:
+            ids = self.encoder.text(request.prompt)
+        else:
+            for i, message in enumerate(request.messages):
+                if message.role not in ROLES:
+                    raise RequestError("INVALID_ARGUMENT", f"messages[{i}].role is {message.role!r}; use one of {', '.join(ROLES)}")
+            ids = self.encoder.messages([{"role": m.role, "content": m.content} for m in request.messages])
+        if not ids:
+            raise RequestError("INVALID_ARGUMENT", "the prompt tokenizes to no tokens; give a non-empty prompt")
+        return ids
+
+    def _drafter(self, name: str) -> str:
+        if name not in self.available:
+            known = "not running behind this router" if name in KNOWN_DRAFTERS else "unknown"
+            raise RequestError("INVALID_ARGUMENT", f"drafter {name!r} is {known}; use one of {', '.join(self.available)}")
+        return name
+
+    @staticmethod
+    def _stops(stops: Sequence[str]) -> tuple[str, ...]:
+        if len(stops) > MAX_STOPS:
+            raise RequestError("INVALID_ARGUMENT", f"{len(stops)} stop sequences given; at most {MAX_STOPS} are allowed")
+        for stop in stops:
+            if not stop:
+                raise RequestError("INVALID_ARGUMENT", "stop sequences must not be empty strings")
+            if len(stop) > MAX_STOP_CHARS:
+                raise RequestError("INVALID_ARGUMENT", f"a stop sequence has {len(stop)} characters; at most {MAX_STOP_CHARS} are allowed")
+        return tuple(stops)
+

@@ -1,0 +1,83 @@
+"""`smartspec generate`: send one prompt to a running router and print the result.
+
+A thin shell over smartspec.client (no torch, no transformers: it starts in a fraction of a second).
+It validates nothing itself, so the router's own error (e.g. `INVALID_ARGUMENT: max_tokens must be at
+least 1`) is what the user sees, on stderr, with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from smartspec.config import add_flag
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--prompt", default=None, help="text prompt (tokenized as is, no chat template)")
+    add_flag(parser, "--chat", action="store_true", default=False, help="send the prompt as one user message (the chat template is applied)")
+    add_flag(parser, "--drafter", default="", help="none, prompt_lookup or draft_model; empty = the router's default (prompt_lookup)")
+    add_flag(parser, "--policy", default="", help="speculation policy: none or fixed:K; empty = the router's default (fixed:3)")
+    add_flag(parser, "--max-tokens", type=int, default=None, help="most tokens to generate; unset = the router's default (128)")
+    add_flag(parser, "--stop", action="append", default=[], metavar="S", help="stop sequence (repeatable; env: comma-separated)")
+    add_flag(parser, "--router", default="127.0.0.1:50051", help="router address HOST:PORT")
+    add_flag(parser, "--timeout-s", type=float, default=None, help="deadline for the whole call, in seconds (unset = none)")
+    add_flag(parser, "--json", action="store_true", default=False, help="print one JSON object: token_ids, text, finish_reason, stats")
+    add_flag(parser, "--stream", action="store_true", default=False, help="print text as it arrives")
+
+
+def run(args: argparse.Namespace) -> int:
+    from smartspec.client import Client, ClientError, Completion
+
+    options = {"max_tokens": args.max_tokens, "stop": args.stop, "drafter": args.drafter, "policy": args.policy}
+    if args.chat:
+        options["messages"] = [{"role": "user", "content": args.prompt or ""}]
+        prompt = None
+    else:
+        prompt = args.prompt
+    try:
+        with Client(args.router, timeout_s=args.timeout_s) as client:
+            if args.stream:
+                result = _stream(client, prompt, options, echo=not args.json)
+            else:
+                result = client.generate(prompt, **options)
+    except ClientError as err:
+        if args.stream and not args.json:
+            print(flush=True)
+        print(f"{err.status}: {err.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+    else:
+        if not args.stream:
+            sys.stdout.write(result.text)
+        print(flush=True)
+        s = result.stats
+        print(
+            f"[finish={result.finish_reason} tokens={len(result.token_ids)} steps={s['steps']} "
+            f"proposed={s['proposed']} accepted={s['accepted']} total={s['total_s']:.2f}s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _stream(client, prompt, options, echo: bool) -> "Completion":
+    """Streams, echoing text as it arrives; returns the same Completion a unary call would."""
+    from smartspec.client import Completion
+
+    token_ids: list[int] = []
+    text: list[str] = []
+    for chunk in client.generate_stream(prompt, **options):
+        token_ids.extend(chunk.token_ids)
+        text.append(chunk.text)
+        if echo and chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        if chunk.finish_reason is not None:
+            return Completion(token_ids, "".join(text), chunk.finish_reason, chunk.stats or {})
+    from smartspec.client import ClientError
+
+    raise ClientError("UNKNOWN", "the stream ended without a finish reason")

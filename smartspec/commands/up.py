@@ -1,0 +1,253 @@
+"""`smartspec up`: the whole stack on loopback, as child processes, until Ctrl-C or SIGTERM.
+
+Each service is its own `smartspec serve ROLE ...` process. The verifier and drafters bind port 0 and
+report their address on stdout (`listening ROLE=HOST:PORT`); the router is started once it knows them.
+When every service answers its health check, one line goes to stdout:
+
+    ready router=HOST:PORT verifier=HOST:PORT draft_model=HOST:PORT prompt_lookup=HOST:PORT
+
+After that a child that dies is logged and the others keep running. On SIGINT/SIGTERM/SIGHUP the
+router is stopped first (it drains its requests), then the rest. Children run in their own process
+groups, so a terminal's Ctrl-C reaches only `up`, which orders the shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from smartspec.config import add_flag
+
+log = logging.getLogger("smartspec.up")
+
+DRAFTER_KINDS = ("draft_model", "prompt_lookup")
+# Flags `up` always sets on a child's command line; their variables are dropped from the child's
+# environment so that an append flag (the router's --drafter) does not also pick them up.
+_EXPLICIT_ENV = ("SMARTSPEC_HOST", "SMARTSPEC_PORT", "SMARTSPEC_KIND", "SMARTSPEC_VERIFIER", "SMARTSPEC_DRAFTER")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--port", type=int, default=50051, help="router port (0 picks a free one; the ready line shows it)")
+    add_flag(parser, "--host", default="127.0.0.1", help="address every service binds")
+    add_flag(parser, "--target-model", default="embedded", help="target model folder for the verifier and the router's tokenizer, or 'embedded'")
+    add_flag(parser, "--draft-model", default="embedded", help="draft model folder for the draft_model drafter, or 'embedded'")
+    add_flag(parser, "--device", default="cpu", help="torch device of the verifier and the draft model")
+    add_flag(parser, "--dtype", default="float32", help="dtype of the verifier and the draft model")
+    add_flag(parser, "--drafters", default=",".join(DRAFTER_KINDS), help="drafter services to start, comma-separated (empty: none)")
+    add_flag(parser, "--max-batch", type=int, default=16, help="router: most requests in the running batch")
+    add_flag(parser, "--max-queue", type=int, default=64, help="router: most requests waiting for admission")
+    add_flag(parser, "--startup-timeout-s", type=float, default=600.0, help="how long every service may take to come up")
+    add_flag(parser, "--grace-s", type=float, default=5.0, help="seconds each service may drain on shutdown")
+    add_flag(parser, "--log-level", default="INFO", help="logging level (also passed to the services)")
+
+
+@dataclass
+class Child:
+    """One service process and what it reported."""
+
+    role: str
+    argv: list[str]
+    process: asyncio.subprocess.Process
+    address: str | None = None
+    pumps: list[asyncio.Task] = field(default_factory=list)
+
+
+def smartspec_command() -> list[str]:
+    """How to run `smartspec` with this very interpreter (the entry point may not be on PATH)."""
+    return [sys.executable, "-m", "smartspec.cli"]
+
+
+def service_argvs(args: argparse.Namespace, target: str, draft: str) -> dict[str, list[str]]:
+    """Command lines of the verifier and drafters (the router's comes later: it needs their addresses)."""
+    common = ["--host", args.host, "--port", "0", "--log-level", args.log_level, "--grace-s", str(args.grace_s)]
+    model = ["--device", args.device, "--dtype", args.dtype]
+    argvs = {"verifier": ["serve", "verifier", *common, "--target-model", target, *model]}
+    for kind in _drafter_kinds(args):
+        extra = ["--draft-model", draft, *model] if kind == "draft_model" else []
+        argvs[kind] = ["serve", "drafter", "--kind", kind, *common, *extra]
+    return argvs
+
+
+def router_argv(args: argparse.Namespace, target: str, addresses: dict[str, str]) -> list[str]:
+    argv = ["serve", "router", "--host", args.host, "--port", str(args.port), "--log-level", args.log_level, "--grace-s", str(args.grace_s),
+            "--verifier", addresses["verifier"], "--target-model", target,
+            "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+    for kind in _drafter_kinds(args):
+        argv += ["--drafter", f"{kind}={addresses[kind]}"]
+    if "prompt_lookup" not in addresses:
+        argv += ["--default-drafter", "none"]
+    return argv
+
+
+def _drafter_kinds(args: argparse.Namespace) -> list[str]:
+    return [kind.strip() for kind in args.drafters.split(",") if kind.strip()]
+
+
+class Stack:
+    """The child processes, started in order and stopped in reverse."""
+
+    def __init__(self, log_level: str) -> None:
+        self.children: dict[str, Child] = {}
+        self.stopping = False
+        self._log_level = log_level
+        self._env = {k: v for k, v in os.environ.items() if k not in _EXPLICIT_ENV}
+
+    async def spawn(self, role: str, argv: list[str]) -> Child:
+        full = [*smartspec_command(), *argv]
+        log.info("starting %s: smartspec %s", role, " ".join(argv))
+        # Own process group: a terminal's Ctrl-C reaches only `up`, which then stops the router first.
+        process = await asyncio.create_subprocess_exec(*full, stdout=asyncio.subprocess.PIPE, env=self._env, process_group=0)
+        child = self.children[role] = Child(role, full, process)
+        return child
+
+    async def wait_listening(self, child: Child) -> str:
+        """Reads the child's stdout up to its `listening ROLE=HOST:PORT` line; then keeps forwarding
+        its stdout to our stderr (so the pipe never fills) and watches for its exit."""
+        assert child.process.stdout is not None
+        while True:
+            line = await child.process.stdout.readline()
+            if not line:
+                code = await child.process.wait()
+                raise RuntimeError(f"{child.role} exited with code {code} before it was listening (see its log above)")
+            text = line.decode(errors="replace").strip()
+            if text.startswith("listening ") and "=" in text:
+                child.address = text.split("=", 1)[1]
+                break
+            print(f"[{child.role}] {text}", file=sys.stderr, flush=True)
+        child.pumps = [asyncio.create_task(self._forward(child)), asyncio.create_task(self._watch(child))]
+        return child.address
+
+    async def _forward(self, child: Child) -> None:
+        assert child.process.stdout is not None
+        async for line in child.process.stdout:
+            print(f"[{child.role}] {line.decode(errors='replace').rstrip()}", file=sys.stderr, flush=True)
+
+    async def _watch(self, child: Child) -> None:
+        code = await child.process.wait()
+        if not self.stopping:
+            log.error("%s (pid %d) exited with code %s; the other services keep running", child.role, child.process.pid, code)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM the router first (it drains), then the others; SIGKILL whatever outlives its grace."""
+        self.stopping = True
+        first = [c for r, c in self.children.items() if r == "router"]
+        rest = [c for r, c in self.children.items() if r != "router"]
+        for group in (first, rest):
+            await asyncio.gather(*(self._stop_one(child, grace_s + 10.0) for child in group))
+        for child in self.children.values():
+            for task in child.pumps:
+                task.cancel()
+
+    @staticmethod
+    async def _stop_one(child: Child, timeout_s: float) -> None:
+        if child.process.returncode is not None:
+            return
+        try:
+            child.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(child.process.wait(), timeout_s)
+        except ProcessLookupError:
+            return
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop within %.0fs; killing it", child.role, timeout_s)
+            child.process.kill()
+            await child.process.wait()
+
+
+async def wait_healthy(address: str, timeout_s: float) -> None:
+    """Waits until the server at `address` answers its gRPC health check with SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0, wait_for_ready=True)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{address} did not report SERVING within {timeout_s:.0f}s")
+            await asyncio.sleep(0.2)
+
+
+async def _start(stack: Stack, args: argparse.Namespace, target: str, draft: str) -> dict[str, str]:
+    services = [await stack.spawn(role, argv) for role, argv in service_argvs(args, target, draft).items()]
+    addresses = dict(zip([c.role for c in services], await _all_or_first_error(stack.wait_listening(c) for c in services)))
+    router = await stack.spawn("router", router_argv(args, target, addresses))
+    addresses = {"router": await stack.wait_listening(router), **addresses}
+    await asyncio.gather(*(wait_healthy(address, 30.0) for address in addresses.values()))
+    return addresses
+
+
+async def _all_or_first_error(coroutines) -> list:
+    """Like gather, but the first failure cancels the others at once (a dead verifier should not wait
+    for a draft model to finish loading)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((task for task in done if task.exception() is not None), None)
+        if failed is not None:
+            raise failed.exception()
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def up(args: argparse.Namespace) -> int:
+    target, draft = resolve_models(args)
+    stack = Stack(args.log_level)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(_start(stack, args, target, draft))
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopper}, timeout=args.startup_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if starting.done() and starting.exception() is None:
+        addresses = starting.result()
+        line = " ".join(f"{role}={addresses[role]}" for role in ("router", "verifier", *DRAFTER_KINDS) if role in addresses)
+        print(f"ready {line}", flush=True)
+        await stopper
+        log.info("stopping the stack")
+    elif stop.is_set():
+        starting.cancel()
+        log.info("interrupted during startup; stopping")
+    else:
+        error = starting.exception() if starting.done() else TimeoutError(f"the stack was not ready within {args.startup_timeout_s:.0f}s")
+        starting.cancel()
+        log.error("startup failed: %s", error)
+        code = 1
+    stopper.cancel()
+    await stack.stop(args.grace_s)
+    return code
+
+
+def resolve_models(args: argparse.Namespace) -> tuple[str, str]:
+    """Converts the embedded models once, here, before children start (so they don't all race to do it)."""
+    from smartspec.models import resolve_model_path
+
+    needs_draft = "draft_model" in _drafter_kinds(args)
+    target = str(resolve_model_path(args.target_model, "target"))
+    draft = str(resolve_model_path(args.draft_model, "draft")) if needs_draft else args.draft_model
+    return target, draft
+
+
+def run(args: argparse.Namespace) -> int:
+    from smartspec.serving import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return asyncio.run(up(args))
+    except (FileNotFoundError, RuntimeError) as err:  # e.g. a model folder that does not exist
+        print(f"smartspec up: {err}", file=sys.stderr)
+        return 2
