@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "up": ("smartspec.commands.up", "start verifier, drafters and router on loopback and wait"),
     "generate": ("smartspec.commands.generate", "send one prompt to a running router"),
+    "bench": ("smartspec.commands.bench", "compare speculation policies under Poisson load, side by side"),
     "models": ("smartspec.commands.models", "print (and build on first use) the embedded default model folders"),
     "serve": (None, "run one service of the stack: smartspec serve ROLE ..."),
 }

@@ -27,20 +27,32 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "max_tokens", "stop", "drafter", "policy")
+    __slots__ = ("prompt", "messages", "max_tokens", "stop", "drafter", "policy", "benchmark")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    BENCHMARK_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     max_tokens: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     drafter: str
     policy: str
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+    benchmark: BenchmarkOptions
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., drafter: _Optional[str] = ..., policy: _Optional[str] = ..., benchmark: _Optional[_Union[BenchmarkOptions, _Mapping]] = ...) -> None: ...
+
+class BenchmarkOptions(_message.Message):
+    __slots__ = ("reference_token_ids", "controlled_acceptance", "seed")
+    REFERENCE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLED_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    reference_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    controlled_acceptance: float
+    seed: int
+    def __init__(self, reference_token_ids: _Optional[_Iterable[int]] = ..., controlled_acceptance: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
     __slots__ = ("steps", "proposed", "accepted", "prompt_tokens", "ttft_s", "total_s", "queue_s")
@@ -83,3 +95,46 @@ class GenerateStreamResponse(_message.Message):
     finish_reason: FinishReason
     stats: GenerationStats
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("reset",)
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    def __init__(self, reset: _Optional[bool] = ...) -> None: ...
+
+class DrafterStats(_message.Message):
+    __slots__ = ("name", "acceptance_rate", "proposed", "accepted", "acceptance_by_position")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_BY_POSITION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    acceptance_rate: float
+    proposed: int
+    accepted: int
+    acceptance_by_position: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., acceptance_rate: _Optional[float] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("steps", "mean_batch_size", "step_time_mape", "k_histogram", "drafters", "verify_cost")
+    class VerifyCostEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_MAPE_FIELD_NUMBER: _ClassVar[int]
+    K_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    DRAFTERS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_COST_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    mean_batch_size: float
+    step_time_mape: float
+    k_histogram: _containers.RepeatedScalarFieldContainer[int]
+    drafters: _containers.RepeatedCompositeFieldContainer[DrafterStats]
+    verify_cost: _containers.ScalarMap[str, float]
+    def __init__(self, steps: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., step_time_mape: _Optional[float] = ..., k_histogram: _Optional[_Iterable[int]] = ..., drafters: _Optional[_Iterable[_Union[DrafterStats, _Mapping]]] = ..., verify_cost: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class RouterServiceStub:
                 request_serializer=smartspec_dot_wire_dot_router__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=smartspec_dot_wire_dot_router__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/smartspec.router.v1.RouterService/Stats',
+                request_serializer=smartspec_dot_wire_dot_router__pb2.StatsRequest.SerializeToString,
+                response_deserializer=smartspec_dot_wire_dot_router__pb2.StatsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -64,6 +69,13 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """Scheduler and controller statistics since the last reset (benchmarks reset between runs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=smartspec_dot_wire_dot_router__pb2.GenerateRequest.FromString,
                     response_serializer=smartspec_dot_wire_dot_router__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=smartspec_dot_wire_dot_router__pb2.StatsRequest.FromString,
+                    response_serializer=smartspec_dot_wire_dot_router__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class RouterService:
             '/smartspec.router.v1.RouterService/GenerateStream',
             smartspec_dot_wire_dot_router__pb2.GenerateRequest.SerializeToString,
             smartspec_dot_wire_dot_router__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smartspec.router.v1.RouterService/Stats',
+            smartspec_dot_wire_dot_router__pb2.StatsRequest.SerializeToString,
+            smartspec_dot_wire_dot_router__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
