@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-batch", type=int, default=16, help="most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="most requests waiting for admission; beyond it, RESOURCE_EXHAUSTED")
     add_flag(parser, "--default-drafter", default="prompt_lookup", help="drafter for requests that name none: none, prompt_lookup, draft_model")
-    add_flag(parser, "--default-policy", default="fixed:3", help="speculation policy for requests that name none: none or fixed:K")
+    add_flag(parser, "--default-policy", default="goodput", help="speculation policy for requests that name none: goodput, uniform, none or fixed:K")
+    add_flag(parser, "--k-max", type=int, default=8, help="most draft tokens the goodput and uniform policies give one request per step")
+    add_flag(parser, "--cost-profile", default="auto", choices=["auto", "refresh", "off"],
+             help="verify cost model prior: auto (cached per model/device/dtype, else measured at startup, ~30 s), refresh, or off (built-in defaults)")
     add_flag(parser, "--default-max-tokens", type=int, default=128, help="max_tokens for requests that leave it unset")
     add_flag(parser, "--drafter-timeout-s", type=float, default=2.0, help="deadline of one Propose call; past it the step goes on without speculation")
     add_flag(parser, "--verifier-timeout-s", type=float, default=120.0, help="deadline of one Prefill or Verify call")
@@ -51,6 +54,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         drafter_timeout_s=args.drafter_timeout_s,
         verifier_timeout_s=args.verifier_timeout_s,
+        cost_profile=args.cost_profile,
+        k_max=args.k_max,
     )
     drafters = parse_drafters(args.drafter)
     tokenizer = load_tokenizer(args.target_model)

@@ -156,6 +156,10 @@ class PolicyRegistry:
                 raise
         return self._cache[key]
 
+    def register(self, name: str, policy: SpeculationPolicy) -> None:
+        """Adds a named policy unless one is registered under that name already."""
+        self._cache.setdefault(name, policy)
+
     def __contains__(self, spec: str) -> bool:
         return spec.strip() in self._cache
 

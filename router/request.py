@@ -32,6 +32,7 @@ class Params:
     stop: tuple[str, ...]
     drafter: str  # "none" or a configured drafter name
     policy: SpeculationPolicy
+    benchmark: router_pb2.BenchmarkOptions | None = None  # inputs of the "controlled" drafter only
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import grpc
 
+from router.controller.controller import Slot, SpeculationController
 from router.drafters import DrafterClient, describe_rpc_error
 from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
 from router.request import RequestState
@@ -53,8 +54,11 @@ class Scheduler:
         max_batch: int = 16,
         max_queue: int = 64,
         verifier_timeout_s: float = 120.0,
+        controller: SpeculationController | None = None,
     ) -> None:
         self.verifier = verifier
+        # Sees every step under every policy: learns the cost model and acceptance, measures its error.
+        self.controller = controller or SpeculationController()
         self.drafters = drafters
         self.limits = limits
         self.max_batch = max(1, min(max_batch, limits.max_sequences))
@@ -224,6 +228,7 @@ class Scheduler:
             for i, k in zip(members, refined):
                 final[i] = clamp_k(k, min(asked[i], len(proposals[i])))
         drafts = [proposal[:k] for proposal, k in zip(proposals, final)]
+        self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
         message = verifier_pb2.VerifyRequest(
             request_ids=[r.id for r in batch],
             draft_counts=[len(d) for d in drafts],
@@ -251,6 +256,11 @@ class Scheduler:
             request.counters.accepted += accepted
             if not request.done:
                 request.send(request.commit(tokens))
+        for view, draft, accepted in zip(views, drafts, reply.accepted_counts):
+            self.controller.observe_request(view.request_id, view.drafter, len(draft), accepted)
+        self.controller.observe_step(
+            len(batch), sum(len(d) + 1 for d in drafts), sum(v.context_tokens for v in views), draft_times, finished - started
+        )
         for policy, members in groups.items():
             policy.observe(
                 StepOutcome(
@@ -332,6 +342,7 @@ class Scheduler:
             return
         for request in requests:
             request.params.policy.forget(request.id)
+            self.controller.forget(request.id)
         by_drafter: dict[str, list[str]] = collections.defaultdict(list)
         for request in requests:
             if request.drafter_contacted and request.params.drafter in self.drafters:

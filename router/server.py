@@ -8,6 +8,10 @@ from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 
+from router.controlled import ControlledDrafter
+from router.controller.controller import SpeculationController
+from router.controller.policies import controller_policies
+from router.controller.profile import load_or_measure
 from router.drafters import DrafterClient
 from router.policy import PolicyRegistry
 from router.request import Chunk, RequestState
@@ -30,6 +34,10 @@ class RouterSettings:
     max_queue: int = 64
     drafter_timeout_s: float = 2.0
     verifier_timeout_s: float = 120.0
+    # Startup profile of the verify cost: 'auto' (cached, else measured), 'refresh' or 'off'.
+    cost_profile: str = "auto"
+    # Most draft tokens the controller gives one request in one step.
+    k_max: int = 8
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -38,6 +46,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.scheduler = scheduler
         self.decode = decode
         self.eos_ids = eos_ids
+
+    async def Stats(self, request: router_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> router_pb2.StatsResponse:
+        controller = self.scheduler.controller
+        reply = router_pb2.StatsResponse(
+            steps=controller.steps,
+            mean_batch_size=controller.batch_sizes / controller.steps if controller.steps else 0.0,
+            step_time_mape=controller.step_error(),
+            k_histogram=controller.k_histogram,
+            verify_cost=controller.verify_cost.as_dict(),
+        )
+        for name, rates in sorted(controller.rates.items()):
+            reply.drafters.add(
+                name=name,
+                acceptance_rate=rates.rate,
+                proposed=rates.proposed_total,
+                accepted=rates.accepted_total,
+                acceptance_by_position=[a / p for a, p in zip(rates.position_accepted, rates.position_proposed) if p],
+            )
+        if request.reset:
+            controller.reset()
+        return reply
 
     def _submit(self, request: router_pb2.GenerateRequest) -> RequestState:
         prompt_ids, params = self.validate(request)
@@ -109,6 +138,12 @@ async def build_router(
         )
         for name, address in drafter_addresses.items()
     }
+    drafters[ControlledDrafter.name] = ControlledDrafter(limits.vocab_size)
+    controller = SpeculationController(k_max=settings.k_max)
+    log.info("%s", await load_or_measure(verifier, info, controller.verify_cost, settings.cost_profile))
+    policies = policies or PolicyRegistry()
+    for name, policy in controller_policies(controller).items():
+        policies.register(name, policy)
     defaults = settings.defaults
     if defaults.drafter != "none" and defaults.drafter not in drafters:
         log.warning("default drafter %r is not configured; requests that name no drafter decode without one", defaults.drafter)
@@ -116,7 +151,8 @@ async def build_router(
     validate = RequestValidator(PromptEncoder(tokenizer), defaults, list(drafters), limits.max_context, policies)
     validate_defaults(validate)
     scheduler = Scheduler(
-        verifier, drafters, limits, max_batch=settings.max_batch, max_queue=settings.max_queue, verifier_timeout_s=settings.verifier_timeout_s
+        verifier, drafters, limits, max_batch=settings.max_batch, max_queue=settings.max_queue, verifier_timeout_s=settings.verifier_timeout_s,
+        controller=controller,
     )
     scheduler.start()
     log.info(

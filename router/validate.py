@@ -11,7 +11,7 @@ from router.request import Params
 from smartspec.errors import RequestError
 from smartspec.wire import router_pb2
 
-KNOWN_DRAFTERS = ("none", "draft_model", "prompt_lookup")
+KNOWN_DRAFTERS = ("none", "draft_model", "prompt_lookup", "controlled")
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
@@ -22,7 +22,7 @@ class Defaults:
     """What an unset field means on this router."""
 
     drafter: str = "prompt_lookup"
-    policy: str = "fixed:3"
+    policy: str = "goodput"
     max_tokens: int = 128
 
 
@@ -79,7 +79,20 @@ class RequestValidator:
                     f"limit of {self.max_context}; shorten the prompt",
                 )
             max_tokens = min(self.defaults.max_tokens, room)
-        return prompt_ids, Params(max_tokens=max_tokens, stop=stop, drafter=drafter, policy=policy)
+        benchmark = self._benchmark(request) if drafter == "controlled" else None
+        return prompt_ids, Params(max_tokens=max_tokens, stop=stop, drafter=drafter, policy=policy, benchmark=benchmark)
+
+    @staticmethod
+    def _benchmark(request: router_pb2.GenerateRequest) -> router_pb2.BenchmarkOptions:
+        options = request.benchmark
+        if not options.reference_token_ids:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                "drafter 'controlled' needs benchmark.reference_token_ids: the target's greedy output for this prompt (run it once with policy 'none')",
+            )
+        if not 0.0 <= options.controlled_acceptance <= 1.0:
+            raise RequestError("INVALID_ARGUMENT", f"benchmark.controlled_acceptance must be in [0, 1] (got {options.controlled_acceptance})")
+        return options
 
     def _prompt(self, request: router_pb2.GenerateRequest) -> list[int]:
         if request.prompt and request.messages:

@@ -21,13 +21,16 @@ def test_expected_tokens_matches_the_closed_form():
 def test_posterior_learns_a_requests_rate_from_geometric_outcomes():
     rng = random.Random(0)
     true_rate, k = 0.8, 4
-    posterior = RequestAcceptance.from_prior(0.3)
+    posterior = RequestAcceptance()
+    assert posterior.mean(prior_rate=0.3) == pytest.approx(0.3)  # no evidence yet: the drafter's rate
     for _ in range(300):
         accepted = 0
         while accepted < k and rng.random() < true_rate:
             accepted += 1
         posterior.observe(k, accepted)
-    assert posterior.mean == pytest.approx(true_rate, abs=0.04)
+    assert posterior.mean(prior_rate=0.3) == pytest.approx(true_rate, abs=0.04)
+    posterior.decay(0.0)
+    assert posterior.mean(prior_rate=0.6) == pytest.approx(0.6)
 
 
 def test_drafter_rate_is_a_sliding_window():
@@ -76,20 +79,22 @@ def test_closed_loop_speculates_when_drafts_land_and_stops_when_they_miss():
     controller = controller_with((0.03, 0.004, 0.0, 0.001, 0.015))
     slots = [Slot("r", "prompt_lookup", cap=8, context_tokens=100)]
     history = []
+    def step(accept_all: bool) -> int:
+        (k,) = controller.decide(slots)
+        controller.record(slots, [k])
+        controller.observe_request("r", "prompt_lookup", k, k if accept_all else 0)
+        return k
+
     for _ in range(20):
-        (k,) = controller.decide(slots)
-        controller.observe_verify("r", "prompt_lookup", k, k)  # everything accepted
-        history.append(k)
+        history.append(step(accept_all=True))
     assert history[-1] >= 6
-    for step in range(40):
-        (k,) = controller.decide(slots)
-        if k == 0:
+    for n in range(40):
+        if step(accept_all=False) == 0:  # the copied passage ended: every draft rejected
             break
-        controller.observe_verify("r", "prompt_lookup", k, 0)  # the copied passage ended: all rejected
-    assert k == 0, "speculation never stopped although every draft was rejected"
-    assert step >= 5  # one bad step does not outweigh twenty good ones
+    assert controller.decide(slots) == [0], "speculation never stopped although every draft was rejected"
+    assert n >= 5  # one bad step does not outweigh twenty good ones
     # with no new evidence the estimate drifts back to the prior and speculation is tried again
-    assert any(controller.decide(slots)[0] > 0 for _ in range(40))
+    assert any(step(accept_all=False) > 0 for _ in range(40))
 
 
 def test_load_turns_speculation_off():
@@ -105,10 +110,9 @@ def test_hysteresis_keeps_k_when_the_gain_is_marginal():
     controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.01))
     slots = [Slot("r", "prompt_lookup", cap=8, context_tokens=10)]
     first = controller.decide(slots)
-    controller._previous["r"] = first[0] - 1  # last step chose one less: nearly as good
+    controller.record(slots, [first[0] - 1])  # last step verified one less: nearly as good
     assert controller.decide(slots) == [first[0] - 1]
     controller.hysteresis = 0.0
-    controller._previous["r"] = first[0] - 1
     assert controller.decide(slots) == first
 
 
@@ -116,9 +120,14 @@ def test_step_error_is_measured_and_requests_are_forgotten():
     controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.01))
     slots = [Slot("r", "prompt_lookup", cap=4, context_tokens=10)]
     ks = controller.decide(slots)
+    controller.record(slots, ks)
     controller.observe_step(1, 1 + ks[0], 10, {"prompt_lookup": (ks, 0.001)}, step_s=controller.last.predicted_s * 2)
     assert controller.step_error() == pytest.approx(0.5)
-    controller.observe_verify("r", "prompt_lookup", 3, 1)
+    assert controller.steps == 1 and controller.k_histogram[ks[0]] == 1
+    controller.observe_request("r", "prompt_lookup", 3, 1)
     controller.forget("r")
     assert controller._posteriors == {} and controller._previous == {}
     assert controller.drafter_rates("prompt_lookup").samples == 1
+    profiled = controller.verify_cost.prior.copy()
+    controller.reset()
+    assert controller.steps == 0 and controller.rates == {} and (controller.verify_cost.coef == profiled).all()

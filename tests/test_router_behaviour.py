@@ -103,7 +103,7 @@ def test_text_is_the_tokenizers_decoding_of_the_ids(stack, tiny_target):
         (dict(prompt="hi", messages=[router_pb2.ChatMessage(role="user", content="x")]), grpc.StatusCode.INVALID_ARGUMENT, "either prompt or messages"),
         (dict(prompt="hi", drafter="tree"), grpc.StatusCode.INVALID_ARGUMENT, "drafter 'tree' is unknown; use one of none, "),
         (dict(prompt="hi", policy="fixed:many"), grpc.StatusCode.INVALID_ARGUMENT, "fixed:K needs an integer K"),
-        (dict(prompt="hi", policy="goodput"), grpc.StatusCode.INVALID_ARGUMENT, "unknown policy 'goodput'"),
+        (dict(prompt="hi", policy="sometimes"), grpc.StatusCode.INVALID_ARGUMENT, "unknown policy 'sometimes'"),
         (dict(prompt="hi " * 100, max_tokens=500), grpc.StatusCode.OUT_OF_RANGE, "exceeds the model's context limit of 512"),
         (dict(prompt="hi", stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop sequences must not be empty"),
     ],

@@ -325,7 +325,7 @@ def test_draft_room_respects_max_tokens_and_context():
 # --- validation ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def validate(tokenizer):
-    return RequestValidator(PromptEncoder(tokenizer), Defaults(), ["prompt_lookup", "draft_model"], max_context=64)
+    return RequestValidator(PromptEncoder(tokenizer), Defaults(policy="fixed:3"), ["prompt_lookup", "draft_model"], max_context=64)
 
 
 def _err(validate, **fields):

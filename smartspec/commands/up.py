@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from smartspec.config import add_flag
 
@@ -200,6 +202,38 @@ async def _all_or_first_error(coroutines) -> list:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def stack_options(**overrides) -> argparse.Namespace:
+    """`up`'s options as a namespace, for starting a stack from code: the flags' defaults (and their
+    SMARTSPEC_* variables), then `overrides` (e.g. port=0, drafters="prompt_lookup", log_level="WARNING")."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    args = parser.parse_args([])
+    for name, value in overrides.items():
+        if not hasattr(args, name):
+            raise TypeError(f"unknown stack option {name!r}")
+        setattr(args, name, value)
+    return args
+
+
+@contextlib.asynccontextmanager
+async def running_stack(args: argparse.Namespace) -> AsyncIterator[dict[str, str]]:
+    """Starts the stack `up` starts (verifier, drafters, router; see `stack_options`) and yields the
+    addresses by role once every service is healthy ({'router': 'HOST:PORT', 'verifier': ..., and one per
+    drafter}); stops it on exit, router first, also when the body fails or is cancelled. A service that
+    fails to start, or a stack not ready within args.startup_timeout_s, raises RuntimeError / TimeoutError
+    after the others are stopped. Installs no signal handlers (that is the caller's business)."""
+    target, draft = resolve_models(args)
+    stack = Stack(args.log_level)
+    try:
+        try:
+            addresses = await asyncio.wait_for(_start(stack, args, target, draft), args.startup_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the stack was not ready within {args.startup_timeout_s:.0f}s") from None
+        yield addresses
+    finally:
+        await stack.stop(args.grace_s)
 
 
 async def up(args: argparse.Namespace) -> int:

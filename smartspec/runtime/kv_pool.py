@@ -52,6 +52,9 @@ class SlotKVPool:
     def allocated_len(self) -> int:
         return self.keys[0].shape[2]
 
+    # Storage is created and changed only in inference mode: tensors made inside it (growth happens
+    # during a forward) may not be updated in place outside it.
+    @torch.inference_mode()
     def _alloc(self, slots: int, length: int) -> None:
         heads, dim = self._shape
         old_k, old_v = self.keys, self.values
@@ -73,6 +76,7 @@ class SlotKVPool:
         if (new_slots, new_len) != (self.allocated_slots, self.allocated_len):
             self._alloc(new_slots, new_len)
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         """Copies the first `length` positions of slot `src` into slot `dst` (used to close holes)."""
         for tensor in self.keys + self.values:

@@ -1,0 +1,96 @@
+"""Acceptance-rate estimates: a Beta posterior per request, with a prior from its drafter's recent rate.
+
+Model (DESIGN.md section 3): each proposed token is accepted independently with probability a, and
+verification stops at the first rejection, so a verify that proposed k and accepted n observed n
+successes and, if n < k, one failure. The maximum-likelihood estimate of a over many verifies is
+successes / (successes + failures); the expected tokens per step at speculation length k is
+E(k) = (1 - a^(k+1)) / (1 - a).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+# Rates are kept inside (0, 1): a = 1 would make E(k) unbounded in k and a = 0 is never certain.
+RATE_FLOOR, RATE_CEIL = 0.01, 0.99
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """E(k) = 1 + a + ... + a^k: generated tokens expected from one verify of k proposed tokens."""
+    return sum(a**j for j in range(k + 1))
+
+
+class DrafterRates:
+    """Sliding-window acceptance of one drafter over all requests, and per draft position (metrics)."""
+
+    def __init__(self, initial: float = 0.5, window: int = 512, max_position: int = 16) -> None:
+        self._events: deque[tuple[int, int]] = deque(maxlen=window)  # (successes, failures) per verify
+        self._successes = 0
+        self._failures = 0
+        self._initial = initial
+        self.position_proposed = [0] * max_position
+        self.position_accepted = [0] * max_position
+        self.proposed_total = 0
+        self.accepted_total = 0
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        if proposed <= 0:
+            return
+        self.proposed_total += proposed
+        self.accepted_total += accepted
+        event = (accepted, int(accepted < proposed))
+        if len(self._events) == self._events.maxlen:
+            old_s, old_f = self._events[0]
+            self._successes -= old_s
+            self._failures -= old_f
+        self._events.append(event)
+        self._successes += event[0]
+        self._failures += event[1]
+        for position in range(min(proposed, len(self.position_proposed))):
+            self.position_proposed[position] += 1
+            self.position_accepted[position] += int(position < accepted)
+
+    @property
+    def rate(self) -> float:
+        total = self._successes + self._failures
+        if total == 0:
+            return self._initial
+        return min(max(self._successes / total, RATE_FLOOR), RATE_CEIL)
+
+    @property
+    def samples(self) -> int:
+        return len(self._events)
+
+
+@dataclass
+class RequestAcceptance:
+    """Beta posterior over one request's acceptance rate with one drafter.
+
+    The prior is `prior_strength` pseudo-observations at the drafter's *current* global rate, so what
+    the drafter shows on all requests informs each one; the request's own verifies add successes and
+    failures. ``decay`` lets old evidence fade: a request's acceptance drifts (a copied passage ends, a
+    new one starts), and a request that stopped speculating because its drafts missed drifts back to
+    the drafter's rate and so is tried again later instead of never.
+    """
+
+    successes: float = 0.0
+    failures: float = 0.0
+    verifies: int = 0
+
+    def decay(self, factor: float) -> None:
+        """Keeps `factor` of the evidence gathered so far (1.0 keeps all of it)."""
+        self.successes *= factor
+        self.failures *= factor
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        if proposed <= 0:
+            return
+        self.successes += accepted
+        self.failures += int(accepted < proposed)
+        self.verifies += 1
+
+    def mean(self, prior_rate: float, prior_strength: float = 4.0) -> float:
+        """Posterior mean: (successes + s * rate) / (successes + failures + s)."""
+        value = (self.successes + prior_strength * prior_rate) / (self.successes + self.failures + prior_strength)
+        return min(max(value, RATE_FLOOR), RATE_CEIL)

@@ -1,0 +1,139 @@
+"""Choosing speculation lengths by maximising predicted goodput (DESIGN.md sections 2 and 3).
+
+For one step over batch B with speculation lengths k_i:
+
+    goodput(k) = sum_i E_i(k_i) / T_step(k),   E_i(k) = 1 + a_i + ... + a_i^k
+
+where T_step = base + c_tok * sum(k) + c_spec * [any k > 0]
+             + sum over drafters d of (d_any * [d drafts] + d_pos * max k under d + d_tok * sum k under d).
+
+Our policy is per request: adding the j-th token to request i gains a_i^j tokens and costs
+c_tok + d_tok of its drafter, so candidates are taken in order of gain per cost (marginal gains
+fall with j, so each request's tokens come in order) and the best allocation seen on the way is kept.
+The fixed jump at the first speculative token means goodput may dip before it rises, so the walk never
+stops at the first dip. When only c_tok and the jump matter (one drafter, no per-position cost) this
+ordering is exactly optimal for the model; the per-position and per-drafter terms make it a close
+approximation (tests/test_controller.py bounds the gap against brute force).
+
+The published baseline ("uniform") picks one k for the whole batch: argmax of goodput over k = 0..K,
+stopping at the first k that is worse than the one before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DrafterCost:
+    """Per-step cost of one drafter: once if it drafts at all, per draft position, per draft token."""
+
+    any_s: float = 0.0
+    position_s: float = 0.0
+    token_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """The step-time model flattened for one step's decision (base = the step with every k = 0)."""
+
+    base_s: float
+    token_s: float
+    jump_s: float
+    drafters: dict[str, DrafterCost] = field(default_factory=dict)
+
+    def step_time(self, ks: Sequence[int], drafters: Sequence[str]) -> float:
+        total = self.base_s + self.token_s * sum(ks) + (self.jump_s if any(ks) else 0.0)
+        for name, cost in self.drafters.items():
+            mine = [k for k, d in zip(ks, drafters) if d == name]
+            if any(mine):
+                total += cost.any_s + cost.position_s * max(mine) + cost.token_s * sum(mine)
+        return total
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One running request as the allocator sees it."""
+
+    acceptance: float  # estimated a_i for its drafter
+    cap: int  # most tokens it may speculate this step (K_max, token budget, proposal length); 0 = none
+    drafter: str  # its drafter for this step
+
+
+def expected_total(candidates: Sequence[Candidate], ks: Sequence[int]) -> float:
+    """sum_i E_i(k_i)."""
+    return float(sum(sum(c.acceptance**j for j in range(k + 1)) for c, k in zip(candidates, ks)))
+
+
+def predicted_goodput(candidates: Sequence[Candidate], ks: Sequence[int], cost: StepCost) -> float:
+    """Expected generated tokens per second of the whole batch for speculation lengths `ks`."""
+    return expected_total(candidates, ks) / cost.step_time(ks, [c.drafter for c in candidates])
+
+
+def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[int]:
+    """Per-request k maximising predicted goodput: greedy by marginal gain per marginal cost.
+
+    A draft model pays per draft *position* (one forward each), which the per-token ordering cannot
+    see, so the walk is repeated under each depth cap D = 1..K (tokens deeper than D skipped) and the
+    best allocation over all walks is returned.
+    """
+    n = len(candidates)
+    caps = np.array([c.cap for c in candidates], dtype=np.int64)  # [batch]
+    k_max = int(caps.max(initial=0))
+    if n == 0 or k_max == 0:
+        return [0] * n
+    rates = np.array([c.acceptance for c in candidates])  # [batch]
+    names = sorted({c.drafter for c in candidates})
+    drafter_of = np.array([names.index(c.drafter) for c in candidates])  # [batch]
+    drafter_costs = [cost.drafters.get(name, DrafterCost()) for name in names]
+    token_cost = np.array([cost.token_s + d.token_s for d in drafter_costs])[drafter_of]  # [batch]
+
+    positions = np.arange(1, k_max + 1)  # [K]
+    gains = rates[:, None] ** positions[None, :]  # [batch, K]: a_i^j, the gain of request i's j-th token
+    rows, cols = np.nonzero(positions[None, :] <= caps[:, None])  # row-major: each request's tokens in order
+    ratio = gains[rows, cols] / np.maximum(token_cost[rows], 1e-12)
+    order = np.argsort(-ratio, kind="stable")
+    rows, cols = rows[order], cols[order]  # [M]: the walk, best gain per cost first
+    walk_gain, walk_cost = gains[rows, cols], token_cost[rows]  # [M]
+
+    # Walks to try: every depth cap for the drafters that pay per position, and each drafter with a
+    # fixed cost left out entirely (the per-token order cannot see fixed costs).
+    positional = np.array([d.position_s > 0 for d in drafter_costs])[drafter_of[rows]]  # [M]
+    walks = [cols < cap if cap < k_max else np.ones_like(cols, dtype=bool) for cap in range(1, k_max + 1)] if positional.any() else [np.ones_like(cols, dtype=bool)]
+    walks = [keep | ~positional for keep in walks]
+    if len(names) > 1:
+        walks += [drafter_of[rows] != index for index, d in enumerate(drafter_costs) if d.any_s > 0 or d.position_s > 0]
+    best_value, best_rows = n / cost.base_s, rows[:0]
+    for keep in walks:
+        r, c = rows[keep], cols[keep]
+        tokens = n + np.concatenate([[0.0], np.cumsum(walk_gain[keep])])  # [M' + 1]
+        time_s = cost.base_s + np.concatenate([[0.0], np.cumsum(walk_cost[keep])])  # [M' + 1]
+        time_s[1:] += cost.jump_s
+        for index, drafter in enumerate(drafter_costs):
+            if drafter.any_s == 0 and drafter.position_s == 0:
+                continue
+            mine = drafter_of[r] == index  # [M']
+            used = np.concatenate([[False], np.cumsum(mine) > 0])  # [M' + 1]
+            depth = np.concatenate([[0], np.maximum.accumulate(np.where(mine, c + 1, 0))])  # [M' + 1]
+            time_s += drafter.any_s * used + drafter.position_s * depth
+        goodput = tokens / time_s
+        best = int(np.argmax(goodput))
+        if goodput[best] > best_value:
+            best_value, best_rows = goodput[best], r[:best]
+    return np.bincount(best_rows, minlength=n).tolist()
+
+
+def allocate_uniform(candidates: Sequence[Candidate], cost: StepCost, k_max: int) -> list[int]:
+    """The published batch-wide policy: one k for all (each capped by its request), argmax of
+    predicted goodput over k = 0..k_max with early exit at the first decrease."""
+    best_ks, best = [0] * len(candidates), -1.0
+    for k in range(k_max + 1):
+        ks = [min(k, c.cap) for c in candidates]
+        value = predicted_goodput(candidates, ks, cost)
+        if value < best:
+            break
+        best_ks, best = ks, value
+    return best_ks

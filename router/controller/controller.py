@@ -1,0 +1,191 @@
+"""The closed-loop speculation controller: what it knows, how it decides, how it learns.
+
+It owns the cost models (verify and per-drafter), the drafters' global acceptance rates and each
+request's acceptance posterior. The router asks it for k per request every step and reports back what
+each Verify and Propose measured, so the models keep refitting while the system runs. Pure code: no
+I/O, no clock, no gRPC; the router passes measured seconds in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+from router.controller.acceptance import DrafterRates, RequestAcceptance
+from router.controller.allocator import Candidate, DrafterCost, StepCost, allocate_goodput, allocate_uniform, predicted_goodput
+from router.controller.cost_model import LinearCostModel, draft_features, new_draft_model, new_verify_model, verify_features
+
+# Drafters that run no model: their proposals cost next to nothing (prompt lookup proposes K_max,
+# then the controller truncates).
+MODEL_FREE_DRAFTERS = frozenset({"prompt_lookup", "controlled"})
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One running request as the controller sees it this step."""
+
+    request_id: str
+    drafter: str  # "none" when it has no drafter (or its drafter is unavailable this step)
+    cap: int  # most tokens it may speculate (budget, context, proposal length already applied)
+    context_tokens: int
+
+
+@dataclass
+class StepRecord:
+    """A decision and its prediction, kept until the step's measurements arrive."""
+
+    ks: list[int]
+    predicted_s: float
+    predicted_goodput: float
+
+
+class SpeculationController:
+    """One per router. The scheduler records every step's final k and measurements here, whatever
+    the policy, so the cost model learns and its error is measured under every policy; the goodput and
+    uniform policies ask it for decisions."""
+
+    def __init__(
+        self, k_max: int = 8, prior_strength: float = 4.0, hysteresis: float = 0.02, initial_rate: float = 0.5, evidence_decay: float = 0.9
+    ) -> None:
+        self.k_max = k_max
+        self.prior_strength = prior_strength
+        self.hysteresis = hysteresis
+        self.initial_rate = initial_rate
+        self.evidence_decay = evidence_decay  # per step: old acceptance evidence fades (about 10 steps)
+        self.verify_cost: LinearCostModel = new_verify_model()
+        self.draft_cost: dict[str, LinearCostModel] = {}
+        self._clear()
+
+    def _clear(self) -> None:
+        """Forgets what was learned while serving (the cost models go back to their priors)."""
+        self.verify_cost.reset_prior(self.verify_cost.prior)
+        for model in self.draft_cost.values():
+            model.reset_prior(model.prior)
+        self.rates: dict[str, DrafterRates] = {}
+        self._posteriors: dict[tuple[str, str], RequestAcceptance] = {}
+        self._previous: dict[str, int] = {}
+        self.last: StepRecord | None = None
+        self._step_errors: deque[float] = deque(maxlen=256)
+        self.steps = 0
+        self.batch_sizes = 0
+        self.k_histogram: list[int] = []
+
+    def reset(self) -> None:
+        """Back to the priors (benchmarks reset between policy runs); a startup profile is kept."""
+        self._clear()
+
+    # --- estimates ------------------------------------------------------------------------------
+    def drafter_rates(self, drafter: str) -> DrafterRates:
+        if drafter not in self.rates:
+            self.rates[drafter] = DrafterRates(initial=self.initial_rate)
+        return self.rates[drafter]
+
+    def drafter_cost(self, drafter: str) -> LinearCostModel:
+        if drafter not in self.draft_cost:
+            self.draft_cost[drafter] = new_draft_model(model_free=drafter in MODEL_FREE_DRAFTERS)
+        return self.draft_cost[drafter]
+
+    def _posterior(self, request_id: str, drafter: str) -> RequestAcceptance:
+        return self._posteriors.setdefault((request_id, drafter), RequestAcceptance())
+
+    def acceptance(self, request_id: str, drafter: str) -> float:
+        """Posterior mean of the request's acceptance rate with `drafter` (prior: the drafter's rate)."""
+        return self._posterior(request_id, drafter).mean(self.drafter_rates(drafter).rate, self.prior_strength)
+
+    def step_cost(self, slots: Sequence[Slot]) -> StepCost:
+        """The cost model flattened for this batch (its base is the step with every k = 0)."""
+        coef = self.verify_cost.as_dict()
+        base = self.verify_cost.predict(verify_features(len(slots), len(slots), sum(s.context_tokens for s in slots), False))
+        drafters = {}
+        for name in {s.drafter for s in slots if s.drafter != "none"}:
+            d = self.drafter_cost(name).as_dict()
+            drafters[name] = DrafterCost(any_s=d["any_speculation"], position_s=d["max_k"], token_s=d["sum_k"])
+        return StepCost(base_s=max(base, 1e-4), token_s=coef["new_tokens"], jump_s=coef["any_speculation"], drafters=drafters)
+
+    def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
+        return [
+            Candidate(self.acceptance(s.request_id, s.drafter), min(s.cap, self.k_max), s.drafter)
+            if s.drafter != "none"
+            else Candidate(0.0, 0, "none")
+            for s in slots
+        ]
+
+    # --- decisions ------------------------------------------------------------------------------
+    def decide(self, slots: Sequence[Slot], mode: str = "goodput") -> list[int]:
+        """k per slot. 'goodput': per request, with hysteresis against last step's k; 'uniform': the
+        published batch-wide choice. Changes no state (the scheduler records what was verified)."""
+        candidates = self._candidates(slots)
+        cost = self.step_cost(slots)
+        if mode == "uniform":
+            return allocate_uniform(candidates, cost, self.k_max)
+        if mode != "goodput":
+            raise ValueError(f"unknown controller mode {mode!r}")
+        ks = allocate_goodput(candidates, cost)
+        previous = [min(self._previous.get(s.request_id, 0), c.cap) for s, c in zip(slots, candidates)]
+        if previous != ks and predicted_goodput(candidates, ks, cost) <= predicted_goodput(candidates, previous, cost) * (1 + self.hysteresis):
+            return previous  # not clearly better: keep last step's choice rather than thrash
+        return ks
+
+    def record(self, slots: Sequence[Slot], ks: Sequence[int]) -> StepRecord:
+        """The k each request verifies this step (under any policy) and the predicted step time."""
+        candidates = self._candidates(slots)
+        cost = self.step_cost(slots)
+        drafters = [c.drafter if k > 0 else "none" for c, k in zip(candidates, ks)]
+        predicted = cost.step_time(list(ks), drafters)
+        tokens = sum(sum(c.acceptance**j for j in range(k + 1)) for c, k in zip(candidates, ks))
+        for s, k in zip(slots, ks):
+            self._previous[s.request_id] = k
+            if k >= len(self.k_histogram):
+                self.k_histogram.extend([0] * (k + 1 - len(self.k_histogram)))
+            self.k_histogram[k] += 1
+        self.steps += 1
+        self.batch_sizes += len(slots)
+        self.last = StepRecord(list(ks), predicted, tokens / predicted if predicted > 0 else 0.0)
+        return self.last
+
+    # --- feedback -------------------------------------------------------------------------------
+    def observe_request(self, request_id: str, drafter: str, proposed: int, accepted: int) -> None:
+        """One request's outcome in one Verify. Old evidence fades a little every step, also when the
+        request did not speculate, so a request that stopped speculating is tried again later."""
+        if drafter == "none":
+            return
+        posterior = self._posterior(request_id, drafter)
+        posterior.decay(self.evidence_decay)
+        if proposed > 0:
+            posterior.observe(proposed, accepted)
+            self.drafter_rates(drafter).observe(proposed, accepted)
+
+    def observe_step(
+        self,
+        num_sequences: int,
+        new_tokens: int,
+        context_tokens: int,
+        drafts: dict[str, tuple[Sequence[int], float]],
+        step_s: float,
+    ) -> None:
+        """A step's measurements: its shape, each drafter's ks and Propose time, and the step's wall
+        time, which is compared with the prediction made at decision time.
+
+        The verify model is fitted to the wall time minus the slowest Propose (drafters run in
+        parallel), so router and RPC overheads are part of what it predicts, as they are part of
+        what a client waits for.
+        """
+        any_spec = new_tokens > num_sequences
+        drafting_s = max((seconds for _, seconds in drafts.values()), default=0.0)
+        self.verify_cost.observe(verify_features(num_sequences, new_tokens, context_tokens, any_spec), max(step_s - drafting_s, 0.0))
+        for drafter, (ks, seconds) in drafts.items():
+            if any(ks):
+                self.drafter_cost(drafter).observe(draft_features(ks), seconds)
+        if self.last is not None and step_s > 0:
+            self._step_errors.append(abs(self.last.predicted_s - step_s) / step_s)
+
+    def forget(self, request_id: str) -> None:
+        """A finished request's posteriors and last k go (its drafter's global rate keeps its evidence)."""
+        self._previous.pop(request_id, None)
+        for key in [key for key in self._posteriors if key[0] == request_id]:
+            del self._posteriors[key]
+
+    def step_error(self) -> float:
+        """Mean absolute percentage error of the predicted step time over the recent window."""
+        return sum(self._step_errors) / len(self._step_errors) if self._step_errors else float("nan")
