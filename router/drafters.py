@@ -77,7 +77,8 @@ class DrafterClient:
         appended: list[int] = []
         counts: list[int] = []
         for request in requests:
-            new = request.tokens[request.drafter_synced :] if request.drafter_synced else request.tokens
+            synced = request.drafter_synced.get(self.name, 0)
+            new = request.tokens[synced:] if synced else request.tokens
             appended.extend(new)
             counts.append(len(new))
         message = drafter_pb2.ProposeRequest(
@@ -89,8 +90,8 @@ class DrafterClient:
         )
         # Until a reply arrives the drafter's state is unknown: a failed call forces a full resync.
         for request in requests:
-            request.drafter_synced = 0
-            request.drafter_contacted = True
+            request.drafter_synced[self.name] = 0
+            request.drafter_contacted.add(self.name)
         response = await self.stub.Propose(message, timeout=self.timeout_s)
         if len(response.statuses) != len(requests) or len(response.draft_counts) != len(requests):
             raise ValueError(f"{len(requests)} requests but {len(response.statuses)} statuses and {len(response.draft_counts)} counts")
@@ -98,7 +99,7 @@ class DrafterClient:
             raise ValueError(f"draft counts add up to {sum(response.draft_counts)} but {len(response.draft_token_ids)} tokens came back")
         for request, status in zip(requests, response.statuses):
             if status == OK:
-                request.drafter_synced = len(request.tokens)
+                request.drafter_synced[self.name] = len(request.tokens)
         return response
 
     @staticmethod
@@ -114,7 +115,7 @@ class DrafterClient:
 
     def _failed(self, err: BaseException, requests: Sequence[RequestState]) -> None:
         for request in requests:
-            request.drafter_synced = 0
+            request.drafter_synced[self.name] = 0
         self.failures += 1
         self._retry_at = time.monotonic() + self._backoff
         log.warning("drafter %s failed (%s); its %d requests go on without speculation; retry in %.2fs",

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--target-model", default="embedded", help="folder whose tokenizer the router uses (the verifier's target), or 'embedded'")
     add_flag(parser, "--max-batch", type=int, default=16, help="most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="most requests waiting for admission; beyond it, RESOURCE_EXHAUSTED")
-    add_flag(parser, "--default-drafter", default="prompt_lookup", help="drafter for requests that name none: none, prompt_lookup, draft_model")
+    add_flag(parser, "--default-drafter", default="auto", help="drafter for requests that name none: auto (the controller picks per step), none, prompt_lookup, draft_model")
     add_flag(parser, "--default-policy", default="goodput", help="speculation policy for requests that name none: goodput, uniform, none or fixed:K")
     add_flag(parser, "--k-max", type=int, default=8, help="most draft tokens the goodput and uniform policies give one request per step")
     add_flag(parser, "--cost-profile", default="auto", choices=["auto", "refresh", "off"],

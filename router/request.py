@@ -67,8 +67,9 @@ class RequestState:
     arrived: float = field(default_factory=time.perf_counter)
     tokens: list[int] = field(init=False)  # prompt + generated: the committed context
     counters: Counters = field(default_factory=Counters)
-    drafter_synced: int = 0  # committed tokens the drafter holds; 0 = send the full context next time
-    drafter_contacted: bool = False  # a Propose was sent: the drafter may hold state to release
+    # per drafter: committed tokens it holds (absent or 0 = send the full context next time)
+    drafter_synced: dict[str, int] = field(default_factory=dict)
+    drafter_contacted: set[str] = field(default_factory=set)  # drafters that may hold state to release
     admitted: float | None = None
     first_token: float | None = None
     finish_reason: int | None = None

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import grpc
 
+from router.controlled import NAME as CONTROLLED
 from router.controller.controller import Slot, SpeculationController
 from router.drafters import DrafterClient, describe_rpc_error
 from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
@@ -28,6 +29,9 @@ from smartspec.errors import RequestError
 from smartspec.wire import verifier_pb2, verifier_pb2_grpc
 
 log = logging.getLogger("smartspec.router.scheduler")
+
+AUTO = "auto"  # the drafter choice that lets the controller pick one per request and step
+BENCHMARK_ONLY = frozenset({CONTROLLED})  # never picked by 'auto'
 
 # Verifier statuses that mean "this request cannot be served" rather than "the verifier is broken".
 PASS_THROUGH = {"INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED"}
@@ -215,13 +219,14 @@ class Scheduler:
     async def _step(self) -> None:
         started = time.perf_counter()
         batch = list(self.running)
-        views = self._views(batch)
+        assigned = [self._drafter_for(r) for r in batch]
+        views = self._views(batch, assigned)
         groups = self._groups(batch)
         asked = [0] * len(batch)
         for policy, members in groups.items():
             for i, k in zip(members, policy.choose([views[i] for i in members])):
                 asked[i] = clamp_k(k, views[i].max_k)
-        proposals, draft_times = await self._propose(batch, asked)
+        proposals, draft_times = await self._propose(batch, assigned, asked)
         final = [0] * len(batch)
         for policy, members in groups.items():
             refined = policy.refine([views[i] for i in members], [asked[i] for i in members], [len(proposals[i]) for i in members])
@@ -256,8 +261,8 @@ class Scheduler:
             request.counters.accepted += accepted
             if not request.done:
                 request.send(request.commit(tokens))
-        for view, draft, accepted in zip(views, drafts, reply.accepted_counts):
-            self.controller.observe_request(view.request_id, view.drafter, len(draft), accepted)
+        for view, draft, accepted, k in zip(views, drafts, reply.accepted_counts, asked):
+            self.controller.observe_request(view.request_id, view.drafter, len(draft), accepted, asked=k)
         self.controller.observe_step(
             len(batch), sum(len(d) + 1 for d in drafts), sum(v.context_tokens for v in views), draft_times, finished - started
         )
@@ -277,20 +282,30 @@ class Scheduler:
                 )
             )
 
-    def _views(self, batch: Sequence[RequestState]) -> list[RequestView]:
+    def _drafter_for(self, request: RequestState) -> str:
+        """This step's drafter: the request's own, or for 'auto' the controller's pick among the
+        healthy drafter services; 'none' when it has none or it is backing off."""
+        name = request.params.drafter
+        if name == AUTO:
+            usable = [n for n, d in self.drafters.items() if n not in BENCHMARK_ONLY and d.available()]
+            return self.controller.choose_drafter(request.id, usable, request.draft_room(self.limits.max_context), len(request.tokens))
+        drafter = self.drafters.get(name)
+        return name if drafter is not None and drafter.available() else "none"
+
+    def _views(self, batch: Sequence[RequestState], assigned: Sequence[str]) -> list[RequestView]:
         """What the policies see; a request whose drafter is missing or backing off has drafter 'none'."""
         return [
             RequestView(
                 request_id=r.id,
-                drafter=r.params.drafter if self._can_draft(r) else "none",
+                drafter=drafter,
                 context_tokens=len(r.tokens),
                 generated=r.generated,
-                max_k=r.draft_room(self.limits.max_context) if self._can_draft(r) else 0,
+                max_k=r.draft_room(self.limits.max_context) if drafter != "none" else 0,
                 steps=r.counters.steps,
                 proposed=r.counters.proposed,
                 accepted=r.counters.accepted,
             )
-            for r in batch
+            for r, drafter in zip(batch, assigned)
         ]
 
     @staticmethod
@@ -300,20 +315,16 @@ class Scheduler:
             groups[request.params.policy].append(i)
         return groups
 
-    def _can_draft(self, request: RequestState) -> bool:
-        drafter = self.drafters.get(request.params.drafter)
-        return drafter is not None and drafter.available()
-
     async def _propose(
-        self, batch: Sequence[RequestState], ks: Sequence[int]
+        self, batch: Sequence[RequestState], assigned: Sequence[str], ks: Sequence[int]
     ) -> tuple[list[list[int]], dict[str, tuple[tuple[int, ...], float]]]:
         """Calls every drafter that has work, in parallel. Returns each request's proposal (cut to its k
         and to valid token ids; empty when it asked for none or its drafter failed) and, per drafter
         called, the ks asked of it and its wall time."""
         by_drafter: dict[str, list[int]] = collections.defaultdict(list)
-        for i, (request, k) in enumerate(zip(batch, ks)):
+        for i, (name, k) in enumerate(zip(assigned, ks)):
             if k > 0:
-                by_drafter[request.params.drafter].append(i)
+                by_drafter[name].append(i)
         names = list(by_drafter)
         results = await asyncio.gather(
             *(self.drafters[n].propose([batch[i] for i in by_drafter[n]], [ks[i] for i in by_drafter[n]]) for n in names)
@@ -345,8 +356,8 @@ class Scheduler:
             self.controller.forget(request.id)
         by_drafter: dict[str, list[str]] = collections.defaultdict(list)
         for request in requests:
-            if request.drafter_contacted and request.params.drafter in self.drafters:
-                by_drafter[request.params.drafter].append(request.id)
+            for name in request.drafter_contacted & self.drafters.keys():
+                by_drafter[name].append(request.id)
         for name, ids in by_drafter.items():
             task = asyncio.get_running_loop().create_task(self.drafters[name].release(ids))
             self._background.add(task)

@@ -145,7 +145,7 @@ async def build_router(
     for name, policy in controller_policies(controller).items():
         policies.register(name, policy)
     defaults = settings.defaults
-    if defaults.drafter != "none" and defaults.drafter not in drafters:
+    if defaults.drafter not in ("none", "auto") and defaults.drafter not in drafters:
         log.warning("default drafter %r is not configured; requests that name no drafter decode without one", defaults.drafter)
         defaults = Defaults(drafter="none", policy=defaults.policy, max_tokens=defaults.max_tokens)
     validate = RequestValidator(PromptEncoder(tokenizer), defaults, list(drafters), limits.max_context, policies)

@@ -11,7 +11,7 @@ from router.request import Params
 from smartspec.errors import RequestError
 from smartspec.wire import router_pb2
 
-KNOWN_DRAFTERS = ("none", "draft_model", "prompt_lookup", "controlled")
+KNOWN_DRAFTERS = ("none", "auto", "draft_model", "prompt_lookup", "controlled")
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
@@ -21,7 +21,7 @@ MAX_STOP_CHARS = 256
 class Defaults:
     """What an unset field means on this router."""
 
-    drafter: str = "prompt_lookup"
+    drafter: str = "auto"
     policy: str = "goodput"
     max_tokens: int = 128
 
@@ -52,7 +52,7 @@ class RequestValidator:
         self.encoder = encoder
         self.policies = policies or PolicyRegistry()
         self.defaults = defaults
-        self.available = ("none", *drafters)
+        self.available = ("none", "auto", *drafters)
         self.max_context = max_context
 
     def __call__(self, request: router_pb2.GenerateRequest) -> tuple[list[int], Params]:

@@ -131,3 +131,23 @@ def test_step_error_is_measured_and_requests_are_forgotten():
     profiled = controller.verify_cost.prior.copy()
     controller.reset()
     assert controller.steps == 0 and controller.rates == {} and (controller.verify_cost.coef == profiled).all()
+
+
+def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.01))
+    controller.drafter_cost("draft_model").reset_prior((0.001, 0.002, 0.0005))  # a cheap draft model
+    for _ in range(10):
+        controller.observe_request("r", "prompt_lookup", 4, 0)
+        controller.observe_request("r", "draft_model", 4, 4)
+    assert controller.choose_drafter("r", ["prompt_lookup", "draft_model"], cap=8, context_tokens=100) == "draft_model"
+    for _ in range(30):
+        controller.observe_request("r", "prompt_lookup", 4, 4)
+        controller.observe_request("r", "draft_model", 4, 3)
+    # equal-ish acceptance now, and prompt lookup costs next to nothing per token
+    assert controller.choose_drafter("r", ["prompt_lookup", "draft_model"], cap=8, context_tokens=100) == "prompt_lookup"
+    # a drafter that never has anything to propose for this request loses its appeal
+    for _ in range(30):
+        controller.observe_request("r", "prompt_lookup", 0, 0, asked=8)
+    assert controller.choose_drafter("r", ["prompt_lookup", "draft_model"], cap=8, context_tokens=100) == "draft_model"
+    assert controller.choose_drafter("r", ["prompt_lookup"], cap=0, context_tokens=100) == "none"
+    assert controller.choose_drafter("r", [], cap=8, context_tokens=100) == "none"

@@ -325,7 +325,7 @@ def test_draft_room_respects_max_tokens_and_context():
 # --- validation ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def validate(tokenizer):
-    return RequestValidator(PromptEncoder(tokenizer), Defaults(policy="fixed:3"), ["prompt_lookup", "draft_model"], max_context=64)
+    return RequestValidator(PromptEncoder(tokenizer), Defaults(drafter="prompt_lookup", policy="fixed:3"), ["prompt_lookup", "draft_model"], max_context=64)
 
 
 def _err(validate, **fields):
@@ -423,14 +423,14 @@ def test_drafter_sync_sends_only_new_tokens_and_resyncs_in_the_same_step():
     assert asyncio.run(client.propose([a], [3]))[0] == [[7, 8, 9]]
     assert (list(stub.sent[0].appended_counts), list(stub.sent[0].committed_lengths)) == ([3], [3])
     a.commit([7, 8])
-    b.drafter_synced = 2  # pretend b was synced before and the drafter lost it
+    b.drafter_synced[client.name] = 2  # pretend b was synced before and the drafter lost it
     b.commit([1])
     assert asyncio.run(client.propose([a, b], [2, 2]))[0] == [[5, 6], [4]]
     second, third = stub.sent[1], stub.sent[2]
     assert list(second.appended_counts) == [2, 1] and list(second.appended_token_ids) == [7, 8, 1]
     assert list(second.committed_lengths) == [5, 3]
     assert list(third.request_ids) == ["b"] and list(third.appended_counts) == [3] == list(third.committed_lengths)
-    assert a.drafter_synced == 5 and b.drafter_synced == 3
+    assert a.drafter_synced[client.name] == 5 and b.drafter_synced[client.name] == 3
 
 
 def test_drafter_failure_costs_only_speculation_and_forces_a_full_resend():
@@ -440,7 +440,7 @@ def test_drafter_failure_costs_only_speculation_and_forces_a_full_resend():
     asyncio.run(client.propose([a], [1]))
     a.commit([9])
     assert asyncio.run(client.propose([a], [1]))[0] == [[]]
-    assert not client.available() and client.failures == 1 and a.drafter_synced == 0
+    assert not client.available() and client.failures == 1 and a.drafter_synced[client.name] == 0
     time.sleep(0.06)
     assert client.available()
     assert asyncio.run(client.propose([a], [1]))[0] == [[2]]

@@ -77,11 +77,25 @@ class RequestAcceptance:
     successes: float = 0.0
     failures: float = 0.0
     verifies: int = 0
+    asks: float = 0.0  # times the drafter was asked for tokens (decayed like the rest)
+    empty: float = 0.0  # of those, times it had nothing to propose (prompt lookup without a match)
 
     def decay(self, factor: float) -> None:
         """Keeps `factor` of the evidence gathered so far (1.0 keeps all of it)."""
         self.successes *= factor
         self.failures *= factor
+        self.asks *= factor
+        self.empty *= factor
+
+    def observe_ask(self, proposed: int) -> None:
+        self.asks += 1
+        self.empty += int(proposed == 0)
+
+    @property
+    def proposal_rate(self) -> float:
+        """Chance the drafter proposes anything when asked: 1 until it is seen coming back empty
+        (two pseudo-observations of a proposal)."""
+        return (self.asks - self.empty + 2.0) / (self.asks + 2.0)
 
     def observe(self, proposed: int, accepted: int) -> None:
         if proposed <= 0:

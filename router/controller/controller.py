@@ -112,6 +112,26 @@ class SpeculationController:
         ]
 
     # --- decisions ------------------------------------------------------------------------------
+    def choose_drafter(self, request_id: str, drafters: Sequence[str], cap: int, context_tokens: int) -> str:
+        """For drafter 'auto': the drafter that gives this request the best predicted goodput on its
+        own (best over k <= cap), from its acceptance estimate for this request, how often it has
+        anything to propose, and its cost; 'none' when there is none or no room to speculate."""
+        if not drafters or cap <= 0:
+            return "none"
+        coef = self.verify_cost.as_dict()
+        base = max(self.verify_cost.predict(verify_features(1, 1, context_tokens, False)), 1e-4)
+        best, best_value = "none", 1.0 / base
+        for name in drafters:
+            a = self.acceptance(request_id, name)
+            hit = self._posterior(request_id, name).proposal_rate
+            d = self.drafter_cost(name).as_dict()
+            for k in range(1, min(cap, self.k_max) + 1):
+                extra = coef["any_speculation"] + d["any_speculation"] + k * (coef["new_tokens"] + d["max_k"] + d["sum_k"])
+                value = (1.0 + hit * sum(a**j for j in range(1, k + 1))) / (base + extra)
+                if value > best_value:
+                    best, best_value = name, value
+        return best
+
     def decide(self, slots: Sequence[Slot], mode: str = "goodput") -> list[int]:
         """k per slot. 'goodput': per request, with hysteresis against last step's k; 'uniform': the
         published batch-wide choice. Changes no state (the scheduler records what was verified)."""
@@ -145,13 +165,16 @@ class SpeculationController:
         return self.last
 
     # --- feedback -------------------------------------------------------------------------------
-    def observe_request(self, request_id: str, drafter: str, proposed: int, accepted: int) -> None:
-        """One request's outcome in one Verify. Old evidence fades a little every step, also when the
-        request did not speculate, so a request that stopped speculating is tried again later."""
+    def observe_request(self, request_id: str, drafter: str, proposed: int, accepted: int, asked: int | None = None) -> None:
+        """One request's outcome in one Verify (`asked` tokens asked of its drafter, `proposed`
+        verified, `accepted`). Old evidence fades a little every step, also when the request did not
+        speculate, so a request that stopped speculating is tried again later."""
         if drafter == "none":
             return
         posterior = self._posterior(request_id, drafter)
         posterior.decay(self.evidence_decay)
+        if asked:
+            posterior.observe_ask(proposed)
         if proposed > 0:
             posterior.observe(proposed, accepted)
             self.drafter_rates(drafter).observe(proposed, accepted)
