@@ -9,6 +9,7 @@ import sys
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int | None, one-line help)
 COMMANDS = {
+    "demo": ("smartspec.commands.demo", "start the stack on the embedded model, generate with and without speculation, stop"),
     "up": ("smartspec.commands.up", "start verifier, drafters and router on loopback and wait"),
     "generate": ("smartspec.commands.generate", "send one prompt to a running router"),
     "bench": ("smartspec.commands.bench", "compare speculation policies under Poisson load, side by side"),

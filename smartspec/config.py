@@ -26,11 +26,26 @@ def _from_env(raw: str, kind: Any, action: str | None) -> Any:
     return kind(raw) if kind else raw
 
 
+class _AppendReplacingDefault(argparse.Action):
+    """Like action='append', but values given on the command line replace the default (which may
+    come from the environment) instead of being appended to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        if current is None or current is self.default:
+            current = []
+        setattr(namespace, self.dest, [*current, values])
+
+
 def add_flag(parser: argparse.ArgumentParser, flag: str, *, default: Any = None, help: str, **kwargs: Any) -> None:
-    """Adds `flag` whose default comes from SMARTSPEC_<FLAG> when set, else from `default`."""
+    """Adds `flag` whose default comes from SMARTSPEC_<FLAG> when set, else from `default`.
+    A repeatable flag (action='append') takes a comma-separated list from the environment, and any
+    occurrence on the command line replaces that list."""
     name = env_name(flag)
     raw = os.environ.get(name)
     value = default if raw is None else _from_env(raw, kwargs.get("type"), kwargs.get("action"))
+    if kwargs.get("action") == "append":
+        kwargs["action"] = _AppendReplacingDefault
     shown = "off" if kwargs.get("action") == "store_true" and not default else default
     parser.add_argument(flag, default=value, help=f"{help} [env {name}; default: {shown}]", **kwargs)
 

@@ -63,7 +63,7 @@ class SpeculationController:
         for model in self.draft_cost.values():
             model.reset_prior(model.prior)
         self.rates: dict[str, DrafterRates] = {}
-        self._posteriors: dict[tuple[str, str], RequestAcceptance] = {}
+        self._posteriors: dict[str, dict[str, RequestAcceptance]] = {}  # request id -> drafter -> posterior
         self._previous: dict[str, int] = {}
         self.last: StepRecord | None = None
         self._step_errors: deque[float] = deque(maxlen=256)
@@ -87,7 +87,7 @@ class SpeculationController:
         return self.draft_cost[drafter]
 
     def _posterior(self, request_id: str, drafter: str) -> RequestAcceptance:
-        return self._posteriors.setdefault((request_id, drafter), RequestAcceptance())
+        return self._posteriors.setdefault(request_id, {}).setdefault(drafter, RequestAcceptance())
 
     def acceptance(self, request_id: str, drafter: str) -> float:
         """Posterior mean of the request's acceptance rate with `drafter` (prior: the drafter's rate)."""
@@ -169,10 +169,11 @@ class SpeculationController:
         """One request's outcome in one Verify (`asked` tokens asked of its drafter, `proposed`
         verified, `accepted`). Old evidence fades a little every step, also when the request did not
         speculate, so a request that stopped speculating is tried again later."""
+        for other in self._posteriors.get(request_id, {}).values():  # every drafter's, used this step or not
+            other.decay(self.evidence_decay)
         if drafter == "none":
             return
         posterior = self._posterior(request_id, drafter)
-        posterior.decay(self.evidence_decay)
         if asked:
             posterior.observe_ask(proposed)
         if proposed > 0:
@@ -206,8 +207,7 @@ class SpeculationController:
     def forget(self, request_id: str) -> None:
         """A finished request's posteriors and last k go (its drafter's global rate keeps its evidence)."""
         self._previous.pop(request_id, None)
-        for key in [key for key in self._posteriors if key[0] == request_id]:
-            del self._posteriors[key]
+        self._posteriors.pop(request_id, None)
 
     def step_error(self) -> float:
         """Mean absolute percentage error of the predicted step time over the recent window."""
