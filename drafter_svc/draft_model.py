@@ -20,6 +20,7 @@ import torch
 
 from drafter_svc.base import Drafter, Proposal, SyncedRequest
 from smartspec.config import add_model_flags
+from smartspec.protocol import common_prefix_length
 from smartspec.runtime.runner import StepResult, StepRow
 from smartspec.wire import common_pb2
 
@@ -30,15 +31,6 @@ class _Row:
 
     synced: int = 0
     drafts: list[int] = field(default_factory=list)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class DraftModelDrafter(Drafter):
@@ -81,7 +73,7 @@ class DraftModelDrafter(Drafter):
         elif request.reset:
             row.synced = 0
         elif row.drafts:  # drafts are only held right after a call that fed the whole context
-            row.synced += _common_prefix(row.drafts, request.appended)
+            row.synced += common_prefix_length(row.drafts, request.appended)
         row.drafts = []
         if request.k > 0:
             row.synced = min(row.synced, len(request.context) - 1)  # the last token is fed for its logits

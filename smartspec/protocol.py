@@ -12,6 +12,17 @@ from smartspec.wire import common_pb2
 MAX_DRAFT_TOKENS = 64
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share (acceptance of a greedy draft, KV still valid after
+    a rejection)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def split_ragged(flat: Sequence[int], counts: Sequence[int], what: str) -> list[list[int]]:
     """Cuts a flat token list into per-request lists of the given counts (vLLM-style ragged batch)."""
     if sum(counts) != len(flat):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from smartspec.protocol import common_prefix_length
+
 
 def greedy_accept(draft: list[int], target_argmax: list[int]) -> int:
     """Length of the longest prefix of `draft` equal to the target's argmax at each position.
@@ -10,9 +12,4 @@ def greedy_accept(draft: list[int], target_argmax: list[int]) -> int:
     entries, and target_argmax[accepted] is the target's own token emitted after the accepted drafts.
     This makes greedy speculation exactly equal to plain greedy decoding.
     """
-    accepted = 0
-    for proposed, chosen in zip(draft, target_argmax):
-        if proposed != chosen:
-            break
-        accepted += 1
-    return accepted
+    return common_prefix_length(draft, target_argmax)
