@@ -33,16 +33,22 @@ def test_posterior_learns_a_requests_rate_from_geometric_outcomes():
     assert posterior.mean(prior_rate=0.6) == pytest.approx(0.6)
 
 
-def test_drafter_rate_is_a_sliding_window():
-    rates = DrafterRates(initial=0.5, window=10)
+def test_drafter_rate_is_smoothed_and_fades_back_when_unused():
+    rates = DrafterRates(initial=0.5, prior_strength=4)
     assert rates.rate == 0.5
-    for _ in range(10):
-        rates.observe(4, 4)  # all accepted: 4 successes, no failure
-    assert rates.rate == 0.99  # capped below 1
-    for _ in range(10):
-        rates.observe(4, 0)  # the old evidence slides out
-    assert rates.rate == 0.01
-    assert rates.position_proposed[:4] == [20] * 4 and rates.position_accepted[0] == 10
+    rates.observe(4, 0)  # one unlucky verify does not condemn the drafter
+    assert rates.rate == pytest.approx(2 / 5)
+    for _ in range(50):
+        rates.observe(4, 4)
+    assert rates.rate > 0.98
+    for _ in range(200):
+        rates.observe(4, 0)
+        rates.decay(0.98)
+    assert rates.rate < 0.1
+    for _ in range(1000):  # nobody speculates with it any more: the rate drifts back to the initial one
+        rates.decay(0.98)
+    assert rates.rate == pytest.approx(0.5, abs=0.01)
+    assert rates.position_proposed[:4] == [251] * 4 and rates.position_accepted[0] == 50 and rates.samples == 251
 
 
 def test_online_refit_recovers_the_true_step_cost():
@@ -151,3 +157,24 @@ def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():
     assert controller.choose_drafter("r", ["prompt_lookup", "draft_model"], cap=8, context_tokens=100) == "draft_model"
     assert controller.choose_drafter("r", ["prompt_lookup"], cap=0, context_tokens=100) == "none"
     assert controller.choose_drafter("r", [], cap=8, context_tokens=100) == "none"
+
+
+def test_an_unlucky_first_verify_does_not_stop_speculation_for_good():
+    """Regression: a drafter whose first verify rejected everything once pinned its global rate near 0,
+    so no request speculated again and no evidence could ever lift it."""
+    controller = controller_with((0.045, 0.0014, 0.00001, 0.004, 0.014))  # the embedded model's profile
+    rng = random.Random(1)
+    slots = [Slot(f"r{i}", "controlled", cap=8, context_tokens=100) for i in range(4)]
+    chosen = []
+    for step in range(60):
+        ks = controller.decide(slots)
+        controller.record(slots, ks)
+        for slot, k in zip(slots, ks):
+            accepted = 0
+            while accepted < k and step > 0 and rng.random() < 0.7:  # step 0: everything rejected
+                accepted += 1
+            controller.observe_request(slot.request_id, "controlled", k, accepted, asked=k)
+        controller.observe_step(4, 4 + sum(ks), 400, {"controlled": (ks, 0.0001)}, step_s=0.06)
+        chosen.append(sum(ks) / len(ks))
+    assert sum(chosen[-30:]) / 30 >= 1.5  # at a = 0.7 and this cost, speculating pays
+    assert controller.drafter_rates("controlled").rate == pytest.approx(0.7, abs=0.1)

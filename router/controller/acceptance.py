@@ -9,7 +9,6 @@ E(k) = (1 - a^(k+1)) / (1 - a).
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 # Rates are kept inside (0, 1): a = 1 would make E(k) unbounded in k and a = 0 is never certain.
@@ -22,13 +21,21 @@ def expected_tokens(a: float, k: int) -> float:
 
 
 class DrafterRates:
-    """Sliding-window acceptance of one drafter over all requests, and per draft position (metrics)."""
+    """Acceptance of one drafter over all requests, as exponentially fading counts (a sliding window
+    of roughly 1 / (1 - decay) steps), smoothed towards an initial rate; and per-position counts for
+    metrics.
 
-    def __init__(self, initial: float = 0.5, window: int = 512, max_position: int = 16) -> None:
-        self._events: deque[tuple[int, int]] = deque(maxlen=window)  # (successes, failures) per verify
-        self._successes = 0
-        self._failures = 0
+    The smoothing keeps one unlucky verify from condemning a drafter, and the fading lets the rate
+    drift back to the initial one when nobody speculates with the drafter any more, so it is tried
+    again rather than never (an estimate with no fresh evidence must not stay stuck).
+    """
+
+    def __init__(self, initial: float = 0.5, prior_strength: float = 4.0, max_position: int = 16) -> None:
         self._initial = initial
+        self._prior_strength = prior_strength
+        self._successes = 0.0
+        self._failures = 0.0
+        self.samples = 0  # verifies observed
         self.position_proposed = [0] * max_position
         self.position_accepted = [0] * max_position
         self.proposed_total = 0
@@ -37,30 +44,25 @@ class DrafterRates:
     def observe(self, proposed: int, accepted: int) -> None:
         if proposed <= 0:
             return
+        self.samples += 1
         self.proposed_total += proposed
         self.accepted_total += accepted
-        event = (accepted, int(accepted < proposed))
-        if len(self._events) == self._events.maxlen:
-            old_s, old_f = self._events[0]
-            self._successes -= old_s
-            self._failures -= old_f
-        self._events.append(event)
-        self._successes += event[0]
-        self._failures += event[1]
+        self._successes += accepted
+        self._failures += int(accepted < proposed)
         for position in range(min(proposed, len(self.position_proposed))):
             self.position_proposed[position] += 1
             self.position_accepted[position] += int(position < accepted)
 
-    @property
-    def rate(self) -> float:
-        total = self._successes + self._failures
-        if total == 0:
-            return self._initial
-        return min(max(self._successes / total, RATE_FLOOR), RATE_CEIL)
+    def decay(self, factor: float) -> None:
+        """Called once per step: evidence older than ~1 / (1 - factor) steps fades out."""
+        self._successes *= factor
+        self._failures *= factor
 
     @property
-    def samples(self) -> int:
-        return len(self._events)
+    def rate(self) -> float:
+        strength = self._prior_strength
+        value = (self._successes + strength * self._initial) / (self._successes + self._failures + strength)
+        return min(max(value, RATE_FLOOR), RATE_CEIL)
 
 
 @dataclass

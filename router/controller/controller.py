@@ -46,13 +46,20 @@ class SpeculationController:
     uniform policies ask it for decisions."""
 
     def __init__(
-        self, k_max: int = 8, prior_strength: float = 4.0, hysteresis: float = 0.02, initial_rate: float = 0.5, evidence_decay: float = 0.9
+        self,
+        k_max: int = 8,
+        prior_strength: float = 4.0,
+        hysteresis: float = 0.02,
+        initial_rate: float = 0.5,
+        evidence_decay: float = 0.9,
+        rate_decay: float = 0.995,
     ) -> None:
         self.k_max = k_max
         self.prior_strength = prior_strength
         self.hysteresis = hysteresis
         self.initial_rate = initial_rate
-        self.evidence_decay = evidence_decay  # per step: old acceptance evidence fades (about 10 steps)
+        self.evidence_decay = evidence_decay  # per step: a request's old acceptance evidence fades (about 10 steps)
+        self.rate_decay = rate_decay  # per step: a drafter's global evidence fades (about 200 steps)
         self.verify_cost: LinearCostModel = new_verify_model()
         self.draft_cost: dict[str, LinearCostModel] = {}
         self._clear()
@@ -195,6 +202,8 @@ class SpeculationController:
         parallel), so router and RPC overheads are part of what it predicts, as they are part of
         what a client waits for.
         """
+        for rates in self.rates.values():
+            rates.decay(self.rate_decay)
         any_spec = new_tokens > num_sequences
         drafting_s = max((seconds for _, seconds in drafts.values()), default=0.0)
         self.verify_cost.observe(verify_features(num_sequences, new_tokens, context_tokens, any_spec), max(step_s - drafting_s, 0.0))

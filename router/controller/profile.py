@@ -20,7 +20,7 @@ from smartspec.wire import verifier_pb2
 
 log = logging.getLogger("smartspec.router.profile")
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 BATCHES = (1, 4, 8, 16)
 DRAFT_LENGTHS = (0, 1, 2, 4, 7)
 CONTEXTS = (16, 384)
@@ -41,7 +41,8 @@ async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 
     most = min(max(BATCHES), info.max_sequences or max(BATCHES))
     rows, seconds = [], []
     for context in CONTEXTS:
-        if context + max(DRAFT_LENGTHS) * len(DRAFT_LENGTHS) * REPEATS * 2 >= info.model.max_context:
+        # each Verify of random drafts grows a sequence by about one token
+        if context + len(BATCHES) * len(DRAFT_LENGTHS) * REPEATS + max(DRAFT_LENGTHS) + 1 >= info.model.max_context:
             continue
         ids = [f"__profile-{context}-{i}" for i in range(most)]
         items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(context)]) for i in ids]

@@ -1,0 +1,84 @@
+"""`smartspec bench` end to end, as a real subprocess on the tiny models: it starts its own stack, runs a
+mini benchmark (2 drafters, one real and one controlled, x 3 policies x 1 rate x 3 requests) and leaves
+results.json, headline.json, report.txt and a PNG behind. Every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+KEY = ("workload", "drafter", "policy", "rate")
+REQUIRED = (
+    *KEY, "controlled", "requests", "mean_latency_s", "p50_latency_s", "p99_latency_s", "ttft_s", "tpot_s", "throughput_tok_s",
+    "goodput_tok_s", "mean_accepted", "cost_model_mape", "k_histogram", "k_distribution", "completed", "failed", "mismatched_outputs",
+)
+POLICIES = ("none", "fixed:3", "goodput")
+DRAFTERS = ("prompt_lookup", "controlled:0.9")
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SMARTSPEC_") or k == "SMARTSPEC_CACHE_DIR"}
+
+
+def test_mini_bench_against_a_stack_it_starts(tiny_target, tiny_draft, tmp_path):
+    out = tmp_path / "bench"
+    argv = [
+        sys.executable, "-m", "smartspec.cli", "bench", "--out", str(out), "--target-model", str(tiny_target), "--draft-model", str(tiny_draft),
+        "--workloads", "copy", "--drafters", *DRAFTERS, "--policies", *POLICIES, "--rates", "4", "--requests", "3", "--max-tokens", "12",
+        "--request-timeout-s", "60", "--seed", "5",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=_env())
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    rows = json.loads((out / "results.json").read_text())
+    assert isinstance(rows, list) and len(rows) == len(DRAFTERS) * len(POLICIES)
+    keys = [tuple(row[k] for k in KEY) for row in rows]
+    assert len(set(keys)) == len(keys)  # no key repeated
+    assert {(d, p) for _, d, p, _ in keys} == {(d, p) for d in DRAFTERS for p in POLICIES}
+    for row in rows:
+        missing = [k for k in REQUIRED if k not in row]
+        assert not missing, (missing, row)
+        assert row["workload"] == "copy" and row["rate"] == 4.0 and row["requests"] == 3
+        assert row["controlled"] is (row["drafter"] == "controlled:0.9")
+        assert row["completed"] == 3 and row["failed"] == 0, row["errors"]
+        assert row["mismatched_outputs"] == 0, row  # lossless: every policy gives the greedy reference's tokens
+        assert 0 < row["p50_latency_s"] <= row["p99_latency_s"] and row["mean_latency_s"] > 0
+        assert 0 < row["ttft_s"] < row["mean_latency_s"] and row["tpot_s"] > 0
+        assert row["goodput_tok_s"] > 0 and row["throughput_tok_s"] >= row["goodput_tok_s"] * 0.999
+        # a fraction (not a percentage); on these tiny models the cost model can be far off, so no upper bound
+        assert isinstance(row["cost_model_mape"], float) and math.isfinite(row["cost_model_mape"]) and row["cost_model_mape"] >= 0
+        assert sum(row["k_histogram"]) > 0 and abs(sum(row["k_distribution"].values()) - 1) < 1e-9
+        if row["policy"] == "none":
+            assert row["mean_accepted"] == 0 and row["k_distribution"] == {"0": 1.0}
+    by = {(row["drafter"], row["policy"]): row for row in rows}
+    # the controlled drafter proposes the greedy reference, 90% of tokens kept: fixed:3 accepts most of it
+    controlled = by[("controlled:0.9", "fixed:3")]
+    assert controlled["mean_accepted"] > 1.0 and controlled["acceptance_rate"] > 0.6
+
+    headline = json.loads((out / "headline.json").read_text())
+    assert {(e["drafter"], e["rate"]) for e in headline} == {(d, 4.0) for d in DRAFTERS}
+    assert all(e["vs_best_other"] is not None and e["vs_none"] is not None for e in headline)
+    assert next(e for e in headline if e["drafter"] == "controlled:0.9")["controlled"] is True
+    assert (out / "latency_vs_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.txt").read_text()
+    assert report in done.stdout and "copy / controlled:0.9 [controlled acceptance]" in report and "Headline" in report
+    assert "6/6 runs" in done.stderr  # the progress bar
+
+    # the stack it started is gone: nothing answers at its addresses any more
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta["stack"]) == {"router", "verifier", "prompt_lookup"}  # only the drafter services the drafters need
+    assert not any(_serving(address) for address in meta["stack"].values())
+
+
+def _serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
