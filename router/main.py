@@ -16,7 +16,7 @@ DEFAULT_PORT = 50051
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_flags(parser, default_port=DEFAULT_PORT)
     add_flag(parser, "--verifier", default="127.0.0.1:50052", help="verifier address HOST:PORT")
-    add_flag(parser, "--drafter", action="append", default=[], metavar="NAME=HOST:PORT",
+    add_flag(parser, "--drafter-address", action="append", default=[], metavar="NAME=HOST:PORT",
              help="a drafter service, e.g. prompt_lookup=127.0.0.1:50053 (repeatable; env: comma-separated)")
     add_flag(parser, "--target-model", default="embedded", help="folder whose tokenizer the router uses (the verifier's target), or 'embedded'")
     add_flag(parser, "--max-batch", type=int, default=16, help="most requests in the running batch")
@@ -57,7 +57,7 @@ async def serve(args: argparse.Namespace) -> None:
         cost_profile=args.cost_profile,
         k_max=args.k_max,
     )
-    drafters = parse_drafters(args.drafter)
+    drafters = parse_drafters(args.drafter_address)
     tokenizer = load_tokenizer(args.target_model)
     servicer = await build_router(tokenizer, args.verifier, drafters, settings, startup_timeout_s=args.startup_timeout_s)
     running = await start_server(

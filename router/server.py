@@ -179,8 +179,8 @@ def parse_drafters(specs: Sequence[str]) -> dict[str, str]:
     for spec in specs:
         name, sep, address = spec.partition("=")
         if not sep or not name or not address:
-            raise ValueError(f"--drafter {spec!r}: expected NAME=HOST:PORT, e.g. prompt_lookup=127.0.0.1:50053")
-        if name == "none":
-            raise ValueError("--drafter: 'none' is reserved (it means no drafter)")
+            raise ValueError(f"--drafter-address {spec!r}: expected NAME=HOST:PORT, e.g. prompt_lookup=127.0.0.1:50053")
+        if name in ("none", "auto", "controlled"):
+            raise ValueError(f"--drafter-address: {name!r} is reserved (none: no drafter; auto: the controller's choice; controlled: benchmark-only)")
         out[name] = address
     return out

@@ -64,8 +64,8 @@ class Candidate:
 
 
 def expected_total(candidates: Sequence[Candidate], ks: Sequence[int]) -> float:
-    """sum_i E_i(k_i)."""
-    return float(sum(sum(c.acceptance**j for j in range(k + 1)) for c, k in zip(candidates, ks)))
+    """sum_i E_i(k_i), with E(k) = (1 - a^(k+1)) / (1 - a)."""
+    return float(sum((1.0 - c.acceptance ** (k + 1)) / (1.0 - c.acceptance) if c.acceptance < 1 else k + 1.0 for c, k in zip(candidates, ks)))
 
 
 def predicted_goodput(candidates: Sequence[Candidate], ks: Sequence[int], cost: StepCost) -> float:
@@ -99,30 +99,29 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
     rows, cols = rows[order], cols[order]  # [M]: the walk, best gain per cost first
     walk_gain, walk_cost = gains[rows, cols], token_cost[rows]  # [M]
 
-    # Walks to try: every depth cap for the drafters that pay per position, and each drafter with a
-    # fixed cost left out entirely (the per-token order cannot see fixed costs).
+    # Walks to try, all evaluated at once as rows of [walks, M] arrays: every depth cap for the drafters
+    # that pay per position, and each drafter with a fixed cost left out entirely (the per-token order
+    # cannot see fixed costs). A skipped token adds nothing, so its prefix repeats the one before it.
     positional = np.array([d.position_s > 0 for d in drafter_costs])[drafter_of[rows]]  # [M]
-    walks = [cols < cap if cap < k_max else np.ones_like(cols, dtype=bool) for cap in range(1, k_max + 1)] if positional.any() else [np.ones_like(cols, dtype=bool)]
-    walks = [keep | ~positional for keep in walks]
+    depth_caps = range(1, k_max + 1) if positional.any() else [k_max]
+    walks = [(cols < cap) | ~positional for cap in depth_caps]
     if len(names) > 1:
         walks += [drafter_of[rows] != index for index, d in enumerate(drafter_costs) if d.any_s > 0 or d.position_s > 0]
-    best_value, best_rows = n / cost.base_s, rows[:0]
-    for keep in walks:
-        r, c = rows[keep], cols[keep]
-        tokens = n + np.concatenate([[0.0], np.cumsum(walk_gain[keep])])  # [M' + 1]
-        time_s = cost.base_s + np.concatenate([[0.0], np.cumsum(walk_cost[keep])])  # [M' + 1]
-        time_s[1:] += cost.jump_s
-        for index, drafter in enumerate(drafter_costs):
-            if drafter.any_s == 0 and drafter.position_s == 0:
-                continue
-            mine = drafter_of[r] == index  # [M']
-            used = np.concatenate([[False], np.cumsum(mine) > 0])  # [M' + 1]
-            depth = np.concatenate([[0], np.maximum.accumulate(np.where(mine, c + 1, 0))])  # [M' + 1]
-            time_s += drafter.any_s * used + drafter.position_s * depth
-        goodput = tokens / time_s
-        best = int(np.argmax(goodput))
-        if goodput[best] > best_value:
-            best_value, best_rows = goodput[best], r[:best]
+    keep = np.stack(walks)  # [W, M]
+    zero = np.zeros((len(keep), 1))
+    tokens = n + np.hstack([zero, np.cumsum(walk_gain * keep, axis=1)])  # [W, M + 1]
+    time_s = cost.base_s + np.hstack([zero, np.cumsum(walk_cost * keep, axis=1)])  # [W, M + 1]
+    time_s[:, 1:] += cost.jump_s * (np.cumsum(keep, axis=1) > 0)
+    for index, drafter in enumerate(drafter_costs):
+        if drafter.any_s == 0 and drafter.position_s == 0:
+            continue
+        mine = (drafter_of[rows] == index) & keep  # [W, M]
+        used = np.cumsum(mine, axis=1) > 0  # [W, M]
+        depth = np.maximum.accumulate(np.where(mine, cols + 1, 0), axis=1)  # [W, M]
+        time_s[:, 1:] += drafter.any_s * used + drafter.position_s * depth
+    goodput = tokens / time_s  # [W, M + 1]
+    walk, prefix = np.unravel_index(int(np.argmax(goodput)), goodput.shape)
+    best_rows = rows[:prefix][keep[walk, :prefix]]
     return np.bincount(best_rows, minlength=n).tolist()
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger("smartspec.up")
 DRAFTER_KINDS = ("draft_model", "prompt_lookup")
 # Flags `up` always sets on a child's command line; their variables are dropped from the child's
 # environment so that an append flag (the router's --drafter) does not also pick them up.
-_EXPLICIT_ENV = ("SMARTSPEC_HOST", "SMARTSPEC_PORT", "SMARTSPEC_KIND", "SMARTSPEC_VERIFIER", "SMARTSPEC_DRAFTER")
+_EXPLICIT_ENV = ("SMARTSPEC_HOST", "SMARTSPEC_PORT", "SMARTSPEC_KIND", "SMARTSPEC_VERIFIER", "SMARTSPEC_DRAFTER_ADDRESS")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +80,7 @@ def router_argv(args: argparse.Namespace, target: str, addresses: dict[str, str]
             "--verifier", addresses["verifier"], "--target-model", target,
             "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
     for kind in _drafter_kinds(args):
-        argv += ["--drafter", f"{kind}={addresses[kind]}"]
+        argv += ["--drafter-address", f"{kind}={addresses[kind]}"]
     if "prompt_lookup" not in addresses:
         argv += ["--default-drafter", "none"]
     return argv
