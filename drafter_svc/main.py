@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from smartspec.config import add_flag, add_server_flags, env_name
 
@@ -72,14 +72,18 @@ def build_servicer(kind: str, **options: Any) -> "DrafterServicer":
     ready DrafterServicer; used by `run` and, in-process, by tests."""
     from drafter_svc import registry
 
-    return _servicer_for(registry.load(kind)(**options))
+    cls = registry.load(kind)
+    return _servicer_for(kind, lambda: cls(**options))
 
 
-def _servicer_for(drafter: "Drafter") -> "DrafterServicer":
+def _servicer_for(kind: str, build: "Callable[[], Drafter]") -> "DrafterServicer":
+    """Builds the drafter on the thread that will run it (see smartspec.serving.ModelThread)."""
     from drafter_svc.engine import DrafterEngine
     from drafter_svc.server import DrafterServicer
+    from smartspec.serving import ModelThread
 
-    return DrafterServicer(DrafterEngine(drafter))
+    thread = ModelThread(f"drafter-{kind}")
+    return DrafterServicer(DrafterEngine(thread.call(build)), thread)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -88,7 +92,8 @@ async def serve(args: argparse.Namespace) -> None:
     from smartspec.serving import announce, serve_until_signal, start_server
     from smartspec.wire import drafter_pb2_grpc
 
-    servicer = _servicer_for(registry.load(args.kind).from_args(args))
+    cls = registry.load(args.kind)
+    servicer = _servicer_for(args.kind, lambda: cls.from_args(args))
     kind = servicer.engine.drafter.kind
     running = await start_server(
         lambda server: drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server), [SERVICE_NAME], args.host, args.port

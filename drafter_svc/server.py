@@ -18,9 +18,9 @@ _RESYNC = drafter_pb2.PROPOSE_STATUS_RESYNC_REQUIRED
 
 
 class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
-    def __init__(self, engine: DrafterEngine) -> None:
+    def __init__(self, engine: DrafterEngine, thread: ModelThread | None = None) -> None:
         self.engine = engine
-        self.thread = ModelThread(f"drafter-{engine.drafter.kind}")
+        self.thread = thread or ModelThread(f"drafter-{engine.drafter.kind}")  # the thread that built the drafter, if given
 
     @rpc_errors
     async def Propose(self, request: drafter_pb2.ProposeRequest, context: grpc.aio.ServicerContext) -> drafter_pb2.ProposeResponse:

@@ -19,11 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_servicer(model_path: str, device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0):
     """Loads the target and returns a ready VerifierServicer (also used in-process by tests)."""
     from smartspec.runtime.loading import load_runner
+    from smartspec.serving import ModelThread
     from verifier_svc.engine import VerifierEngine
     from verifier_svc.server import VerifierServicer
 
-    runner, info = load_runner(model_path, "target", device, dtype, max_sequences, max_context)
-    return VerifierServicer(VerifierEngine(runner, vocab_size=info.vocab_size), info)
+    thread = ModelThread("verifier-model")
+    runner, info = thread.call(load_runner, model_path, "target", device, dtype, max_sequences, max_context)
+    return VerifierServicer(VerifierEngine(runner, vocab_size=info.vocab_size), info, thread)
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -16,10 +16,10 @@ SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["VerifierService"].full_
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
-    def __init__(self, engine: VerifierEngine, model_info: common_pb2.ModelInfo) -> None:
+    def __init__(self, engine: VerifierEngine, model_info: common_pb2.ModelInfo, thread: ModelThread | None = None) -> None:
         self.engine = engine
         self.model_info = model_info
-        self.thread = ModelThread("verifier-model")
+        self.thread = thread or ModelThread("verifier-model")  # the thread that loaded the model, if given
 
     @rpc_errors
     async def Prefill(self, request: verifier_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> verifier_pb2.PrefillResponse:
