@@ -20,7 +20,7 @@ from smartspec.wire import verifier_pb2
 
 log = logging.getLogger("smartspec.router.profile")
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 BATCHES = (1, 4, 8, 16)
 DRAFT_LENGTHS = (0, 1, 2, 4, 7)
 CONTEXTS = (16, 384)
