@@ -12,10 +12,11 @@ from router.controller.controller import Slot, SpeculationController
 from router.controller.cost_model import LinearCostModel, VERIFY_FEATURES, verify_features
 
 
-def test_expected_tokens_matches_the_closed_form():
+def test_expected_tokens_is_the_sum_of_acceptance_powers():
     for a in (0.1, 0.5, 0.9):
         for k in range(6):
-            assert expected_tokens(a, k) == pytest.approx((1 - a ** (k + 1)) / (1 - a))
+            assert expected_tokens(a, k) == pytest.approx(sum(a**j for j in range(k + 1)))
+    assert expected_tokens(1.0, 4) == 5.0
 
 
 def test_posterior_learns_a_requests_rate_from_geometric_outcomes():

@@ -16,8 +16,8 @@ RATE_FLOOR, RATE_CEIL = 0.01, 0.99
 
 
 def expected_tokens(a: float, k: int) -> float:
-    """E(k) = 1 + a + ... + a^k: generated tokens expected from one verify of k proposed tokens."""
-    return sum(a**j for j in range(k + 1))
+    """E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a): tokens expected from one verify of k drafts."""
+    return (1.0 - a ** (k + 1)) / (1.0 - a) if a < 1.0 else k + 1.0
 
 
 class DrafterRates:

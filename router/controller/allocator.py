@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from router.controller.acceptance import expected_tokens
+
 
 @dataclass(frozen=True)
 class DrafterCost:
@@ -64,8 +66,8 @@ class Candidate:
 
 
 def expected_total(candidates: Sequence[Candidate], ks: Sequence[int]) -> float:
-    """sum_i E_i(k_i), with E(k) = (1 - a^(k+1)) / (1 - a)."""
-    return float(sum((1.0 - c.acceptance ** (k + 1)) / (1.0 - c.acceptance) if c.acceptance < 1 else k + 1.0 for c, k in zip(candidates, ks)))
+    """sum_i E_i(k_i)."""
+    return float(sum(expected_tokens(c.acceptance, k) for c, k in zip(candidates, ks)))
 
 
 def predicted_goodput(candidates: Sequence[Candidate], ks: Sequence[int], cost: StepCost) -> float:

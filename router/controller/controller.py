@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from router.controller.acceptance import DrafterRates, RequestAcceptance
-from router.controller.allocator import Candidate, DrafterCost, StepCost, allocate_goodput, allocate_uniform, predicted_goodput
+from router.controller.allocator import (
+    Candidate,
+    DrafterCost,
+    StepCost,
+    allocate_goodput,
+    allocate_uniform,
+    expected_total,
+    predicted_goodput,
+)
 from router.controller.cost_model import LinearCostModel, draft_features, new_draft_model, new_verify_model, verify_features
 
 # Drafters that run no model: their proposals cost next to nothing (prompt lookup proposes K_max,
@@ -160,7 +168,7 @@ class SpeculationController:
         cost = self.step_cost(slots)
         drafters = [c.drafter if k > 0 else "none" for c, k in zip(candidates, ks)]
         predicted = cost.step_time(list(ks), drafters)
-        tokens = sum(sum(c.acceptance**j for j in range(k + 1)) for c, k in zip(candidates, ks))
+        tokens = expected_total(candidates, ks)
         for s, k in zip(slots, ks):
             self._previous[s.request_id] = k
             if k >= len(self.k_histogram):
