@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import abc
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
+from smartspec.sampling import GREEDY, DraftDistribution, SamplingParams
 from smartspec.wire import common_pb2
 
 
@@ -33,6 +34,10 @@ class SyncedRequest:
     reset: bool
     # Most tokens to propose; 0 asks only to keep state in sync.
     k: int
+    # How the request samples. A backend that samples its drafts draws from
+    # smartspec.sampling.uniform(sampling.seed, token index, DRAFT) and reports the distribution it
+    # drew from; a deterministic backend may ignore this (its proposals count as one-hot).
+    sampling: SamplingParams = GREEDY
 
     @property
     def appended(self) -> Sequence[int]:
@@ -44,10 +49,13 @@ class SyncedRequest:
 class Proposal:
     """A backend's answer for one batch: drafts in batch order (at most k each) and the model work done.
 
-    The timing fields feed the router's cost model (StepStats); model-free backends leave them at 0.
+    ``distributions``: empty when every draft is deterministic; else one list per request with, per
+    draft token, the distribution it was sampled from (or None where deterministic). The timing fields
+    feed the router's cost model (StepStats); model-free backends leave them at 0.
     """
 
     drafts: list[list[int]]
+    distributions: list[list[DraftDistribution | None]] = field(default_factory=list)
     forward_s: float = 0.0
     num_forwards: int = 0
     new_tokens: int = 0

@@ -1,4 +1,6 @@
-"""Draft-model drafter: a small causal LM proposes its own greedy continuation, batched over requests.
+"""Draft-model drafter: a small causal LM proposes its own continuation, batched over requests: its
+greedy one for greedy requests; for sampling requests, tokens sampled from its processed distribution
+truncated to the top N (``--sample-top-n``), which is the q sent along for rejection sampling.
 
 Each request's KV row holds a prefix of its committed context, possibly followed by the drafts this
 backend fed last time. On the next call the row is kept up to the longest common prefix of those drafts
@@ -19,9 +21,11 @@ from typing import Sequence
 import torch
 
 from drafter_svc.base import Drafter, Proposal, SyncedRequest
-from smartspec.config import add_model_flags
+from smartspec.config import add_flag, add_model_flags
 from smartspec.protocol import common_prefix_length
 from smartspec.runtime.runner import StepResult, StepRow
+from smartspec.runtime.sampler import processed_probs, truncate_top_n
+from smartspec.sampling import DRAFT, DraftDistribution, uniform
 from smartspec.wire import common_pb2
 
 
@@ -34,23 +38,36 @@ class _Row:
 
 
 class DraftModelDrafter(Drafter):
-    """Greedy drafting with a local causal LM sharing the target's tokenizer."""
+    """Drafting with a local causal LM sharing the target's tokenizer."""
 
     kind = "draft_model"
 
-    def __init__(self, draft_model: str = "embedded", device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0) -> None:
+    def __init__(
+        self,
+        draft_model: str = "embedded",
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_sequences: int = 32,
+        max_context: int = 0,
+        sample_top_n: int = 64,
+    ) -> None:
         from smartspec.runtime.loading import load_runner
 
+        if sample_top_n < 1:
+            raise ValueError(f"sample_top_n must be at least 1 (got {sample_top_n})")
         self.runner, self._info = load_runner(draft_model, "draft", device, dtype, max_sequences, max_context)
+        self.sample_top_n = sample_top_n
         self._rows: dict[str, _Row] = {}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         add_model_flags(parser, "draft")
+        add_flag(parser, "--sample-top-n", type=int, default=64,
+                 help="sampling requests draw each draft token from the draft model's N most likely tokens, and send those N probabilities")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DraftModelDrafter":
-        return cls(args.draft_model, args.device, args.dtype, args.max_sequences, args.max_context)
+        return cls(args.draft_model, args.device, args.dtype, args.max_sequences, args.max_context, args.sample_top_n)
 
     @property
     def vocab_size(self) -> int:
@@ -85,17 +102,26 @@ class DraftModelDrafter(Drafter):
             self.runner.release(request_id)
 
     # --- drafting -------------------------------------------------------------------------------
-    def _forward(self, rows: list[StepRow], totals: Proposal) -> list[int]:
-        """Feeds the rows and returns each row's greedy next token, adding the work to `totals`."""
+    def _forward(self, rows: list[StepRow], totals: Proposal) -> torch.Tensor:
+        """Feeds the rows and returns each row's next-token logits ([rows, vocab]), adding the work to `totals`."""
         step: StepResult = self.runner.step(rows)
         totals.forward_s += step.forward_s
         totals.num_forwards += step.num_forwards
         totals.new_tokens += step.new_tokens
         totals.context_tokens += step.context_tokens
-        return torch.cat(step.logits).argmax(dim=-1).tolist()  # [rows]
+        return torch.cat(step.logits)
+
+    def _pick(self, request: SyncedRequest, logits: torch.Tensor, index: int) -> tuple[int, DraftDistribution | None]:
+        """The draft token at sequence index `index` from its logits ([vocab]): the argmax for a greedy
+        request, else a draw from the processed top-N distribution, which is returned with it."""
+        if request.sampling.greedy:
+            return int(logits.argmax()), None
+        dist = truncate_top_n(processed_probs(logits[None], request.sampling)[0], self.sample_top_n)
+        return dist.sample(uniform(request.sampling.seed, index, DRAFT)), dist
 
     def propose(self, batch: Sequence[SyncedRequest]) -> Proposal:
-        result = Proposal(drafts=[[] for _ in batch])
+        sampled = any(not request.sampling.greedy for request in batch)
+        result = Proposal(drafts=[[] for _ in batch], distributions=[[] for _ in batch] if sampled else [])
         wanted: dict[int, int] = {}  # batch index -> tokens to draft (k within the context limit)
         for i, request in enumerate(batch):
             self._sync_row(request)
@@ -106,9 +132,12 @@ class DraftModelDrafter(Drafter):
         feed = {i: list(batch[i].context[self._rows[batch[i].request_id].synced :]) for i in wanted}
         for j in range(1, max(wanted.values(), default=0) + 1):
             active = [i for i, k in wanted.items() if k >= j]
-            tokens = self._forward([StepRow(batch[i].request_id, feed[i], all_logits=False) for i in active], result)
-            for i, token in zip(active, tokens):
+            logits = self._forward([StepRow(batch[i].request_id, feed[i], all_logits=False) for i in active], result)  # [active, vocab]
+            for i, row in zip(active, logits):
+                token, dist = self._pick(batch[i], row, len(batch[i].context) + j - 1)
                 result.drafts[i].append(token)
+                if sampled:
+                    result.distributions[i].append(dist)
                 feed[i] = [token]
         for i, k in wanted.items():
             row = self._rows[batch[i].request_id]

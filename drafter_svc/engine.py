@@ -21,17 +21,19 @@ from typing import Sequence
 from drafter_svc.base import Drafter, Proposal, SyncedRequest
 from smartspec.errors import RequestError
 from smartspec.protocol import MAX_DRAFT_TOKENS
+from smartspec.sampling import GREEDY, DraftDistribution, SamplingParams
 
 log = logging.getLogger("smartspec.drafter")
 
 
 @dataclass
 class ProposeOutcome:
-    """Per request, in request order: whether it was in sync, and its drafts (empty when not); plus the
-    backend's measurements for the batch."""
+    """Per request, in request order: whether it was in sync, its drafts (empty when not) and their
+    distributions (None per deterministic token); plus the backend's measurements for the batch."""
 
     in_sync: list[bool]
     drafts: list[list[int]]
+    distributions: list[list[DraftDistribution | None]]
     proposal: Proposal
 
 
@@ -83,7 +85,7 @@ class DrafterEngine:
                     )
 
     # --- the protocol ---------------------------------------------------------------------------
-    def _sync(self, rid: str, committed: int, appended: Sequence[int], k: int) -> SyncedRequest | None:
+    def _sync(self, rid: str, committed: int, appended: Sequence[int], k: int, sampling: SamplingParams) -> SyncedRequest | None:
         """Applies one request's appended tokens; None when its state does not match (RESYNC_REQUIRED)."""
         stored = self._contexts.get(rid)
         reset = len(appended) == committed
@@ -94,7 +96,7 @@ class DrafterEngine:
         else:
             return None
         self._contexts.move_to_end(rid)
-        return SyncedRequest(rid, stored, len(appended), reset, k)
+        return SyncedRequest(rid, stored, len(appended), reset, k, sampling)
 
     def _evict_over_capacity(self) -> None:
         """Keeps at most max_sequences requests by dropping the least recently used ones (never one of
@@ -105,10 +107,21 @@ class DrafterEngine:
             self.drafter.release(rid)
             log.warning("evicted request %r: more than %d live requests (was it released?)", rid, cap)
 
-    def propose(self, ids: Sequence[str], committed: Sequence[int], appended: Sequence[Sequence[int]], ks: Sequence[int]) -> ProposeOutcome:
-        """Syncs every request and asks the backend for proposals for those in sync."""
+    def propose(
+        self,
+        ids: Sequence[str],
+        committed: Sequence[int],
+        appended: Sequence[Sequence[int]],
+        ks: Sequence[int],
+        sampling: Sequence[SamplingParams] = (),
+    ) -> ProposeOutcome:
+        """Syncs every request and asks the backend for proposals for those in sync. `sampling` is
+        empty (all greedy) or one entry per request."""
         self._validate(ids, committed, appended, ks)
-        synced = [self._sync(rid, length, tokens, k) for rid, length, tokens, k in zip(ids, committed, appended, ks)]
+        if sampling and len(sampling) != len(ids):
+            raise RequestError("INVALID_ARGUMENT", f"sampling needs one entry per request or none; got {len(sampling)} for {len(ids)} requests")
+        sampling = sampling or [GREEDY] * len(ids)
+        synced = [self._sync(*request) for request in zip(ids, committed, appended, ks, sampling)]
         batch = [request for request in synced if request is not None]
         self._evict_over_capacity()
         try:
@@ -120,9 +133,11 @@ class DrafterEngine:
                 self._drop(request.request_id)
             raise
         drafts = iter(proposal.drafts)
+        dists = iter(proposal.distributions or [[None] * len(draft) for draft in proposal.drafts])
         return ProposeOutcome(
             in_sync=[request is not None for request in synced],
             drafts=[next(drafts) if request is not None else [] for request in synced],
+            distributions=[next(dists) if request is not None else [] for request in synced],
             proposal=proposal,
         )
 
@@ -131,10 +146,16 @@ class DrafterEngine:
         kind = self.drafter.kind
         if len(proposal.drafts) != len(batch):
             raise RequestError("INTERNAL", f"drafter {kind!r} returned {len(proposal.drafts)} proposals for {len(batch)} requests")
-        for request, draft in zip(batch, proposal.drafts):
+        if proposal.distributions and len(proposal.distributions) != len(batch):
+            raise RequestError("INTERNAL", f"drafter {kind!r} returned {len(proposal.distributions)} distribution lists for {len(batch)} requests")
+        for i, (request, draft) in enumerate(zip(batch, proposal.drafts)):
             if len(draft) > request.k:
                 raise RequestError(
                     "INTERNAL", f"drafter {kind!r} proposed {len(draft)} tokens for request {request.request_id!r}, more than the {request.k} asked"
+                )
+            if proposal.distributions and len(proposal.distributions[i]) != len(draft):
+                raise RequestError(
+                    "INTERNAL", f"drafter {kind!r} returned {len(proposal.distributions[i])} distributions for {len(draft)} tokens of request {request.request_id!r}"
                 )
 
     def _drop(self, rid: str) -> bool:

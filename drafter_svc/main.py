@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from smartspec.config import add_flag, add_server_flags, env_name
 
 if TYPE_CHECKING:
     from drafter_svc.base import Drafter
     from drafter_svc.server import DrafterServicer
+    from smartspec.serving import ModelThread
 
 log = logging.getLogger("smartspec.drafter")
 
@@ -69,39 +70,42 @@ def _add_backend_flags_on_parse(parser: argparse.ArgumentParser) -> None:
 
 def build_servicer(kind: str, **options: Any) -> "DrafterServicer":
     """Builds the backend `kind` with keyword `options` (its constructor's arguments) and returns a
-    ready DrafterServicer; used by `run` and, in-process, by tests."""
+    ready DrafterServicer; used in-process by tests."""
     from drafter_svc import registry
-
-    cls = registry.load(kind)
-    return _servicer_for(kind, lambda: cls(**options))
-
-
-def _servicer_for(kind: str, build: "Callable[[], Drafter]") -> "DrafterServicer":
-    """Builds the drafter on the thread that will run it (see smartspec.serving.ModelThread)."""
-    from drafter_svc.engine import DrafterEngine
-    from drafter_svc.server import DrafterServicer
     from smartspec.serving import ModelThread
 
+    cls = registry.load(kind)
     thread = ModelThread(f"drafter-{kind}")
-    return DrafterServicer(DrafterEngine(thread.call(build)), thread)
+    return _servicer(thread.call(lambda: cls(**options)), thread)
+
+
+def _servicer(drafter: "Drafter", thread: "ModelThread") -> "DrafterServicer":
+    """`drafter` must have been built on `thread`, the one that will run it (see smartspec.serving.ModelThread)."""
+    from drafter_svc.engine import DrafterEngine
+    from drafter_svc.server import DrafterServicer
+
+    return DrafterServicer(DrafterEngine(drafter), thread)
 
 
 async def serve(args: argparse.Namespace) -> None:
     from drafter_svc import registry
     from drafter_svc.server import SERVICE_NAME
-    from smartspec.serving import announce, serve_until_signal, start_server
+    from smartspec.serving import LoadedService, ModelThread, run_service
+    from smartspec.telemetry import tracing_from_args
     from smartspec.wire import drafter_pb2_grpc
 
     cls = registry.load(args.kind)
-    servicer = _servicer_for(args.kind, lambda: cls.from_args(args))
-    kind = servicer.engine.drafter.kind
-    running = await start_server(
-        lambda server: drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server), [SERVICE_NAME], args.host, args.port
-    )
-    log.info("drafter %s serving on %s", kind, running.address)
-    announce(kind, running)
-    await serve_until_signal(running, args.grace_s)
-    servicer.thread.close()
+    thread = ModelThread(f"drafter-{cls.kind}")
+
+    async def load() -> LoadedService:
+        servicer = _servicer(await thread.run(cls.from_args, args), thread)
+        return LoadedService(lambda server: drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, server))
+
+    try:
+        tracing = tracing_from_args(args, f"smartspec-drafter-{cls.kind}")
+        await run_service(cls.kind, [SERVICE_NAME], args.host, args.port, args.grace_s, load, tracing)
+    finally:
+        thread.close()
 
 
 def run(args: argparse.Namespace) -> None:

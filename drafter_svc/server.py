@@ -8,6 +8,7 @@ import grpc
 
 from drafter_svc.engine import DrafterEngine
 from smartspec.protocol import split_ragged, step_stats
+from smartspec.sampling import SamplingParams, pack_distributions
 from smartspec.serving import ModelThread, rpc_errors
 from smartspec.wire import drafter_pb2, drafter_pb2_grpc
 
@@ -27,14 +28,16 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
         started = time.perf_counter()
         ids = list(request.request_ids)
         appended = split_ragged(list(request.appended_token_ids), list(request.appended_counts), "appended_token_ids")
+        sampling = [SamplingParams.from_wire(params) for params in request.sampling]
         outcome = await self.thread.run(
-            self.engine.propose, ids, list(request.committed_lengths), appended, list(request.max_draft_tokens)
+            self.engine.propose, ids, list(request.committed_lengths), appended, list(request.max_draft_tokens), sampling
         )
         work = outcome.proposal
         return drafter_pb2.ProposeResponse(
             statuses=[_OK if ok else _RESYNC for ok in outcome.in_sync],
             draft_counts=[len(draft) for draft in outcome.drafts],
             draft_token_ids=[token for draft in outcome.drafts for token in draft],
+            draft_distributions=pack_distributions(outcome.distributions),
             stats=step_stats(started, work.forward_s, len(ids), work.new_tokens, work.context_tokens, work.num_forwards),
         )
 

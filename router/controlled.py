@@ -14,6 +14,7 @@ import random
 import time
 from typing import Sequence
 
+from router.drafters import Draft
 from router.request import RequestState
 
 NAME = "controlled"
@@ -44,9 +45,9 @@ class ControlledDrafter:
                 proposal.append((token + 1 + rng.randrange(self.vocab_size - 1)) % self.vocab_size)
         return proposal
 
-    async def propose(self, requests: Sequence[RequestState], ks: Sequence[int]) -> tuple[list[list[int]], float]:
+    async def propose(self, requests: Sequence[RequestState], ks: Sequence[int]) -> tuple[list[Draft], float]:
         started = time.perf_counter()
-        proposals = [self._propose_one(request, k) for request, k in zip(requests, ks)]
+        proposals = [Draft(self._propose_one(request, k)) for request, k in zip(requests, ks)]
         return proposals, time.perf_counter() - started
 
     async def release(self, request_ids: Sequence[str]) -> None:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import grpc
 
 from router.request import RequestState
+from smartspec.errors import RequestError
+from smartspec.sampling import DraftDistribution, unpack_distributions
+from smartspec.telemetry import Metadata
 from smartspec.wire import drafter_pb2, drafter_pb2_grpc
 
 log = logging.getLogger("smartspec.router.drafters")
@@ -24,14 +28,35 @@ RESYNC = drafter_pb2.PROPOSE_STATUS_RESYNC_REQUIRED
 OK = drafter_pb2.PROPOSE_STATUS_OK
 
 
+@dataclass
+class Draft:
+    """One request's proposal for one step: tokens and, per token, the distribution it was sampled
+    from (None: deterministic, q one-hot). ``len`` and ``cut`` keep the two aligned."""
+
+    tokens: list[int] = field(default_factory=list)
+    dists: list[DraftDistribution | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.dists:
+            self.dists = [None] * len(self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def cut(self, k: int) -> "Draft":
+        return Draft(self.tokens[:k], self.dists[:k])
+
+
 class DrafterClient:
     """Calls one DrafterService. Tracks health; each request tracks how much of it the drafter holds."""
 
     def __init__(
-        self, name: str, stub: drafter_pb2_grpc.DrafterServiceStub, timeout_s: float, backoff_s: float = 0.25, max_backoff_s: float = 8.0
+        self, name: str, stub: drafter_pb2_grpc.DrafterServiceStub, timeout_s: float, backoff_s: float = 0.25, max_backoff_s: float = 8.0,
+        trace_metadata: Callable[[Sequence[RequestState]], Metadata | None] = lambda requests: None,
     ) -> None:
         self.name = name
         self.stub = stub
+        self.trace_metadata = trace_metadata  # the requests' trace contexts for a Propose (RouterTelemetry.rpc_metadata)
         self.timeout_s = timeout_s
         self._base_backoff = backoff_s
         self._max_backoff = max_backoff_s
@@ -43,12 +68,12 @@ class DrafterClient:
         """False while backing off after a failure: its requests decode without speculation."""
         return time.monotonic() >= self._retry_at
 
-    async def propose(self, requests: Sequence[RequestState], ks: Sequence[int]) -> tuple[list[list[int]], float]:
+    async def propose(self, requests: Sequence[RequestState], ks: Sequence[int]) -> tuple[list[Draft], float]:
         """Syncs each request and returns up to ks[i] proposed tokens for it (possibly fewer, or none
         on failure), and the call's wall time. A request the drafter lost is resent with its full
         context once, in this step."""
         started = time.perf_counter()
-        proposals: list[list[int]] = [[] for _ in requests]
+        proposals = [Draft() for _ in requests]
         try:
             response = await self._call(requests, ks)
             resync = [i for i, status in enumerate(response.statuses) if status == RESYNC]
@@ -58,7 +83,7 @@ class DrafterClient:
                 self._collect(again, resync, ks, proposals)
         except (grpc.RpcError, asyncio.TimeoutError, ValueError) as err:
             self._failed(err, requests)
-            return [[] for _ in requests], time.perf_counter() - started
+            return [Draft() for _ in requests], time.perf_counter() - started
         self._backoff = self._base_backoff
         return proposals, time.perf_counter() - started
 
@@ -87,12 +112,13 @@ class DrafterClient:
             appended_counts=counts,
             appended_token_ids=appended,
             max_draft_tokens=list(ks),
+            sampling=[r.params.sampling.to_wire() for r in requests] if any(not r.params.sampling.greedy for r in requests) else [],
         )
         # Until a reply arrives the drafter's state is unknown: a failed call forces a full resync.
         for request in requests:
             request.drafter_synced[self.name] = 0
             request.drafter_contacted.add(self.name)
-        response = await self.stub.Propose(message, timeout=self.timeout_s)
+        response = await self.stub.Propose(message, timeout=self.timeout_s, metadata=self.trace_metadata(requests))
         if len(response.statuses) != len(requests) or len(response.draft_counts) != len(requests):
             raise ValueError(f"{len(requests)} requests but {len(response.statuses)} statuses and {len(response.draft_counts)} counts")
         if sum(response.draft_counts) != len(response.draft_token_ids):
@@ -103,14 +129,20 @@ class DrafterClient:
         return response
 
     @staticmethod
-    def _collect(response: drafter_pb2.ProposeResponse, positions: Sequence[int], ks: Sequence[int], proposals: list[list[int]]) -> None:
-        """Stores the OK answers of `response` (whose entries are the requests at `positions`), cut to k."""
+    def _collect(response: drafter_pb2.ProposeResponse, positions: Sequence[int], ks: Sequence[int], proposals: list[Draft]) -> None:
+        """Stores the OK answers of `response` (whose entries are the requests at `positions`), cut to k.
+        Raises ValueError (the drafter failed) on malformed distributions."""
+        counts = list(response.draft_counts)
+        try:
+            dists = unpack_distributions(response.draft_distributions, counts)
+        except RequestError as err:
+            raise ValueError(err.message) from None
         flat = list(response.draft_token_ids)
         start = 0
         for j, i in enumerate(positions):
-            count = response.draft_counts[j]
+            count = counts[j]
             if response.statuses[j] == OK:
-                proposals[i] = flat[start : start + min(count, ks[i])]
+                proposals[i] = Draft(flat[start : start + count], dists[j]).cut(ks[i])
             start += count
 
     def _failed(self, err: BaseException, requests: Sequence[RequestState]) -> None:

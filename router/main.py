@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--default-max-tokens", type=int, default=128, help="max_tokens for requests that leave it unset")
     add_flag(parser, "--drafter-timeout-s", type=float, default=2.0, help="deadline of one Propose call; past it the step goes on without speculation")
     add_flag(parser, "--verifier-timeout-s", type=float, default=120.0, help="deadline of one Prefill or Verify call")
-    add_flag(parser, "--startup-timeout-s", type=float, default=120.0, help="how long to wait for the verifier to answer at startup")
+    add_flag(parser, "--startup-timeout-s", type=float, default=120.0, help="how long to wait at startup for the verifier to report SERVING (it binds, then loads its model)")
+    add_flag(parser, "--metrics-port", type=int, default=0, help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: --host); 0: no metrics")
+    add_flag(parser, "--redis-url", default="", help="Redis that router replicas share acceptance statistics and cost profiles through, "
+             "e.g. redis://127.0.0.1:6379/0; empty: local state only (also the fallback while Redis is unreachable)")
+    add_flag(parser, "--redis-namespace", default="smartspec", help="prefix of this fleet's Redis keys (separate fleets sharing one Redis use different ones)")
 
 
 def load_tokenizer(spec: str):
@@ -43,8 +47,9 @@ def load_tokenizer(spec: str):
 
 async def serve(args: argparse.Namespace) -> None:
     from router.server import SERVICE_NAME, RouterSettings, build_router, parse_drafters
+    from router.telemetry import telemetry_from_args
     from router.validate import Defaults
-    from smartspec.serving import announce, serve_until_signal, setup_logging, start_server
+    from smartspec.serving import LoadedService, run_service, setup_logging, wait_serving
     from smartspec.wire import router_pb2_grpc
 
     setup_logging(args.log_level)
@@ -56,19 +61,24 @@ async def serve(args: argparse.Namespace) -> None:
         verifier_timeout_s=args.verifier_timeout_s,
         cost_profile=args.cost_profile,
         k_max=args.k_max,
+        redis_url=args.redis_url,
+        redis_namespace=args.redis_namespace,
     )
     drafters = parse_drafters(args.drafter_address)
-    tokenizer = load_tokenizer(args.target_model)
-    servicer = await build_router(tokenizer, args.verifier, drafters, settings, startup_timeout_s=args.startup_timeout_s)
-    running = await start_server(
-        lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server), [SERVICE_NAME], args.host, args.port
-    )
-    announce("router", running)
-    
-    async def drain() -> None:
-        await servicer.scheduler.drain(args.grace_s)
 
-    await serve_until_signal(running, args.grace_s, on_stop=drain)
+    async def load() -> LoadedService:
+        tokenizer = await asyncio.to_thread(load_tokenizer, args.target_model)
+        # The verifier binds before loading its model: wait for SERVING, not just for a connection.
+        await wait_serving(args.verifier, args.startup_timeout_s)
+        servicer = await build_router(tokenizer, args.verifier, drafters, settings, startup_timeout_s=args.startup_timeout_s, telemetry=telemetry)
+
+        async def drain() -> None:
+            await servicer.drain(args.grace_s)
+
+        return LoadedService(lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server), on_stop=drain)
+
+    telemetry = telemetry_from_args(args)
+    await run_service("router", [SERVICE_NAME], args.host, args.port, args.grace_s, load, telemetry.tracing)
 
 
 def run(args: argparse.Namespace) -> int:

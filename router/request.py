@@ -17,6 +17,7 @@ from router.detokenize import Decode, IncrementalDetokenizer
 from router.policy import SpeculationPolicy
 from router.stops import StopMatcher
 from smartspec.errors import RequestError
+from smartspec.sampling import GREEDY, SamplingParams
 from smartspec.wire import router_pb2
 
 LENGTH = router_pb2.FINISH_REASON_LENGTH
@@ -33,6 +34,7 @@ class Params:
     drafter: str  # "none" or a configured drafter name
     policy: SpeculationPolicy
     benchmark: router_pb2.BenchmarkOptions | None = None  # inputs of the "controlled" drafter only
+    sampling: SamplingParams = GREEDY  # temperature 0: greedy; else seeded (the router picks a seed if the client gave none)
 
 
 @dataclass
@@ -142,6 +144,7 @@ class RequestState:
         - prompt_tokens: tokens in the tokenized prompt (after the chat template, for messages).
         - ttft_s, total_s, queue_s: seconds from arrival at the router to the first token (the
           prefill), to completion, and to admission into the running batch.
+        - seed: what a sampling request drew its random numbers from (to reproduce it); 0 for greedy.
         """
         now = time.perf_counter() if now is None else now
         return router_pb2.GenerationStats(
@@ -152,6 +155,7 @@ class RequestState:
             ttft_s=(self.first_token - self.arrived) if self.first_token is not None else 0.0,
             total_s=now - self.arrived,
             queue_s=((self.admitted or now) - self.arrived),
+            seed=0 if self.params.sampling.greedy else self.params.sampling.seed,
         )
 
     # --- outbox (read by the RPC handler) -----------------------------------------------------

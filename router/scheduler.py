@@ -22,10 +22,12 @@ import grpc
 
 from router.controlled import NAME as CONTROLLED
 from router.controller.controller import Slot, SpeculationController
-from router.drafters import DrafterClient, describe_rpc_error
+from router.drafters import Draft, DrafterClient, describe_rpc_error
 from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
 from router.request import RequestState
+from router.telemetry import RouterTelemetry
 from smartspec.errors import RequestError
+from smartspec.sampling import pack_distributions
 from smartspec.wire import verifier_pb2, verifier_pb2_grpc
 
 log = logging.getLogger("smartspec.router.scheduler")
@@ -59,8 +61,10 @@ class Scheduler:
         max_queue: int = 64,
         verifier_timeout_s: float = 120.0,
         controller: SpeculationController | None = None,
+        telemetry: RouterTelemetry | None = None,
     ) -> None:
         self.verifier = verifier
+        self.telemetry = telemetry or RouterTelemetry()  # traces and metrics; off by default
         # Sees every step under every policy: learns the cost model and acceptance, measures its error.
         self.controller = controller or SpeculationController()
         self.drafters = drafters
@@ -185,9 +189,11 @@ class Scheduler:
         for request in batch:
             request.admitted = now
         self.running.extend(batch)  # from here on a failure is theirs too; _reap releases the failed
-        items = [verifier_pb2.PrefillItem(request_id=r.id, token_ids=r.tokens) for r in batch]
+        items = [verifier_pb2.PrefillItem(request_id=r.id, token_ids=r.tokens, sampling=r.params.sampling.to_wire()) for r in batch]
         try:
-            reply = await self.verifier.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=self.verifier_timeout_s)
+            reply = await self.verifier.Prefill(
+                verifier_pb2.PrefillRequest(items=items), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch)
+            )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 await self._requeue(batch, err)
@@ -197,6 +203,7 @@ class Scheduler:
                 request.fail(error)
             return
         self._admit_cap = None
+        self.telemetry.admitted(batch)
         if len(reply.next_token_ids) != len(batch):
             raise RuntimeError(f"verifier prefill answered {len(reply.next_token_ids)} tokens for {len(batch)} requests")
         for request, token in zip(batch, reply.next_token_ids):
@@ -219,6 +226,7 @@ class Scheduler:
     async def _step(self) -> None:
         started = time.perf_counter()
         batch = list(self.running)
+        self.telemetry.step_started(batch)
         assigned = [self._drafter_for(r) for r in batch]
         views = self._views(batch, assigned)
         groups = self._groups(batch)
@@ -232,16 +240,17 @@ class Scheduler:
             refined = policy.refine([views[i] for i in members], [asked[i] for i in members], [len(proposals[i]) for i in members])
             for i, k in zip(members, refined):
                 final[i] = clamp_k(k, min(asked[i], len(proposals[i])))
-        drafts = [proposal[:k] for proposal, k in zip(proposals, final)]
+        drafts = [proposal.cut(k) for proposal, k in zip(proposals, final)]
         self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
         message = verifier_pb2.VerifyRequest(
             request_ids=[r.id for r in batch],
             draft_counts=[len(d) for d in drafts],
-            draft_token_ids=[t for d in drafts for t in d],
+            draft_token_ids=[t for d in drafts for t in d.tokens],
+            draft_distributions=pack_distributions([d.dists for d in drafts]),
         )
         verify_started = time.perf_counter()
         try:
-            reply = await self.verifier.Verify(message, timeout=self.verifier_timeout_s)
+            reply = await self.verifier.Verify(message, timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch))
         except grpc.RpcError as err:
             error = _verifier_error("verify", err)
             for request in batch:
@@ -266,6 +275,7 @@ class Scheduler:
         self.controller.observe_step(
             len(batch), sum(len(d) + 1 for d in drafts), sum(v.context_tokens for v in views), draft_times, finished - started
         )
+        self.telemetry.step_finished(batch, views, asked, drafts, reply.accepted_counts, draft_times, self.controller.last.predicted_s, finished - started)
         for policy, members in groups.items():
             policy.observe(
                 StepOutcome(
@@ -317,7 +327,7 @@ class Scheduler:
 
     async def _propose(
         self, batch: Sequence[RequestState], assigned: Sequence[str], ks: Sequence[int]
-    ) -> tuple[list[list[int]], dict[str, tuple[tuple[int, ...], float]]]:
+    ) -> tuple[list[Draft], dict[str, tuple[tuple[int, ...], float]]]:
         """Calls every drafter that has work, in parallel. Returns each request's proposal (cut to its k
         and to valid token ids; empty when it asked for none or its drafter failed) and, per drafter
         called, the ks asked of it and its wall time."""
@@ -329,12 +339,12 @@ class Scheduler:
         results = await asyncio.gather(
             *(self.drafters[n].propose([batch[i] for i in by_drafter[n]], [ks[i] for i in by_drafter[n]]) for n in names)
         )
-        proposals: list[list[int]] = [[] for _ in batch]
+        proposals = [Draft() for _ in batch]
         times: dict[str, tuple[tuple[int, ...], float]] = {}
         for name, (drafted, seconds) in zip(names, results):
             times[name] = (tuple(ks[i] for i in by_drafter[name]), seconds)
             for i, proposal in zip(by_drafter[name], drafted):
-                proposals[i] = _valid_prefix(proposal[: ks[i]], self.limits.vocab_size)
+                proposals[i] = _valid_prefix(proposal.cut(ks[i]), self.limits.vocab_size)
         return proposals, times
 
     # --- cleanup --------------------------------------------------------------------------------
@@ -369,14 +379,18 @@ class Scheduler:
             log.warning("verifier release of %d requests failed: %s", len(requests), describe_rpc_error(err))
 
 
-def _valid_prefix(draft: Sequence[int], vocab_size: int) -> list[int]:
-    """A drafter's tokens up to the first one outside the vocabulary (which the verifier would refuse)."""
-    out: list[int] = []
-    for token in draft:
+def _valid_prefix(draft: Draft, vocab_size: int) -> Draft:
+    """A drafter's proposal up to the first token the verifier would refuse (a token id outside the
+    vocabulary, or a distribution that is not one or gives its own token probability 0), so that one
+    bad drafter cannot fail the whole batch's Verify."""
+    for j, (token, dist) in enumerate(zip(draft.tokens, draft.dists)):
         if not 0 <= token < vocab_size:
-            break
-        out.append(int(token))
-    return out
+            return draft.cut(j)
+        if dist is not None and not (
+            all(0 <= t < vocab_size for t in dist.token_ids) and all(0.0 <= p <= 1.0 for p in dist.probs) and dist.prob(token) > 0.0
+        ):
+            return draft.cut(j)
+    return draft
 
 
 def _verifier_error(what: str, err: grpc.RpcError) -> RequestError:

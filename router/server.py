@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -16,10 +17,14 @@ from router.drafters import DrafterClient
 from router.policy import PolicyRegistry
 from router.request import Chunk, RequestState
 from router.scheduler import Limits, Scheduler
+from router.telemetry import RouterTelemetry
 from router.validate import Defaults, PromptEncoder, RequestValidator
 from smartspec.errors import RequestError
 from smartspec.serving import CHANNEL_OPTIONS, rpc_errors
 from smartspec.wire import drafter_pb2_grpc, router_pb2, router_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+
+if TYPE_CHECKING:
+    from router.shared_state import SharedState
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 log = logging.getLogger("smartspec.router")
@@ -38,14 +43,40 @@ class RouterSettings:
     cost_profile: str = "auto"
     # Most draft tokens the controller gives one request in one step.
     k_max: int = 8
+    # Redis shared by router replicas (acceptance evidence, cost profile); "" keeps all state local.
+    redis_url: str = ""
+    # Prefix of every Redis key, so that separate fleets (and tests) sharing one Redis do not mix.
+    redis_namespace: str = "smartspec"
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, validate: Callable, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int]) -> None:
+    def __init__(
+        self, validate: Callable, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int], shared: SharedState | None = None
+    ) -> None:
         self.validate = validate
         self.scheduler = scheduler
         self.decode = decode
         self.eos_ids = eos_ids
+        self.shared = shared  # syncs the controller with other router replicas (None: local state only)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Graceful shutdown: the scheduler finishes what it admitted (Scheduler.drain), then the
+        shared-state sync publishes its last evidence and stops."""
+        try:
+            await self.scheduler.drain(timeout_s)
+        finally:
+            await self._stop_sharing()
+
+    async def close(self) -> None:
+        """Immediate shutdown: unfinished requests fail (Scheduler.close); the sync stops."""
+        try:
+            await self.scheduler.close()
+        finally:
+            await self._stop_sharing()
+
+    async def _stop_sharing(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
 
     async def Stats(self, request: router_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> router_pb2.StatsResponse:
         controller = self.scheduler.controller
@@ -69,13 +100,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return reply
 
     def _submit(self, request: router_pb2.GenerateRequest) -> RequestState:
-        prompt_ids, params = self.validate(request)
-        state = RequestState(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_ids=self.eos_ids)
-        self.scheduler.submit(state)
+        try:
+            prompt_ids, params = self.validate(request)
+            state = RequestState(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_ids=self.eos_ids)
+            self.scheduler.submit(state)
+        except RequestError as err:
+            self.scheduler.telemetry.refused(err)
+            raise
+        self.scheduler.telemetry.arrived(state)
         return state
 
     async def _chunks(self, state: RequestState) -> AsyncIterator[Chunk]:
         """The request's chunks until the last; cancels the request if the caller stops listening."""
+        item = None
         try:
             while True:
                 item = await state.outbox.get()
@@ -87,19 +124,21 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             if not state.done:
                 self.scheduler.cancel(state)
+            self.scheduler.telemetry.finished(state, item)
 
     @rpc_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
         state = self._submit(request)
         token_ids: list[int] = []
         text: list[str] = []
-        async for chunk in self._chunks(state):
-            token_ids.extend(chunk.token_ids)
-            text.append(chunk.text)
-            if chunk.finish_reason:
-                return router_pb2.GenerateResponse(
-                    token_ids=token_ids, text="".join(text), finish_reason=chunk.finish_reason, stats=chunk.stats
-                )
+        async with contextlib.aclosing(self._chunks(state)) as chunks:  # ends the request (and reports it) before replying
+            async for chunk in chunks:
+                token_ids.extend(chunk.token_ids)
+                text.append(chunk.text)
+                if chunk.finish_reason:
+                    return router_pb2.GenerateResponse(
+                        token_ids=token_ids, text="".join(text), finish_reason=chunk.finish_reason, stats=chunk.stats
+                    )
         raise RequestError("INTERNAL", "generation ended without a finish reason")
 
     @rpc_errors
@@ -118,11 +157,15 @@ async def build_router(
     settings: RouterSettings,
     startup_timeout_s: float = 60.0,
     policies: PolicyRegistry | None = None,
+    telemetry: RouterTelemetry | None = None,
 ) -> RouterServicer:
     """Connects to the verifier (reading its limits from Info) and the drafters, and starts the step
     loop. Must run on the event loop that will serve the router. `policies` may register policies
-    beyond 'none' and 'fixed:K' by name (e.g. the goodput controller)."""
+    beyond 'none' and 'fixed:K' by name (e.g. the goodput controller); `telemetry` traces and measures
+    it (default: off)."""
     from router.detokenize import tokenizer_decoder
+
+    telemetry = telemetry or RouterTelemetry()
 
     verifier = verifier_pb2_grpc.VerifierServiceStub(grpc.aio.insecure_channel(verifier_address, options=CHANNEL_OPTIONS))
     info = await verifier.Info(verifier_pb2.InfoRequest(), timeout=startup_timeout_s, wait_for_ready=True)
@@ -134,13 +177,22 @@ async def build_router(
     )
     drafters = {
         name: DrafterClient(
-            name, drafter_pb2_grpc.DrafterServiceStub(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)), settings.drafter_timeout_s
+            name, drafter_pb2_grpc.DrafterServiceStub(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)), settings.drafter_timeout_s,
+            trace_metadata=telemetry.rpc_metadata,
         )
         for name, address in drafter_addresses.items()
     }
     drafters[ControlledDrafter.name] = ControlledDrafter(limits.vocab_size)
     controller = SpeculationController(k_max=settings.k_max)
-    log.info("%s", await load_or_measure(verifier, info, controller.verify_cost, settings.cost_profile))
+    shared = None
+    if settings.redis_url:
+        from router.shared_state import SharedState
+
+        try:
+            shared = SharedState(settings.redis_url, settings.redis_namespace, controller)
+        except ValueError as err:
+            raise ValueError(f"--redis-url {settings.redis_url!r}: {err}") from None
+    log.info("%s", await load_or_measure(verifier, info, controller.verify_cost, settings.cost_profile, shared))
     policies = policies or PolicyRegistry()
     for name, policy in controller_policies(controller).items():
         policies.register(name, policy)
@@ -152,15 +204,18 @@ async def build_router(
     validate_defaults(validate)
     scheduler = Scheduler(
         verifier, drafters, limits, max_batch=settings.max_batch, max_queue=settings.max_queue, verifier_timeout_s=settings.verifier_timeout_s,
-        controller=controller,
+        controller=controller, telemetry=telemetry,
     )
+    telemetry.watch(scheduler)
     scheduler.start()
+    if shared is not None:
+        shared.start()
     log.info(
         "router: verifier %s (%s, context %d, eos %s), drafters %s, batch %d, queue %d",
         verifier_address, info.model.model, limits.max_context, sorted(limits.eos_ids), drafter_addresses or "none",
         scheduler.max_batch, scheduler.max_queue,
     )
-    return RouterServicer(validate, scheduler, tokenizer_decoder(tokenizer), limits.eos_ids)
+    return RouterServicer(validate, scheduler, tokenizer_decoder(tokenizer), limits.eos_ids, shared)
 
 
 def validate_defaults(validate: RequestValidator) -> None:

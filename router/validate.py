@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 from router.policy import PolicyRegistry
 from router.request import Params
 from smartspec.errors import RequestError
+from smartspec.sampling import GREEDY, SamplingParams, random_seed
 from smartspec.wire import router_pb2
 
 KNOWN_DRAFTERS = ("none", "auto", "draft_model", "prompt_lookup", "controlled")
@@ -58,6 +59,7 @@ class RequestValidator:
     def __call__(self, request: router_pb2.GenerateRequest) -> tuple[list[int], Params]:
         drafter = self._drafter(request.drafter or self.defaults.drafter)
         policy = self.policies.get(request.policy or self.defaults.policy)
+        sampling = self._sampling(request)
         stop = self._stops(request.stop)
         if request.HasField("max_tokens") and request.max_tokens < 1:
             raise RequestError("INVALID_ARGUMENT", f"max_tokens must be at least 1 (got {request.max_tokens})")
@@ -80,7 +82,17 @@ class RequestValidator:
                 )
             max_tokens = min(self.defaults.max_tokens, room)
         benchmark = self._benchmark(request) if drafter == "controlled" else None
-        return prompt_ids, Params(max_tokens=max_tokens, stop=stop, drafter=drafter, policy=policy, benchmark=benchmark)
+        return prompt_ids, Params(max_tokens=max_tokens, stop=stop, drafter=drafter, policy=policy, benchmark=benchmark, sampling=sampling)
+
+    @staticmethod
+    def _sampling(request: router_pb2.GenerateRequest) -> SamplingParams:
+        """Checked sampling parameters; a sampling request without a seed gets a random one."""
+        top_p = request.top_p if request.HasField("top_p") else 1.0
+        seed = request.seed if request.HasField("seed") else None
+        params = SamplingParams(request.temperature, top_p, request.top_k, seed or 0).check()
+        if params.greedy:
+            return GREEDY
+        return params if seed is not None else SamplingParams(params.temperature, params.top_p, params.top_k, random_seed())
 
     @staticmethod
     def _benchmark(request: router_pb2.GenerateRequest) -> router_pb2.BenchmarkOptions:

@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": ("smartspec.commands.generate", "send one prompt to a running router"),
     "bench": ("smartspec.commands.bench", "compare speculation policies under Poisson load, side by side"),
     "models": ("smartspec.commands.models", "print (and build on first use) the embedded default model folders"),
+    "health": ("smartspec.commands.health", "check a service's gRPC health (exit 0 when SERVING), e.g. for container healthchecks"),
     "serve": (None, "run one service of the stack: smartspec serve ROLE ..."),
 }
 
@@ -29,10 +30,12 @@ def _add_module_parser(subparsers, name: str, module_name: str, help_text: str) 
     parser = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
     module = importlib.import_module(module_name)
     module.add_arguments(parser)
-    parser.set_defaults(_module=module)
+    parser.set_defaults(_module=module, _parser=parser)  # _parser: the command's own parser, for tools that inspect its flags
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: only the command (or serve role) that argv names is fully built, so
+    parsing argv checks it like `main` does without importing every command's module."""
     parser = argparse.ArgumentParser(prog="smartspec", description="Speculative decoding that stays profitable under load.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = argv[0] if argv else None

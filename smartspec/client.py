@@ -24,7 +24,7 @@ from smartspec.wire import router_pb2, router_pb2_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Same limits as the services (smartspec.serving.CHANNEL_OPTIONS), without importing the server side.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-_STATS_FIELDS = ("steps", "proposed", "accepted", "prompt_tokens", "ttft_s", "total_s", "queue_s")
+_STATS_FIELDS = ("steps", "proposed", "accepted", "prompt_tokens", "ttft_s", "total_s", "queue_s", "seed")
 
 
 class ClientError(Exception):
@@ -103,17 +103,35 @@ class Client:
         stop: Sequence[str] = (),
         drafter: str = "",
         policy: str = "",
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
     ) -> router_pb2.GenerateRequest:
-        """The wire request; nothing is checked here (the router validates and explains)."""
-        message = router_pb2.GenerateRequest(prompt=prompt or "", stop=list(stop), drafter=drafter or "", policy=policy or "")
-        for turn in messages or ():
-            message.messages.add(role=turn["role"], content=turn["content"])
-        if max_tokens is not None:
-            message.max_tokens = int(max_tokens)
+        """The wire request; nothing is checked here (the router validates and explains).
+
+        temperature 0 (the default) is greedy; above 0 the request samples, optionally within top_p and
+        top_k. A seed makes a sampling run reproducible (same drafter, policy "none" or "fixed:K"); the
+        seed used comes back in ``stats["seed"]``.
+        """
+        try:
+            message = router_pb2.GenerateRequest(
+                prompt=prompt or "", stop=list(stop), drafter=drafter or "", policy=policy or "", temperature=temperature, top_k=top_k
+            )
+            for turn in messages or ():
+                message.messages.add(role=turn["role"], content=turn["content"])
+            if max_tokens is not None:
+                message.max_tokens = int(max_tokens)
+            if top_p is not None:
+                message.top_p = top_p
+            if seed is not None:
+                message.seed = int(seed)
+        except (TypeError, ValueError) as err:  # a value the wire cannot carry, e.g. a negative seed
+            raise ClientError("INVALID_ARGUMENT", f"cannot send this request: {err}") from None
         return message
 
     def generate(self, prompt: str | None = None, **options) -> Completion:
-        """Generates a completion (unary call). Options: messages, max_tokens, stop, drafter, policy."""
+        """Generates a completion (unary call). Options: those of ``request``."""
         try:
             reply = self._stub.Generate(self.request(prompt, **options), timeout=self.timeout_s)
         except grpc.RpcError as err:

@@ -55,11 +55,14 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def add_server_flags(parser: argparse.ArgumentParser, default_port: int = 0) -> None:
-    """Flags every service takes: where to bind, how long to drain on shutdown, log level."""
+    """Flags every service takes: where to bind, how long to drain on shutdown, log level, tracing."""
+    from smartspec.telemetry import add_trace_flags  # here: importing it at the top would be circular
+
     add_flag(parser, "--host", default="127.0.0.1", help="address to bind (loopback by default)")
     add_flag(parser, "--port", type=int, default=default_port, help="port to bind; 0 picks a free one (reported on stdout)")
     add_flag(parser, "--grace-s", type=float, default=5.0, help="seconds to drain in-flight calls on SIGTERM")
     add_flag(parser, "--log-level", default="INFO", help="logging level")
+    add_trace_flags(parser)
 
 
 def add_model_flags(parser: argparse.ArgumentParser, role: str) -> None:

@@ -78,13 +78,13 @@ class ServerThread:
     """Runs an aio gRPC server (smartspec.serving.start_server) on its own event loop in a thread,
     so tests can talk to it over real loopback with plain synchronous stubs."""
 
-    def __init__(self, register: Callable, service_names: Sequence[str]) -> None:
+    def __init__(self, register: Callable, service_names: Sequence[str], tracing=None) -> None:
         from smartspec.serving import start_server
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.running = self.call(start_server(register, service_names, "127.0.0.1", 0))
+        self.running = self.call(start_server(register, service_names, "127.0.0.1", 0, tracing))
         self.address = self.running.address
 
     def call(self, coroutine):
@@ -95,3 +95,60 @@ class ServerThread:
         self.call(self.running.stop(0))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+def chi_square_sf(statistic: float, dof: int) -> float:
+    """P(X >= statistic) for X chi-square with `dof` degrees of freedom: the regularized upper
+    incomplete gamma Q(dof / 2, statistic / 2) (series below a + 1, Lentz's continued fraction above)."""
+    import math
+
+    a, x = dof / 2.0, statistic / 2.0
+    if x <= 0:
+        return 1.0
+    log_prefactor = a * math.log(x) - x - math.lgamma(a)
+    if x < a + 1:
+        term = total = 1.0 / a
+        n = a
+        while abs(term) > 1e-15 * abs(total):
+            n += 1
+            term *= x / n
+            total += term
+        return max(0.0, 1.0 - total * math.exp(log_prefactor))
+    tiny = 1e-300
+    b = x + 1 - a
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return h * math.exp(log_prefactor)
+
+
+def goodness_of_fit(observed: dict, expected: dict, min_expected: float = 5.0) -> tuple[float, int, float]:
+    """Pearson's chi-square test of observed counts against expected probabilities (outcome ->
+    probability, summing to 1). Outcomes expected fewer than `min_expected` times are pooled into one
+    bin, as are observed outcomes outside `expected` (which a correct sampler never produces).
+    Returns (statistic, degrees of freedom, p-value)."""
+    n = sum(observed.values())
+    bins: list[tuple[float, float]] = []  # (observed, expected count)
+    pooled_obs = float(sum(count for outcome, count in observed.items() if outcome not in expected))
+    pooled_exp = 0.0
+    for outcome, prob in expected.items():
+        if prob * n >= min_expected:
+            bins.append((observed.get(outcome, 0), prob * n))
+        else:
+            pooled_obs += observed.get(outcome, 0)
+            pooled_exp += prob * n
+    if pooled_exp > 0 or pooled_obs > 0:
+        bins.append((pooled_obs, max(pooled_exp, 1e-12)))
+    statistic = sum((o - e) ** 2 / e for o, e in bins)
+    dof = max(1, len(bins) - 1)
+    return statistic, dof, chi_square_sf(statistic, dof)

@@ -43,8 +43,22 @@ def test_generate_json_matches_the_router(stack):
     assert set(result) == {"token_ids", "text", "finish_reason", "stats"}
     assert result["token_ids"] == list(direct.token_ids) and result["text"] == direct.text
     assert result["finish_reason"] == "length"
-    assert set(result["stats"]) == {"steps", "proposed", "accepted", "prompt_tokens", "ttft_s", "total_s", "queue_s"}
+    assert set(result["stats"]) == {"steps", "proposed", "accepted", "prompt_tokens", "ttft_s", "total_s", "queue_s", "seed"}
     assert result["stats"]["steps"] == direct.stats.steps and result["stats"]["proposed"] == direct.stats.proposed > 0
+    assert result["stats"]["seed"] == 0  # greedy
+
+
+def test_generate_samples_reproducibly_with_a_seed_and_refuses_bad_values(stack):
+    args = ("generate", "--router", stack.address, "--prompt", PROMPT, "--max-tokens", "8", "--drafter", "draft_model", "--policy", "fixed:2",
+            "--temperature", "1.5", "--top-k", "50", "--top-p", "0.9", "--json")
+    first, second = smartspec(*args, "--seed", "11"), smartspec(*args, "--seed", "11")
+    assert first.returncode == 0 == second.returncode, first.stderr
+    one, two = json.loads(first.stdout), json.loads(second.stdout)
+    assert one["token_ids"] == two["token_ids"] and one["stats"]["seed"] == 11
+    others = {tuple(json.loads(smartspec(*args, "--seed", str(seed)).stdout)["token_ids"]) for seed in (12, 13)}
+    assert others - {tuple(one["token_ids"])}  # other seeds sample other text
+    bad = smartspec(*args, "--top-p", "1.5")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
 
 
 def test_generate_stream_prints_the_same_text(stack):

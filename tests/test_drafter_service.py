@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from drafter_svc import registry
 from drafter_svc.examples.repeat_last import RepeatLastDrafter
 from drafter_svc.main import build_servicer
 from drafter_svc.server import SERVICE_NAME
-from smartspec.serving import CHANNEL_OPTIONS
+from smartspec.serving import CHANNEL_OPTIONS, wait_serving
 from smartspec.wire import drafter_pb2 as pb
 from smartspec.wire import drafter_pb2_grpc
 from tests.support import ServerThread
@@ -173,6 +174,7 @@ def test_serve_command_runs_a_backend_given_as_module_and_class():
     try:
         line = proc.stdout.readline().strip()
         assert line.startswith("listening repeat_last=127.0.0.1:"), line
+        asyncio.run(wait_serving(line.split("=", 1)[1], 30))  # it binds first, then builds the backend
         with grpc.insecure_channel(line.split("=", 1)[1]) as channel:
             stub = drafter_pb2_grpc.DrafterServiceStub(channel)
             reply = stub.Propose(request(("r", 2, [7, 9], 5)), timeout=10)

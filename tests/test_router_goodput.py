@@ -74,10 +74,14 @@ def test_goodput_speculates_more_when_drafts_are_always_right(router, tiny_targe
         generate_many(router.stub, [router_pb2.GenerateRequest(prompt=prompt, max_tokens=len(ref), drafter="controlled", policy="goodput", benchmark=options)])
         stats = router.stub.Stats(router_pb2.StatsRequest(reset=True))
         histograms[rate] = list(stats.k_histogram)
-        estimates[rate] = {d.name: d.acceptance_rate for d in stats.drafters}["controlled"]
+        estimates[rate] = {d.name: d for d in stats.drafters}["controlled"]
     mean_k = {rate: sum(k * n for k, n in enumerate(h)) / sum(h) for rate, h in histograms.items()}
     assert mean_k[1.0] > 4.0
-    assert estimates[1.0] > 0.95 and estimates[0.0] < 0.2  # from the initial 0.5, smoothed
+    assert estimates[1.0].acceptance_rate > 0.95  # from the initial 0.5, smoothed
+    # With drafts always wrong the estimate falls below the initial 0.5; how far depends on how many
+    # steps passed since the controller stopped probing (the rate fades back towards 0.5 by design,
+    # and the number of probes depends on the measured step costs).
+    assert estimates[0.0].acceptance_rate < 0.5 and not any(estimates[0.0].acceptance_by_position)
 
 
 def test_controlled_drafter_needs_its_reference(router):

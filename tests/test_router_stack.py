@@ -35,15 +35,16 @@ class LoopThread:
 class RouterThread(LoopThread):
     """A router (router.server.build_router) served over loopback from its own loop thread."""
 
-    def __init__(self, tokenizer, verifier_address: str, drafters: dict[str, str], **settings) -> None:
+    def __init__(self, tokenizer, verifier_address: str, drafters: dict[str, str], telemetry=None, **settings) -> None:
         from router.server import SERVICE_NAME, RouterSettings, build_router
         from router.validate import Defaults
 
         super().__init__()
         defaults = Defaults(**{k: settings.pop(k) for k in ("drafter", "policy", "max_tokens") if k in settings})
-        self.servicer = self.call(build_router(tokenizer, verifier_address, drafters, RouterSettings(defaults=defaults, **settings)))
+        self.servicer = self.call(build_router(tokenizer, verifier_address, drafters, RouterSettings(defaults=defaults, **settings), telemetry=telemetry))
         self.running = self.call(
-            start_server(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, s), [SERVICE_NAME], "127.0.0.1", 0)
+            start_server(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, s), [SERVICE_NAME], "127.0.0.1", 0,
+                         self.servicer.scheduler.telemetry.tracing)
         )
         self.address = self.running.address
         self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
@@ -51,7 +52,7 @@ class RouterThread(LoopThread):
 
     def stop(self) -> None:
         self.channel.close()
-        self.call(self.servicer.scheduler.close())
+        self.call(self.servicer.close())
         self.call(self.running.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
 
@@ -142,10 +143,10 @@ class FailingDrafter(drafter_pb2_grpc.DrafterServiceServicer):
         return drafter_pb2.InfoResponse(kind=f"failing-{self.mode}")
 
 
-def serve_drafter(servicer) -> ServerThread:
+def serve_drafter(servicer, tracing=None) -> ServerThread:
     from drafter_svc.server import SERVICE_NAME
 
-    return ServerThread(lambda s: drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, s), [SERVICE_NAME])
+    return ServerThread(lambda s: drafter_pb2_grpc.add_DrafterServiceServicer_to_server(servicer, s), [SERVICE_NAME], tracing)
 
 
 # --- the shared stack ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.detokenize import IncrementalDetokenizer, tokenizer_decoder
-from router.drafters import DrafterClient
+from router.drafters import Draft, DrafterClient
 from router.policy import FixedSpeculation, NoSpeculation, PolicyRegistry, RequestView, SpeculationPolicy, clamp_k, parse_policy
 from router.request import Params, RequestState
 from router.scheduler import Limits, Scheduler
@@ -114,10 +114,10 @@ class _FakeVerifier:
     def __init__(self):
         self.verified, self.released = [], []
 
-    async def Prefill(self, request, timeout=None):
+    async def Prefill(self, request, timeout=None, metadata=None):
         return verifier_pb2.PrefillResponse(next_token_ids=[50] * len(request.items))
 
-    async def Verify(self, request, timeout=None):
+    async def Verify(self, request, timeout=None, metadata=None):
         self.verified.append(list(request.draft_counts))
         drafts, emitted, start = list(request.draft_token_ids), [], 0
         for n in request.draft_counts:
@@ -141,7 +141,7 @@ class _FakeDrafter:
 
     async def propose(self, requests, ks):
         self.asked.append(list(ks))
-        return [[70] * min(k, 4) for k in ks], 0.001
+        return [Draft([70] * min(k, 4)) for k in ks], 0.001
 
     async def release(self, ids):
         pass
@@ -380,7 +380,7 @@ class _FakeDrafterStub:
         self.script = list(script)
         self.sent = []
 
-    async def Propose(self, request, timeout=None):
+    async def Propose(self, request, timeout=None, metadata=None):
         self.sent.append(request)
         answer = self.script.pop(0)(request)
         if isinstance(answer, Exception):
@@ -412,6 +412,12 @@ class _RpcFailure(grpc.RpcError):
 OK, RESYNC = drafter_pb2.PROPOSE_STATUS_OK, drafter_pb2.PROPOSE_STATUS_RESYNC_REQUIRED
 
 
+def _tokens(call) -> list[list[int]]:
+    """Runs a DrafterClient.propose call and returns each request's proposed tokens."""
+    drafts, _ = asyncio.run(call)
+    return [draft.tokens for draft in drafts]
+
+
 def test_drafter_sync_sends_only_new_tokens_and_resyncs_in_the_same_step():
     stub = _FakeDrafterStub(
         _reply((OK, [7, 8, 9, 9])),  # more than asked: cut to k
@@ -420,12 +426,12 @@ def test_drafter_sync_sends_only_new_tokens_and_resyncs_in_the_same_step():
     )
     client = DrafterClient("d", stub, timeout_s=1.0)
     a, b = _state([1, 2, 3], _params(), rid="a"), _state([4, 5], _params(), rid="b")
-    assert asyncio.run(client.propose([a], [3]))[0] == [[7, 8, 9]]
+    assert _tokens(client.propose([a], [3])) == [[7, 8, 9]]
     assert (list(stub.sent[0].appended_counts), list(stub.sent[0].committed_lengths)) == ([3], [3])
     a.commit([7, 8])
     b.drafter_synced[client.name] = 2  # pretend b was synced before and the drafter lost it
     b.commit([1])
-    assert asyncio.run(client.propose([a, b], [2, 2]))[0] == [[5, 6], [4]]
+    assert _tokens(client.propose([a, b], [2, 2])) == [[5, 6], [4]]
     second, third = stub.sent[1], stub.sent[2]
     assert list(second.appended_counts) == [2, 1] and list(second.appended_token_ids) == [7, 8, 1]
     assert list(second.committed_lengths) == [5, 3]
@@ -439,11 +445,11 @@ def test_drafter_failure_costs_only_speculation_and_forces_a_full_resend():
     a = _state([1, 2, 3], _params(), rid="a")
     asyncio.run(client.propose([a], [1]))
     a.commit([9])
-    assert asyncio.run(client.propose([a], [1]))[0] == [[]]
+    assert _tokens(client.propose([a], [1])) == [[]]
     assert not client.available() and client.failures == 1 and a.drafter_synced[client.name] == 0
     time.sleep(0.06)
     assert client.available()
-    assert asyncio.run(client.propose([a], [1]))[0] == [[2]]
+    assert _tokens(client.propose([a], [1])) == [[2]]
     assert list(stub.sent[2].appended_counts) == [4] == list(stub.sent[2].committed_lengths)
 
 
@@ -470,7 +476,7 @@ class _SmallVerifier(_FakeVerifier):
         super().__init__()
         self.slots, self.live, self.refused = slots, set(), 0
 
-    async def Prefill(self, request, timeout=None):
+    async def Prefill(self, request, timeout=None, metadata=None):
         if len(request.items) > self.slots - len(self.live):
             self.refused += 1
             raise _RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free slot")

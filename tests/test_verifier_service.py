@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from smartspec.serving import CHANNEL_OPTIONS
+from smartspec.serving import CHANNEL_OPTIONS, wait_serving
 from smartspec.wire import verifier_pb2 as pb
 from smartspec.wire import verifier_pb2_grpc
 from tests.support import ServerThread, first_mismatch, reference_greedy
@@ -132,6 +133,7 @@ def test_serve_command_announces_its_port_and_stops_on_sigterm(tiny_target):
     try:
         line = proc.stdout.readline().strip()
         assert line.startswith("listening verifier=127.0.0.1:"), line
+        asyncio.run(wait_serving(line.split("=", 1)[1], 60))  # it binds first, then loads the model
         with grpc.insecure_channel(line.split("=", 1)[1]) as channel:
             info = verifier_pb2_grpc.VerifierServiceStub(channel).Info(pb.InfoRequest(), timeout=10)
         assert info.model.model == str(tiny_target)

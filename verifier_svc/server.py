@@ -8,6 +8,7 @@ import grpc
 
 from smartspec.errors import RequestError
 from smartspec.protocol import split_ragged, step_stats
+from smartspec.sampling import SamplingParams, unpack_distributions
 from smartspec.serving import ModelThread, rpc_errors
 from smartspec.wire import common_pb2, verifier_pb2, verifier_pb2_grpc
 from verifier_svc.engine import VerifierEngine
@@ -24,7 +25,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     @rpc_errors
     async def Prefill(self, request: verifier_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> verifier_pb2.PrefillResponse:
         started = time.perf_counter()
-        items = [(item.request_id, list(item.token_ids)) for item in request.items]
+        items = [(item.request_id, list(item.token_ids), SamplingParams.from_wire(item.sampling)) for item in request.items]
         next_tokens, step = await self.thread.run(self.engine.prefill, items)
         return verifier_pb2.PrefillResponse(next_token_ids=next_tokens, stats=step_stats(started, step.forward_s, len(items), step.new_tokens, step.context_tokens, step.num_forwards))
 
@@ -35,7 +36,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         if len(request.draft_counts) != len(ids):
             raise RequestError("INVALID_ARGUMENT", f"{len(ids)} request ids but {len(request.draft_counts)} draft counts")
         drafts = split_ragged(list(request.draft_token_ids), list(request.draft_counts), "draft_token_ids")
-        outcome = await self.thread.run(self.engine.verify, ids, drafts)
+        dists = unpack_distributions(request.draft_distributions, list(request.draft_counts))
+        outcome = await self.thread.run(self.engine.verify, ids, drafts, dists)
         return verifier_pb2.VerifyResponse(
             accepted_counts=outcome.accepted,
             emitted_token_ids=[token for tokens in outcome.emitted for token in tokens],

@@ -28,6 +28,10 @@ class DrafterRates:
     The smoothing keeps one unlucky verify from condemning a drafter, and the fading lets the rate
     drift back to the initial one when nobody speculates with the drafter any more, so it is tried
     again rather than never (an estimate with no fresh evidence must not stay stuck).
+
+    Router replicas that share state (router/shared_state.py) add the other replicas' recent evidence
+    with ``set_fleet``: it counts like local evidence in ``rate``, is replaced (not accumulated) at each
+    sync, and has already been faded by its age there, so the local per-step fading is left alone.
     """
 
     def __init__(self, initial: float = 0.5, prior_strength: float = 4.0, max_position: int = 16) -> None:
@@ -40,6 +44,9 @@ class DrafterRates:
         self.position_accepted = [0] * max_position
         self.proposed_total = 0
         self.accepted_total = 0
+        self.failures_total = 0
+        self.fleet_successes = 0.0  # other replicas' evidence (set_fleet)
+        self.fleet_failures = 0.0
 
     def observe(self, proposed: int, accepted: int) -> None:
         if proposed <= 0:
@@ -49,6 +56,7 @@ class DrafterRates:
         self.accepted_total += accepted
         self._successes += accepted
         self._failures += int(accepted < proposed)
+        self.failures_total += int(accepted < proposed)
         for position in range(min(proposed, len(self.position_proposed))):
             self.position_proposed[position] += 1
             self.position_accepted[position] += int(position < accepted)
@@ -58,10 +66,27 @@ class DrafterRates:
         self._successes *= factor
         self._failures *= factor
 
+    def set_fleet(self, successes: float, failures: float) -> None:
+        """The other replicas' recent evidence for this drafter (0, 0: none, or Redis unreachable)."""
+        self.fleet_successes = max(successes, 0.0)
+        self.fleet_failures = max(failures, 0.0)
+
+    def totals(self) -> dict[str, int]:
+        """Every count that only grows (never faded): what a replica shares as increments.
+        'accepted' is the successes of the geometric model, 'failures' its failures; 'pN' / 'aN' are
+        position N's proposed / accepted counts."""
+        out = {"verifies": self.samples, "proposed": self.proposed_total, "accepted": self.accepted_total, "failures": self.failures_total}
+        for position, (proposed, accepted) in enumerate(zip(self.position_proposed, self.position_accepted)):
+            if proposed:
+                out[f"p{position}"], out[f"a{position}"] = proposed, accepted
+        return out
+
     @property
     def rate(self) -> float:
         strength = self._prior_strength
-        value = (self._successes + strength * self._initial) / (self._successes + self._failures + strength)
+        successes = self._successes + self.fleet_successes
+        failures = self._failures + self.fleet_failures
+        value = (successes + strength * self._initial) / (successes + failures + strength)
         return min(max(value, RATE_FLOOR), RATE_CEIL)
 
 

@@ -1,5 +1,7 @@
 """The startup profile: a short sweep of Verify steps over batch size x speculation length x context,
-fitted by least squares into the verify cost model's prior, cached on disk per model, device and dtype.
+fitted by least squares into the verify cost model's prior, cached on disk per model, device and dtype,
+and, when router replicas share state, in a shared store under the same key (so only the first replica
+of a fleet pays for the sweep).
 
 It goes through the verifier's real RPC (as the router's own steps do), so what it measures includes
 the RPC and bookkeeping the router will wait for. A few dozen steps: ~30 s for the embedded model on a
@@ -11,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
+from typing import Any, Protocol
 
 from router.controller.cost_model import VERIFY_FEATURES, LinearCostModel, verify_features
 from smartspec.wire import verifier_pb2
@@ -27,11 +31,27 @@ CONTEXTS = (16, 384)
 REPEATS = 2
 
 
+def profile_key(info: verifier_pb2.InfoResponse) -> str:
+    """Names a profile by what its timings depend on: model, device, dtype and the sweep's version."""
+    key = f"{info.model.model}|{info.model.device}|{info.model.dtype}|v{PROFILE_VERSION}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def cache_path(info: verifier_pb2.InfoResponse) -> Path:
     from smartspec.models import cache_dir
 
-    key = f"{info.model.model}|{info.model.device}|{info.model.dtype}|v{PROFILE_VERSION}"
-    return cache_dir() / "profiles" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    return cache_dir() / "profiles" / f"{profile_key(info)}.json"
+
+
+class ProfileStore(Protocol):
+    """A store that router replicas share (router/shared_state.py: Redis). Its methods never raise:
+    an unreachable store answers None and drops what it was given, and the local file is used."""
+
+    def location(self, key: str) -> str: ...
+
+    async def get_profile(self, key: str) -> dict[str, Any] | None: ...
+
+    async def put_profile(self, key: str, profile: dict[str, Any]) -> None: ...
 
 
 async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 120.0) -> tuple[list, list[float]]:
@@ -63,24 +83,55 @@ async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 
     return rows, seconds
 
 
-async def load_or_measure(verifier, info: verifier_pb2.InfoResponse, model: LinearCostModel, mode: str) -> str:
-    """Sets `model`'s prior from the cached profile, or measures one ('auto'); 'refresh' always
-    measures; 'off' keeps the built-in defaults. Returns what happened, for the log."""
+async def load_or_measure(
+    verifier, info: verifier_pb2.InfoResponse, model: LinearCostModel, mode: str, shared: ProfileStore | None = None
+) -> str:
+    """Sets `model`'s prior from a cached profile (the shared store's, else the local file's), or
+    measures one ('auto'); 'refresh' always measures; 'off' keeps the built-in defaults. A measured
+    profile goes to both places. Returns what happened, for the log."""
     if mode == "off":
         return "cost profile off: built-in defaults"
-    path = cache_path(info)
-    if mode == "auto" and path.exists():
-        saved = json.loads(path.read_text())
-        model.reset_prior([saved["coefficients"][name] for name in VERIFY_FEATURES])
-        return f"cost profile loaded from {path}"
+    path, key = cache_path(info), profile_key(info)
+    if mode == "auto":
+        saved, source = await _cached(path, key, shared)
+        if saved is not None:
+            model.reset_prior([saved["coefficients"][name] for name in VERIFY_FEATURES])
+            return f"cost profile loaded from {source}"
     started = time.perf_counter()
     rows, seconds = await measure(verifier, info)
     if not rows:
         return "cost profile skipped: the context limit is too small for the sweep"
     model.fit_batch(rows, seconds)
+    profile = {"model": info.model.model, "device": info.model.device, "dtype": info.model.dtype,
+               "coefficients": model.as_dict(), "samples": len(rows)}
+    _save(path, profile)
+    where = str(path)
+    if shared is not None:
+        await shared.put_profile(key, profile)
+        where += f" and {shared.location(key)}"
+    return f"cost profile measured in {time.perf_counter() - started:.1f}s ({len(rows)} steps), saved to {where}: {model.as_dict()}"
+
+
+async def _cached(path: Path, key: str, shared: ProfileStore | None) -> tuple[dict[str, Any] | None, str]:
+    """The shared store's profile (copied to the local file, for a later start without it), else the
+    local file's (published to the store, so the next replica finds it); (None, '') when neither has one."""
+    if shared is not None:
+        saved = await shared.get_profile(key)
+        if saved is not None and all(name in saved.get("coefficients", {}) for name in VERIFY_FEATURES):
+            if not path.exists():
+                _save(path, saved)
+            return saved, shared.location(key)
+    if not path.exists():
+        return None, ""
+    saved = json.loads(path.read_text())
+    if shared is not None:
+        await shared.put_profile(key, saved)
+    return saved, str(path)
+
+
+def _save(path: Path, profile: dict[str, Any]) -> None:
+    """Writes atomically: replicas starting together on one machine may write the same file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model": info.model.model, "device": info.model.device, "dtype": info.model.dtype,
-                               "coefficients": model.as_dict(), "samples": len(rows)}, indent=1))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(profile, indent=1))
     tmp.replace(path)
-    return f"cost profile measured in {time.perf_counter() - started:.1f}s ({len(rows)} steps), saved to {path}: {model.as_dict()}"

@@ -17,10 +17,14 @@ from smartspec.config import add_flag
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--prompt", default=None, help="text prompt (tokenized as is, no chat template)")
     add_flag(parser, "--chat", action="store_true", default=False, help="send the prompt as one user message (the chat template is applied)")
-    add_flag(parser, "--drafter", default="", help="none, prompt_lookup or draft_model; empty = the router's default (prompt_lookup)")
-    add_flag(parser, "--policy", default="", help="speculation policy: none or fixed:K; empty = the router's default (fixed:3)")
+    add_flag(parser, "--drafter", default="", help="auto, none, prompt_lookup or draft_model; empty = the router's default (auto)")
+    add_flag(parser, "--policy", default="", help="speculation policy: goodput, uniform, none or fixed:K; empty = the router's default (goodput)")
     add_flag(parser, "--max-tokens", type=int, default=None, help="most tokens to generate; unset = the router's default (128)")
     add_flag(parser, "--stop", action="append", default=[], metavar="S", help="stop sequence (repeatable; env: comma-separated)")
+    add_flag(parser, "--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (output identical to the target model's own)")
+    add_flag(parser, "--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]; unset = 1 (off)")
+    add_flag(parser, "--top-k", type=int, default=0, help="sample among the K most likely tokens; 0 = off")
+    add_flag(parser, "--seed", type=int, default=None, help="seed of a sampling request (same seed, drafter and fixed policy: same output); unset = random")
     add_flag(parser, "--router", default="127.0.0.1:50051", help="router address HOST:PORT")
     add_flag(parser, "--timeout-s", type=float, default=None, help="deadline for the whole call, in seconds (unset = none)")
     add_flag(parser, "--json", action="store_true", default=False, help="print one JSON object: token_ids, text, finish_reason, stats")
@@ -30,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from smartspec.client import Client, ClientError, Completion
 
-    options = {"max_tokens": args.max_tokens, "stop": args.stop, "drafter": args.drafter, "policy": args.policy}
+    options = {
+        "max_tokens": args.max_tokens, "stop": args.stop, "drafter": args.drafter, "policy": args.policy,
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+    }
     if args.chat:
         options["messages"] = [{"role": "user", "content": args.prompt or ""}]
         prompt = None
@@ -58,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         s = result.stats
         print(
             f"[finish={result.finish_reason} tokens={len(result.token_ids)} steps={s['steps']} "
-            f"proposed={s['proposed']} accepted={s['accepted']} total={s['total_s']:.2f}s]",
+            f"proposed={s['proposed']} accepted={s['accepted']} total={s['total_s']:.2f}s"
+            + (f" seed={s['seed']}" if s.get("seed") else "") + "]",
             file=sys.stderr,
         )
     return 0

@@ -1,8 +1,9 @@
 """`smartspec up`: the whole stack on loopback, as child processes, until Ctrl-C or SIGTERM.
 
 Each service is its own `smartspec serve ROLE ...` process. The verifier and drafters bind port 0 and
-report their address on stdout (`listening ROLE=HOST:PORT`); the router is started once it knows them.
-When every service answers its health check, one line goes to stdout:
+report their address on stdout (`listening ROLE=HOST:PORT`) as soon as they are bound, before loading
+their models; the router is started once it knows them. When every service's health check reports
+SERVING (every model loaded), one line goes to stdout:
 
     ready router=HOST:PORT verifier=HOST:PORT draft_model=HOST:PORT prompt_lookup=HOST:PORT
 
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from smartspec.config import add_flag
+from smartspec.telemetry import add_trace_flags, trace_argv
 
 log = logging.getLogger("smartspec.up")
 
@@ -46,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--startup-timeout-s", type=float, default=600.0, help="how long every service may take to come up")
     add_flag(parser, "--grace-s", type=float, default=5.0, help="seconds each service may drain on shutdown")
     add_flag(parser, "--log-level", default="INFO", help="logging level (also passed to the services)")
+    add_flag(parser, "--redis-url", default="", help="router: Redis shared with other router replicas, e.g. redis://127.0.0.1:6379/0 (empty: local state only)")
+    add_flag(parser, "--metrics-port", type=int, default=0, help="router: serve Prometheus metrics on http://HOST:PORT/metrics (0: no metrics)")
+    add_trace_flags(parser)  # passed to every service
 
 
 @dataclass
@@ -66,7 +72,7 @@ def smartspec_command() -> list[str]:
 
 def service_argvs(args: argparse.Namespace, target: str, draft: str) -> dict[str, list[str]]:
     """Command lines of the verifier and drafters (the router's comes later: it needs their addresses)."""
-    common = ["--host", args.host, "--port", "0", "--log-level", args.log_level, "--grace-s", str(args.grace_s)]
+    common = ["--host", args.host, "--port", "0", "--log-level", args.log_level, "--grace-s", str(args.grace_s), *trace_argv(args)]
     model = ["--device", args.device, "--dtype", args.dtype]
     argvs = {"verifier": ["serve", "verifier", *common, "--target-model", target, *model]}
     for kind in _drafter_kinds(args):
@@ -78,12 +84,16 @@ def service_argvs(args: argparse.Namespace, target: str, draft: str) -> dict[str
 def router_argv(args: argparse.Namespace, target: str, addresses: dict[str, str]) -> list[str]:
     argv = ["serve", "router", "--host", args.host, "--port", str(args.port), "--log-level", args.log_level, "--grace-s", str(args.grace_s),
             "--verifier", addresses["verifier"], "--target-model", target,
-            "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+            "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--startup-timeout-s", str(args.startup_timeout_s)]
     for kind in _drafter_kinds(args):
         argv += ["--drafter-address", f"{kind}={addresses[kind]}"]
     if "prompt_lookup" not in addresses:
         argv += ["--default-drafter", "none"]
-    return argv
+    if args.redis_url:
+        argv += ["--redis-url", args.redis_url]
+    if args.metrics_port:
+        argv += ["--metrics-port", str(args.metrics_port)]
+    return [*argv, *trace_argv(args)]
 
 
 def _drafter_kinds(args: argparse.Namespace) -> list[str]:
@@ -124,6 +134,24 @@ class Stack:
         child.pumps = [asyncio.create_task(self._forward(child)), asyncio.create_task(self._watch(child))]
         return child.address
 
+    async def wait_serving(self, child: Child) -> None:
+        """Waits for a listening child to report SERVING (services bind first, then load their model);
+        fails at once if it exits first. The caller bounds the wait (--startup-timeout-s)."""
+        from smartspec.serving import wait_serving
+
+        assert child.address is not None
+        serving = asyncio.ensure_future(wait_serving(child.address, math.inf))
+        exited = asyncio.ensure_future(child.process.wait())
+        try:
+            done, _ = await asyncio.wait({serving, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            serving.cancel()
+            exited.cancel()
+        if serving in done:
+            serving.result()
+            return
+        raise RuntimeError(f"{child.role} exited with code {exited.result()} before it was serving (see its log above)")
+
     async def _forward(self, child: Child) -> None:
         assert child.process.stdout is not None
         async for line in child.process.stdout:
@@ -160,32 +188,12 @@ class Stack:
             await child.process.wait()
 
 
-async def wait_healthy(address: str, timeout_s: float) -> None:
-    """Waits until the server at `address` answers its gRPC health check with SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0, wait_for_ready=True)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{address} did not report SERVING within {timeout_s:.0f}s")
-            await asyncio.sleep(0.2)
-
-
 async def _start(stack: Stack, args: argparse.Namespace, target: str, draft: str) -> dict[str, str]:
     services = [await stack.spawn(role, argv) for role, argv in service_argvs(args, target, draft).items()]
     addresses = dict(zip([c.role for c in services], await _all_or_first_error(stack.wait_listening(c) for c in services)))
     router = await stack.spawn("router", router_argv(args, target, addresses))
     addresses = {"router": await stack.wait_listening(router), **addresses}
-    await asyncio.gather(*(wait_healthy(address, 30.0) for address in addresses.values()))
+    await _all_or_first_error(stack.wait_serving(child) for child in stack.children.values())
     return addresses
 
 

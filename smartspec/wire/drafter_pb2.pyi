@@ -18,30 +18,34 @@ PROPOSE_STATUS_OK: ProposeStatus
 PROPOSE_STATUS_RESYNC_REQUIRED: ProposeStatus
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("request_ids", "committed_lengths", "appended_counts", "appended_token_ids", "max_draft_tokens")
+    __slots__ = ("request_ids", "committed_lengths", "appended_counts", "appended_token_ids", "max_draft_tokens", "sampling")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     APPENDED_COUNTS_FIELD_NUMBER: _ClassVar[int]
     APPENDED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     committed_lengths: _containers.RepeatedScalarFieldContainer[int]
     appended_counts: _containers.RepeatedScalarFieldContainer[int]
     appended_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_draft_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., committed_lengths: _Optional[_Iterable[int]] = ..., appended_counts: _Optional[_Iterable[int]] = ..., appended_token_ids: _Optional[_Iterable[int]] = ..., max_draft_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    sampling: _containers.RepeatedCompositeFieldContainer[_common_pb2.SamplingParams]
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., committed_lengths: _Optional[_Iterable[int]] = ..., appended_counts: _Optional[_Iterable[int]] = ..., appended_token_ids: _Optional[_Iterable[int]] = ..., max_draft_tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Iterable[_Union[_common_pb2.SamplingParams, _Mapping]]] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("statuses", "draft_counts", "draft_token_ids", "stats")
+    __slots__ = ("statuses", "draft_counts", "draft_token_ids", "draft_distributions", "stats")
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedScalarFieldContainer[ProposeStatus]
     draft_counts: _containers.RepeatedScalarFieldContainer[int]
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    draft_distributions: _common_pb2.DraftDistributions
     stats: _common_pb2.StepStats
-    def __init__(self, statuses: _Optional[_Iterable[_Union[ProposeStatus, str]]] = ..., draft_counts: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, statuses: _Optional[_Iterable[_Union[ProposeStatus, str]]] = ..., draft_counts: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Union[_common_pb2.DraftDistributions, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids",)

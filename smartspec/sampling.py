@@ -1,0 +1,164 @@
+"""Sampling parameters, the counter-based random stream every service draws from, and the compact wire
+form of draft distributions. Torch-free (the router uses it); the tensor work is in
+``smartspec.runtime.sampler``.
+
+Randomness is a pure function of (request seed, token index, purpose) rather than a stateful generator:
+
+- the drafter draws ``uniform(seed, i, DRAFT)`` to sample the draft token at index i;
+- the verifier draws ``uniform(seed, i, ACCEPT)`` to accept or reject the draft at index i, and
+  ``uniform(seed, i, EMIT)`` to sample its own token at index i (prefill, residual or bonus token).
+
+So a seeded request produces the same tokens whatever it is batched with, whichever verifier replica
+serves it (a re-prefill draws the same numbers) and however often a drafter loses and resyncs its state.
+It stays exact: the token committed at index i depends only on draws at indices <= i, and every draw at
+an index is used for at most one committed decision, so each decision sees fresh, independent numbers
+(a draft at index i + 1 proposed in a step that rejected index i is discarded unexamined, and the next
+step's draft at i + 1 may reuse its number because nothing committed depended on it).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Sequence
+
+from smartspec.errors import RequestError
+from smartspec.wire import common_pb2
+
+_MASK = (1 << 64) - 1
+# Purposes of a draw, as independent streams.
+DRAFT, ACCEPT, EMIT = 0x5D5A_F7A1_0000_0001, 0x5D5A_F7A1_0000_0002, 0x5D5A_F7A1_0000_0003
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser (Steele et al., 2014): a bijection of 64-bit ints with full avalanche."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, index: int, stream: int) -> float:
+    """A uniform number in [0, 1) determined by (seed, token index, stream), 53 random bits."""
+    return (_mix64(_mix64(_mix64(seed & _MASK) ^ stream) ^ index) >> 11) * (1.0 / (1 << 53))
+
+
+def random_seed() -> int:
+    """A fresh seed for a request that gave none (63 bits, so it prints and parses as a plain int)."""
+    return secrets.randbits(63)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request picks its tokens. temperature 0 is greedy (argmax); top_p 1 and top_k 0 are off."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check(self) -> "SamplingParams":
+        """Raises INVALID_ARGUMENT naming the bad value; returns self when every value is usable."""
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError("INVALID_ARGUMENT", f"temperature must be a finite number >= 0 (0 = greedy); got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise RequestError("INVALID_ARGUMENT", f"top_p must be in (0, 1] (1 = off); got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError("INVALID_ARGUMENT", f"top_k must be >= 0 (0 = off); got {self.top_k}")
+        if not 0 <= self.seed <= _MASK:
+            raise RequestError("INVALID_ARGUMENT", f"seed must fit in 64 bits unsigned; got {self.seed}")
+        return self
+
+    def to_wire(self) -> common_pb2.SamplingParams:
+        return common_pb2.SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+
+    @classmethod
+    def from_wire(cls, message: common_pb2.SamplingParams) -> "SamplingParams":
+        """Wire form to params; an unset message (temperature 0) is greedy, and top_p 0 means off."""
+        return cls(message.temperature, message.top_p or 1.0, message.top_k, message.seed).check()
+
+
+GREEDY = SamplingParams()
+
+
+@dataclass(frozen=True)
+class DraftDistribution:
+    """The distribution q a drafter sampled one draft token from: a sparse support and its
+    probabilities (summing to 1). The drafter may truncate its distribution to its top-N before
+    sampling; exactness only needs q to be what it actually sampled from."""
+
+    token_ids: tuple[int, ...]
+    probs: tuple[float, ...]
+
+    @property
+    def total(self) -> float:
+        """Sum of the probabilities (1 up to float32 rounding; both sides normalise by it)."""
+        return math.fsum(self.probs)
+
+    def prob(self, token: int) -> float:
+        """q(token), normalised; 0 outside the support."""
+        try:
+            return self.probs[self.token_ids.index(token)] / self.total
+        except ValueError:
+            return 0.0
+
+    def sample(self, u: float) -> int:
+        """Inverse-CDF draw with the uniform u (a token of probability 0 is never picked)."""
+        target, cumulative = u * self.total, 0.0
+        for token, prob in zip(self.token_ids, self.probs):
+            cumulative += prob
+            if cumulative > target:
+                return token
+        return next(t for t, p in zip(reversed(self.token_ids), reversed(self.probs)) if p > 0)
+
+
+# Per draft token of one request: its distribution, or None for a deterministic proposal (q one-hot).
+TokenDistributions = Sequence["DraftDistribution | None"]
+
+
+def pack_distributions(per_request: Sequence[TokenDistributions]) -> common_pb2.DraftDistributions:
+    """Flattens per-request, per-token distributions into the wire's ragged form (support count 0 for a
+    deterministic token). Empty when every token is deterministic, which costs nothing on the wire."""
+    message = common_pb2.DraftDistributions()
+    if not any(d is not None for dists in per_request for d in dists):
+        return message
+    for dists in per_request:
+        for dist in dists:
+            if dist is None:
+                message.support_counts.append(0)
+            else:
+                message.support_counts.append(len(dist.token_ids))
+                message.token_ids.extend(dist.token_ids)
+                message.probs.extend(dist.probs)
+    return message
+
+
+def unpack_distributions(message: common_pb2.DraftDistributions, draft_counts: Sequence[int]) -> list[list[DraftDistribution | None]]:
+    """The inverse of `pack_distributions` for drafts of the given counts; checks that the parts agree."""
+    counts = list(message.support_counts)
+    total_tokens = sum(draft_counts)
+    if not counts:
+        return [[None] * n for n in draft_counts]
+    if len(counts) != total_tokens:
+        raise RequestError("INVALID_ARGUMENT", f"draft_distributions: {len(counts)} support counts for {total_tokens} draft tokens")
+    if len(message.token_ids) != len(message.probs) or sum(counts) != len(message.token_ids):
+        raise RequestError(
+            "INVALID_ARGUMENT",
+            f"draft_distributions: support counts add up to {sum(counts)}, with {len(message.token_ids)} token ids and {len(message.probs)} probabilities",
+        )
+    ids, probs = list(message.token_ids), list(message.probs)
+    out: list[list[DraftDistribution | None]] = []
+    token, entry = 0, 0
+    for n in draft_counts:
+        dists: list[DraftDistribution | None] = []
+        for count in counts[token : token + n]:
+            dists.append(DraftDistribution(tuple(ids[entry : entry + count]), tuple(probs[entry : entry + count])) if count else None)
+            entry += count
+        token += n
+        out.append(dists)
+    return out
