@@ -47,7 +47,7 @@ def response_bytes(batch: int, k: int, top_n: int | None, rng: random.Random) ->
 def truncation_effect(max_positions: int) -> list[dict]:
     from smartspec.bench.workload import load_prompts
     from smartspec.models import embedded_paths
-    from smartspec.runtime.sampler import processed_probs, truncate_top_n
+    from smartspec.runtime.sampler import draft_distribution, processed_probs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     paths = embedded_paths()
@@ -64,12 +64,13 @@ def truncation_effect(max_positions: int) -> list[dict]:
         ids = torch.tensor([tokenizer(text).input_ids[:256]])
         with torch.no_grad():
             p = processed_probs(target(ids).logits[0, -max_positions:], params)  # [positions, vocab]
-            q = processed_probs(draft(ids).logits[0, -max_positions:], params)
-        for p_row, q_row in zip(p, q):
+            draft_logits = draft(ids).logits[0, -max_positions:]  # [positions, vocab]
+            q = processed_probs(draft_logits, params)
+        for p_row, q_row, q_logits in zip(p, q, draft_logits):
             accept[0].append(float(torch.minimum(p_row, q_row).sum()))
             for n in TOP_NS:
                 mass[n].append(float(torch.topk(q_row, n).values.sum()))
-                dist = truncate_top_n(q_row, n)
+                dist = draft_distribution(q_logits, params, n)
                 q_n = torch.zeros_like(q_row)
                 q_n[list(dist.token_ids)] = torch.tensor(dist.probs)
                 accept[n].append(float(torch.minimum(p_row, q_n).sum()))

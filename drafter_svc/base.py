@@ -50,12 +50,18 @@ class Proposal:
     """A backend's answer for one batch: drafts in batch order (at most k each) and the model work done.
 
     ``distributions``: empty when every draft is deterministic; else one list per request with, per
-    draft token, the distribution it was sampled from (or None where deterministic). The timing fields
-    feed the router's cost model (StepStats); model-free backends leave them at 0.
+    draft token, the distribution it was sampled from (or None where deterministic). ``parents``: empty
+    when every draft is a chain; else one list per request with, per draft token, its parent's index in
+    that draft or -1 (a child of the last committed token), parents before children (``smartspec.tree``).
+    ``token_probs``: empty, or per request and draft token the backend's probability of the token given
+    the path to it (the router's controller estimates acceptance from them). The timing fields feed
+    the router's cost model (StepStats); model-free backends leave them at 0.
     """
 
     drafts: list[list[int]]
     distributions: list[list[DraftDistribution | None]] = field(default_factory=list)
+    parents: list[list[int]] = field(default_factory=list)
+    token_probs: list[list[float]] = field(default_factory=list)
     forward_s: float = 0.0
     num_forwards: int = 0
     new_tokens: int = 0

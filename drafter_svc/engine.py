@@ -15,26 +15,30 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from drafter_svc.base import Drafter, Proposal, SyncedRequest
 from smartspec.errors import RequestError
 from smartspec.protocol import MAX_DRAFT_TOKENS
 from smartspec.sampling import GREEDY, DraftDistribution, SamplingParams
+from smartspec.tree import parents_problem
 
 log = logging.getLogger("smartspec.drafter")
 
 
 @dataclass
 class ProposeOutcome:
-    """Per request, in request order: whether it was in sync, its drafts (empty when not) and their
-    distributions (None per deterministic token); plus the backend's measurements for the batch."""
+    """Per request, in request order: whether it was in sync, its drafts (empty when not), their
+    distributions (None per deterministic token), parents (empty lists when every draft is a chain)
+    and token probabilities (empty lists when not reported); plus the backend's measurements."""
 
     in_sync: list[bool]
     drafts: list[list[int]]
     distributions: list[list[DraftDistribution | None]]
     proposal: Proposal
+    parents: list[list[int]] = field(default_factory=list)
+    token_probs: list[list[float]] = field(default_factory=list)
 
 
 class DrafterEngine:
@@ -132,13 +136,19 @@ class DrafterEngine:
             for request in batch:
                 self._drop(request.request_id)
             raise
-        drafts = iter(proposal.drafts)
-        dists = iter(proposal.distributions or [[None] * len(draft) for draft in proposal.drafts])
+
+        def per_request(parts: list[list]) -> list[list]:
+            """The backend's per-batch lists spread over every request (empty for the out-of-sync)."""
+            it = iter(parts)
+            return [next(it) if request is not None else [] for request in synced]
+
         return ProposeOutcome(
             in_sync=[request is not None for request in synced],
-            drafts=[next(drafts) if request is not None else [] for request in synced],
-            distributions=[next(dists) if request is not None else [] for request in synced],
+            drafts=per_request(proposal.drafts),
+            distributions=per_request(proposal.distributions or [[None] * len(draft) for draft in proposal.drafts]),
             proposal=proposal,
+            parents=per_request(proposal.parents or [[] for _ in proposal.drafts]),
+            token_probs=per_request(proposal.token_probs or [[] for _ in proposal.drafts]),
         )
 
     def _check(self, batch: Sequence[SyncedRequest], proposal: Proposal) -> None:
@@ -146,8 +156,9 @@ class DrafterEngine:
         kind = self.drafter.kind
         if len(proposal.drafts) != len(batch):
             raise RequestError("INTERNAL", f"drafter {kind!r} returned {len(proposal.drafts)} proposals for {len(batch)} requests")
-        if proposal.distributions and len(proposal.distributions) != len(batch):
-            raise RequestError("INTERNAL", f"drafter {kind!r} returned {len(proposal.distributions)} distribution lists for {len(batch)} requests")
+        for what, parts in (("distribution", proposal.distributions), ("parent", proposal.parents), ("token probability", proposal.token_probs)):
+            if parts and len(parts) != len(batch):
+                raise RequestError("INTERNAL", f"drafter {kind!r} returned {len(parts)} {what} lists for {len(batch)} requests")
         for i, (request, draft) in enumerate(zip(batch, proposal.drafts)):
             if len(draft) > request.k:
                 raise RequestError(
@@ -156,6 +167,14 @@ class DrafterEngine:
             if proposal.distributions and len(proposal.distributions[i]) != len(draft):
                 raise RequestError(
                     "INTERNAL", f"drafter {kind!r} returned {len(proposal.distributions[i])} distributions for {len(draft)} tokens of request {request.request_id!r}"
+                )
+            problem = parents_problem(proposal.parents[i], len(draft)) if proposal.parents else None
+            if problem is not None:
+                raise RequestError("INTERNAL", f"drafter {kind!r} returned a malformed tree for request {request.request_id!r}: {problem}")
+            if proposal.token_probs and (len(proposal.token_probs[i]) != len(draft) or any(not 0.0 <= p <= 1.0 for p in proposal.token_probs[i])):
+                raise RequestError(
+                    "INTERNAL", f"drafter {kind!r} returned {len(proposal.token_probs[i])} token probabilities for {len(draft)} tokens of request "
+                    f"{request.request_id!r} (each must be in [0, 1])"
                 )
 
     def _drop(self, rid: str) -> bool:

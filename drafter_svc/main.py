@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--kind",
         default=DEFAULT_KIND,
-        help="drafter backend: a registered name (prompt_lookup, draft_model, ...) or package.module:ClassName; "
+        help="drafter backend: a registered name (prompt_lookup, draft_model, tree, ...) or package.module:ClassName; "
         "`--kind X --help` shows X's own flags",
     )
     _add_backend_flags_on_parse(parser)

@@ -23,6 +23,7 @@ GROUP = "smartspec.drafters"
 BUILTINS = {
     "prompt_lookup": "drafter_svc.prompt_lookup:PromptLookupDrafter",
     "draft_model": "drafter_svc.draft_model:DraftModelDrafter",
+    "tree": "drafter_svc.tree:TreeDrafter",
 }
 
 

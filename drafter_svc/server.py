@@ -38,6 +38,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServiceServicer):
             draft_counts=[len(draft) for draft in outcome.drafts],
             draft_token_ids=[token for draft in outcome.drafts for token in draft],
             draft_distributions=pack_distributions(outcome.distributions),
+            draft_parents=[parent for parents in outcome.parents for parent in parents],
+            draft_token_probs=[prob for probs in outcome.token_probs for prob in probs],
             stats=step_stats(started, work.forward_s, len(ids), work.new_tokens, work.context_tokens, work.num_forwards),
         )
 

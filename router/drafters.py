@@ -20,6 +20,7 @@ from router.request import RequestState
 from smartspec.errors import RequestError
 from smartspec.sampling import DraftDistribution, unpack_distributions
 from smartspec.telemetry import Metadata
+from smartspec.tree import chain_parents, is_chain, longest_path, parents_problem
 from smartspec.wire import drafter_pb2, drafter_pb2_grpc
 
 log = logging.getLogger("smartspec.router.drafters")
@@ -27,14 +28,21 @@ log = logging.getLogger("smartspec.router.drafters")
 RESYNC = drafter_pb2.PROPOSE_STATUS_RESYNC_REQUIRED
 OK = drafter_pb2.PROPOSE_STATUS_OK
 
+# Drafters that propose token trees, which the verifier checks greedily only: sampling requests may
+# not use them (router/validate.py), and 'auto' does not pick them for one.
+TREE_DRAFTERS = frozenset({"tree"})
+
 
 @dataclass
 class Draft:
     """One request's proposal for one step: tokens and, per token, the distribution it was sampled
-    from (None: deterministic, q one-hot). ``len`` and ``cut`` keep the two aligned."""
+    from (None: deterministic, q one-hot), its parent (a token tree; empty: a chain) and the drafter's
+    probability of it given its path (empty: not reported). ``len`` and ``cut`` keep them aligned."""
 
     tokens: list[int] = field(default_factory=list)
     dists: list[DraftDistribution | None] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.dists:
@@ -44,7 +52,31 @@ class Draft:
         return len(self.tokens)
 
     def cut(self, k: int) -> "Draft":
-        return Draft(self.tokens[:k], self.dists[:k])
+        """The first k tokens: a tree again, since drafters put parents before their children."""
+        return Draft(self.tokens[:k], self.dists[:k], self.parents[:k], self.probs[:k])
+
+    def chain_length(self) -> int:
+        """How many of the first tokens form a chain (all of them unless it is a tree)."""
+        return next((i for i, parent in enumerate(self.parents) if parent != i - 1), len(self.tokens))
+
+    def accepted_nodes(self, accepted: Sequence[int]) -> list[int]:
+        """Which tokens of this draft the verifier accepted, root first, from the accepted tokens it
+        emitted (the path it chose, found the way it chose it)."""
+        parents = self.parents or chain_parents(len(self.tokens))
+        return longest_path(self.tokens, parents, lambda parent, depth: accepted[depth] if depth < len(accepted) else None)
+
+
+def pack_parents(drafts: Sequence[Draft]) -> list[int]:
+    """VerifyRequest.draft_parents: empty when every draft is a chain, else every draft's parents
+    (chains spelled out), flat."""
+    if all(is_chain(d.parents) for d in drafts):
+        return []
+    return [p for d in drafts for p in (d.parents or chain_parents(len(d)))]
+
+
+# Deadline of a Release (it runs in the background), and most ids kept for a retry after one failed.
+RELEASE_TIMEOUT_S = 30.0
+MAX_UNRELEASED = 4096
 
 
 class DrafterClient:
@@ -63,6 +95,7 @@ class DrafterClient:
         self._backoff = backoff_s
         self._retry_at = 0.0
         self.failures = 0  # total failed calls, for logs and tests
+        self._unreleased: dict[str, None] = {}  # ids whose Release failed, oldest first
 
     def available(self) -> bool:
         """False while backing off after a failure: its requests decode without speculation."""
@@ -85,18 +118,28 @@ class DrafterClient:
             self._failed(err, requests)
             return [Draft() for _ in requests], time.perf_counter() - started
         self._backoff = self._base_backoff
+        for i, request in enumerate(requests):
+            if not request.params.sampling.greedy:  # the verifier checks trees greedily only: keep the chain it starts with
+                proposals[i] = proposals[i].cut(proposals[i].chain_length())
         return proposals, time.perf_counter() - started
 
     async def release(self, request_ids: Sequence[str]) -> None:
-        """Frees state of finished or cancelled requests; failures are only logged (state is leaked
-        at worst, and a drafter bounds what it keeps)."""
-        if not request_ids:
+        """Frees state of finished or cancelled requests. Nothing waits on it, so its deadline is long:
+        a Release queues behind the Propose calls the drafter is still working on, including ones the
+        router gave up on, and one cut short by Propose's deadline would leave the state behind. Ids
+        whose release failed go again with the next release (a restarted drafter ignores them)."""
+        ids = list(dict.fromkeys([*self._unreleased, *request_ids]))
+        if not ids:
             return
+        self._unreleased.clear()
         try:
-            await self.stub.Release(drafter_pb2.ReleaseRequest(request_ids=list(request_ids)), timeout=self.timeout_s)
+            await self.stub.Release(drafter_pb2.ReleaseRequest(request_ids=ids), timeout=max(self.timeout_s, RELEASE_TIMEOUT_S))
         except grpc.RpcError as err:
+            self._unreleased.update(dict.fromkeys(ids))
+            for stale in list(self._unreleased)[: max(0, len(self._unreleased) - MAX_UNRELEASED)]:  # oldest go first
+                del self._unreleased[stale]
             level = logging.WARNING if self.available() else logging.DEBUG  # a known-down drafter: said already
-            log.log(level, "drafter %s: release of %d requests failed: %s", self.name, len(request_ids), describe_rpc_error(err))
+            log.log(level, "drafter %s: release of %d requests failed (retried with the next): %s", self.name, len(ids), describe_rpc_error(err))
 
     async def _call(self, requests: Sequence[RequestState], ks: Sequence[int]) -> drafter_pb2.ProposeResponse:
         appended: list[int] = []
@@ -138,11 +181,21 @@ class DrafterClient:
         except RequestError as err:
             raise ValueError(err.message) from None
         flat = list(response.draft_token_ids)
+        for name, values in (("draft_parents", response.draft_parents), ("draft_token_probs", response.draft_token_probs)):
+            if values and len(values) != len(flat):
+                raise ValueError(f"{len(values)} {name} for {len(flat)} draft tokens")
+        if any(not 0.0 <= p <= 1.0 for p in response.draft_token_probs):
+            raise ValueError("draft_token_probs holds a value outside [0, 1]")
         start = 0
         for j, i in enumerate(positions):
             count = counts[j]
             if response.statuses[j] == OK:
-                proposals[i] = Draft(flat[start : start + count], dists[j]).cut(ks[i])
+                part = slice(start, start + count)
+                parents = list(response.draft_parents[part])
+                problem = parents_problem(parents, count) if parents else None
+                if problem is not None:
+                    raise ValueError(f"malformed token tree: {problem}")
+                proposals[i] = Draft(flat[part], dists[j], parents, list(response.draft_token_probs[part])).cut(ks[i])
             start += count
 
     def _failed(self, err: BaseException, requests: Sequence[RequestState]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from smartspec.config import add_flag, add_server_flags
+from smartspec.security import ServerSecurity, add_security_flags
 
 log = logging.getLogger("smartspec.router")
 
@@ -15,13 +16,14 @@ DEFAULT_PORT = 50051
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_flags(parser, default_port=DEFAULT_PORT)
-    add_flag(parser, "--verifier", default="127.0.0.1:50052", help="verifier address HOST:PORT")
+    add_flag(parser, "--verifier", action="append", default=["127.0.0.1:50052"], metavar="HOST:PORT",
+             help="a verifier replica (repeatable; env: comma-separated); requests of a replica that fails move to another")
     add_flag(parser, "--drafter-address", action="append", default=[], metavar="NAME=HOST:PORT",
              help="a drafter service, e.g. prompt_lookup=127.0.0.1:50053 (repeatable; env: comma-separated)")
     add_flag(parser, "--target-model", default="embedded", help="folder whose tokenizer the router uses (the verifier's target), or 'embedded'")
     add_flag(parser, "--max-batch", type=int, default=16, help="most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="most requests waiting for admission; beyond it, RESOURCE_EXHAUSTED")
-    add_flag(parser, "--default-drafter", default="auto", help="drafter for requests that name none: auto (the controller picks per step), none, prompt_lookup, draft_model")
+    add_flag(parser, "--default-drafter", default="auto", help="drafter for requests that name none: auto (the controller picks per step), none, prompt_lookup, draft_model, tree")
     add_flag(parser, "--default-policy", default="goodput", help="speculation policy for requests that name none: goodput, uniform, none or fixed:K")
     add_flag(parser, "--k-max", type=int, default=8, help="most draft tokens the goodput and uniform policies give one request per step")
     add_flag(parser, "--cost-profile", default="auto", choices=["auto", "refresh", "off"],
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--redis-url", default="", help="Redis that router replicas share acceptance statistics and cost profiles through, "
              "e.g. redis://127.0.0.1:6379/0; empty: local state only (also the fallback while Redis is unreachable)")
     add_flag(parser, "--redis-namespace", default="smartspec", help="prefix of this fleet's Redis keys (separate fleets sharing one Redis use different ones)")
+    add_security_flags(parser)
 
 
 def load_tokenizer(spec: str):
@@ -69,7 +72,7 @@ async def serve(args: argparse.Namespace) -> None:
     async def load() -> LoadedService:
         tokenizer = await asyncio.to_thread(load_tokenizer, args.target_model)
         # The verifier binds before loading its model: wait for SERVING, not just for a connection.
-        await wait_serving(args.verifier, args.startup_timeout_s)
+        await asyncio.gather(*(wait_serving(address, args.startup_timeout_s) for address in args.verifier))
         servicer = await build_router(tokenizer, args.verifier, drafters, settings, startup_timeout_s=args.startup_timeout_s, telemetry=telemetry)
 
         async def drain() -> None:
@@ -78,7 +81,10 @@ async def serve(args: argparse.Namespace) -> None:
         return LoadedService(lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server), on_stop=drain)
 
     telemetry = telemetry_from_args(args)
-    await run_service("router", [SERVICE_NAME], args.host, args.port, args.grace_s, load, telemetry.tracing)
+    try:
+        await run_service("router", [SERVICE_NAME], args.host, args.port, args.grace_s, load, telemetry.tracing, ServerSecurity.from_args(args))
+    finally:
+        telemetry.close()  # ends spans still open and stops the metrics endpoint
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from smartspec.errors import RequestError
+from smartspec.errors import RequestError, shown
 
 # Most draft tokens a policy may ask for per request and step (the verifier accepts up to 64).
 MAX_SPECULATION = 32
@@ -131,10 +131,10 @@ def parse_policy(spec: str) -> SpeculationPolicy:
         return NoSpeculation()
     if text.startswith("fixed:"):
         raw = text.removeprefix("fixed:")
-        if not raw.isdigit() or int(raw) > MAX_SPECULATION:
-            raise RequestError("INVALID_ARGUMENT", f"policy {spec!r}: fixed:K needs an integer K from 0 to {MAX_SPECULATION}")
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_SPECULATION:  # str.isdigit alone admits '²'
+            raise RequestError("INVALID_ARGUMENT", f"policy {shown(spec)}: fixed:K needs an integer K from 0 to {MAX_SPECULATION}")
         return FixedSpeculation(int(raw))
-    raise RequestError("INVALID_ARGUMENT", f"unknown policy {spec!r}: use 'none' or 'fixed:K' (e.g. fixed:3)")
+    raise RequestError("INVALID_ARGUMENT", f"unknown policy {shown(spec)}: use 'none' or 'fixed:K' (e.g. fixed:3)")
 
 
 class PolicyRegistry:
@@ -148,12 +148,14 @@ class PolicyRegistry:
         key = spec.strip()
         if key not in self._cache:
             try:
-                self._cache[key] = parse_policy(key)
+                policy = parse_policy(key)
             except RequestError as err:
                 named = sorted(k for k, v in self._cache.items() if not isinstance(v, (NoSpeculation, FixedSpeculation)))
                 if named and err.message.startswith("unknown policy"):
-                    raise RequestError("INVALID_ARGUMENT", f"unknown policy {spec!r}: use 'none', 'fixed:K' or {', '.join(named)}") from None
+                    raise RequestError("INVALID_ARGUMENT", f"unknown policy {shown(spec)}: use 'none', 'fixed:K' or {', '.join(named)}") from None
                 raise
+            # Kept under its canonical name only ('fixed:03' is 'fixed:3'), so spellings cannot grow the cache.
+            return self._cache.setdefault(policy.name, policy)
         return self._cache[key]
 
     def register(self, name: str, policy: SpeculationPolicy) -> None:

@@ -72,6 +72,7 @@ class RequestState:
     # per drafter: committed tokens it holds (absent or 0 = send the full context next time)
     drafter_synced: dict[str, int] = field(default_factory=dict)
     drafter_contacted: set[str] = field(default_factory=set)  # drafters that may hold state to release
+    verifier: str = ""  # address of the verifier replica that holds its KV cache ("" while it holds none)
     admitted: float | None = None
     first_token: float | None = None
     finish_reason: int | None = None

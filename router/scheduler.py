@@ -22,9 +22,10 @@ import grpc
 
 from router.controlled import NAME as CONTROLLED
 from router.controller.controller import Slot, SpeculationController
-from router.drafters import Draft, DrafterClient, describe_rpc_error
+from router.drafters import TREE_DRAFTERS, Draft, DrafterClient, pack_parents
 from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
 from router.request import RequestState
+from router.verifiers import REPLICA_DOWN, STATE_LOST, VerifierPool, VerifierReplica
 from router.telemetry import RouterTelemetry
 from smartspec.errors import RequestError
 from smartspec.sampling import pack_distributions
@@ -54,7 +55,7 @@ class Scheduler:
 
     def __init__(
         self,
-        verifier: verifier_pb2_grpc.VerifierServiceStub,
+        verifier: verifier_pb2_grpc.VerifierServiceStub | VerifierPool,
         drafters: dict[str, DrafterClient],
         limits: Limits,
         max_batch: int = 16,
@@ -63,13 +64,14 @@ class Scheduler:
         controller: SpeculationController | None = None,
         telemetry: RouterTelemetry | None = None,
     ) -> None:
-        self.verifier = verifier
+        # One or more verifier replicas; a bare stub is a pool of one (limits.max_sequences slots).
+        self.verifiers = verifier if isinstance(verifier, VerifierPool) else VerifierPool([VerifierReplica("verifier", verifier, limits.max_sequences)])
         self.telemetry = telemetry or RouterTelemetry()  # traces and metrics; off by default
         # Sees every step under every policy: learns the cost model and acceptance, measures its error.
         self.controller = controller or SpeculationController()
         self.drafters = drafters
         self.limits = limits
-        self.max_batch = max(1, min(max_batch, limits.max_sequences))
+        self.max_batch = max(1, min(max_batch, self.verifiers.capacity))
         self.max_queue = max_queue
         self.verifier_timeout_s = verifier_timeout_s
         self.waiting: collections.deque[RequestState] = collections.deque()
@@ -185,25 +187,43 @@ class Scheduler:
                 batch.append(request)
         if not batch:
             return
+        groups, no_room = self.verifiers.place(batch)
+        for request in reversed(no_room):
+            self.waiting.appendleft(request)
+        if not groups:
+            if not self.verifiers.any_available():
+                error = RequestError("UNAVAILABLE", "no verifier replica is reachable; retry later")
+                for request in batch:
+                    request.fail(error)
+            else:
+                await asyncio.sleep(0.01)  # every replica is full: wait for one of ours to leave
+            return
+        await asyncio.gather(*(self._prefill(replica, group) for replica, group in groups.items()))
+
+    async def _prefill(self, replica: VerifierReplica, batch: list[RequestState]) -> None:
+        """Admits `batch` on one replica: a new request's context is its prompt; a request moving from
+        a failed replica sends all its committed tokens, and the token the Prefill returns is its next."""
         now = time.perf_counter()
-        for request in batch:
+        new = [r for r in batch if r.admitted is None]
+        for request in new:
             request.admitted = now
         self.running.extend(batch)  # from here on a failure is theirs too; _reap releases the failed
+        self.verifiers.hold(replica, batch)
         items = [verifier_pb2.PrefillItem(request_id=r.id, token_ids=r.tokens, sampling=r.params.sampling.to_wire()) for r in batch]
         try:
-            reply = await self.verifier.Prefill(
+            reply = await replica.stub.Prefill(
                 verifier_pb2.PrefillRequest(items=items), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch)
             )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.verifiers.forget(batch)
                 await self._requeue(batch, err)
                 return
-            error = _verifier_error("prefill", err)
-            for request in batch:
-                request.fail(error)
+            await self._verifier_failed(replica, batch, "prefill", err)
             return
+        self._answered(replica)
         self._admit_cap = None
-        self.telemetry.admitted(batch)
+        self.telemetry.admitted(new)
         if len(reply.next_token_ids) != len(batch):
             raise RuntimeError(f"verifier prefill answered {len(reply.next_token_ids)} tokens for {len(batch)} requests")
         for request, token in zip(batch, reply.next_token_ids):
@@ -213,7 +233,8 @@ class Scheduler:
         """The verifier has no free slot for `batch`: back to the front of the queue, smaller next time."""
         self.running = [r for r in self.running if r not in batch]
         for request in reversed(batch):
-            request.admitted = None
+            if request.first_token is None:  # a new request waits again; a moving one keeps its times
+                request.admitted = None
             self.waiting.appendleft(request)
         level = logging.WARNING if self._admit_cap is None else logging.DEBUG  # once per episode
         log.log(level, "verifier full (%s); %d requests wait for a free slot", err.details(), len(batch))
@@ -235,6 +256,9 @@ class Scheduler:
             for i, k in zip(members, policy.choose([views[i] for i in members])):
                 asked[i] = clamp_k(k, views[i].max_k)
         proposals, draft_times = await self._propose(batch, assigned, asked)
+        for view, proposal in zip(views, proposals):
+            if proposal.parents:  # a token tree: the controller estimates its E(k) from the drafter's probabilities
+                self.controller.observe_tree(view.request_id, view.drafter, proposal.parents, proposal.probs)
         final = [0] * len(batch)
         for policy, members in groups.items():
             refined = policy.refine([views[i] for i in members], [asked[i] for i in members], [len(proposals[i]) for i in members])
@@ -242,62 +266,121 @@ class Scheduler:
                 final[i] = clamp_k(k, min(asked[i], len(proposals[i])))
         drafts = [proposal.cut(k) for proposal, k in zip(proposals, final)]
         self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
-        message = verifier_pb2.VerifyRequest(
-            request_ids=[r.id for r in batch],
-            draft_counts=[len(d) for d in drafts],
-            draft_token_ids=[t for d in drafts for t in d.tokens],
-            draft_distributions=pack_distributions([d.dists for d in drafts]),
-        )
         verify_started = time.perf_counter()
-        try:
-            reply = await self.verifier.Verify(message, timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch))
-        except grpc.RpcError as err:
-            error = _verifier_error("verify", err)
-            for request in batch:
-                request.fail(error)
-            return
+        results, context_tokens = await self._verify(batch, drafts)
         finished = time.perf_counter()
+        verified = [i for i, result in enumerate(results) if result is not None]  # the others failed or moved
+        if not verified:
+            return
         self.steps += 1
-        emitted = list(reply.emitted_token_ids)
-        if len(reply.accepted_counts) != len(batch) or len(emitted) != sum(reply.accepted_counts) + len(batch):
-            raise RuntimeError(f"verifier answered {len(reply.accepted_counts)} counts and {len(emitted)} tokens for {len(batch)} requests")
-        start = 0
-        for request, draft, accepted in zip(batch, drafts, reply.accepted_counts):
-            tokens = emitted[start : start + accepted + 1]
-            start += accepted + 1
+        batch, drafts, views, asked = ([xs[i] for i in verified] for xs in (batch, drafts, views, asked))
+        accepted_counts = [results[i][0] for i in verified]
+        for request, draft, i in zip(batch, drafts, verified):
+            accepted, tokens = results[i]
             request.counters.steps += 1
             request.counters.proposed += len(draft)
             request.counters.accepted += accepted
             if not request.done:
                 request.send(request.commit(tokens))
-        for view, draft, accepted, k in zip(views, drafts, reply.accepted_counts, asked):
-            self.controller.observe_request(view.request_id, view.drafter, len(draft), accepted, asked=k)
+        for view, draft, i, k in zip(views, drafts, verified, asked):
+            accepted, tokens = results[i]
+            nodes = draft.accepted_nodes(tokens[:accepted]) if draft.parents else None  # which tree nodes: calibrates the drafter
+            self.controller.observe_request(view.request_id, view.drafter, len(draft), accepted, asked=k, accepted_nodes=nodes)
         self.controller.observe_step(
             len(batch), sum(len(d) + 1 for d in drafts), sum(v.context_tokens for v in views), draft_times, finished - started
         )
-        self.telemetry.step_finished(batch, views, asked, drafts, reply.accepted_counts, draft_times, self.controller.last.predicted_s, finished - started)
-        for policy, members in groups.items():
+        self.telemetry.step_finished(batch, views, asked, drafts, accepted_counts, draft_times, self.controller.last.predicted_s, finished - started)
+        for policy, members in self._groups(batch).items():
             policy.observe(
                 StepOutcome(
                     requests=tuple(
-                        RequestOutcome(views[i].request_id, views[i].drafter, asked[i], len(drafts[i]), reply.accepted_counts[i], views[i].context_tokens)
+                        RequestOutcome(views[i].request_id, views[i].drafter, asked[i], len(drafts[i]), accepted_counts[i], views[i].context_tokens)
                         for i in members
                     ),
                     num_sequences=len(batch),
                     new_tokens=sum(len(d) + 1 for d in drafts),
-                    context_tokens=reply.stats.num_context_tokens,
+                    context_tokens=context_tokens,
                     verify_s=finished - verify_started,
                     step_s=finished - started,
                     drafts=draft_times,
                 )
             )
 
+    async def _verify(self, batch: Sequence[RequestState], drafts: Sequence[Draft]) -> tuple[list[tuple[int, list[int]] | None], int]:
+        """One Verify per replica, in parallel. Returns per request (accepted count, emitted tokens), or
+        None where its replica failed (the request then moved or failed), and the context tokens the
+        replicas attended to."""
+        by_replica: dict[str, list[int]] = collections.defaultdict(list)
+        for i, request in enumerate(batch):
+            by_replica[request.verifier].append(i)
+        replies = await asyncio.gather(
+            *(self._verify_on(self.verifiers[address], [batch[i] for i in members], [drafts[i] for i in members]) for address, members in by_replica.items())
+        )
+        results: list[tuple[int, list[int]] | None] = [None] * len(batch)
+        context_tokens = 0
+        for members, reply in zip(by_replica.values(), replies):
+            if reply is None:
+                continue
+            emitted = list(reply.emitted_token_ids)
+            if len(reply.accepted_counts) != len(members) or len(emitted) != sum(reply.accepted_counts) + len(members):
+                raise RuntimeError(f"verifier answered {len(reply.accepted_counts)} counts and {len(emitted)} tokens for {len(members)} requests")
+            context_tokens += reply.stats.num_context_tokens
+            start = 0
+            for i, accepted in zip(members, reply.accepted_counts):
+                results[i] = (accepted, emitted[start : start + accepted + 1])
+                start += accepted + 1
+        return results, context_tokens
+
+    async def _verify_on(self, replica: VerifierReplica, batch: list[RequestState], drafts: list[Draft]) -> verifier_pb2.VerifyResponse | None:
+        try:
+            reply = await replica.stub.Verify(verify_message(batch, drafts), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch))
+        except grpc.RpcError as err:
+            await self._verifier_failed(replica, batch, "verify", err)
+            return None
+        self._answered(replica)
+        return reply
+
+    # --- verifier failures ----------------------------------------------------------------------
+    async def _verifier_failed(self, replica: VerifierReplica, batch: list[RequestState], what: str, err: grpc.RpcError) -> None:
+        """A Prefill or Verify on `replica` failed. If the replica is down and another can take over,
+        or if it lost the requests' state, the requests are re-admitted from their committed tokens
+        (at the front of the queue); otherwise they fail with the verifier's error."""
+        code = err.code()
+        if code in REPLICA_DOWN and self.verifiers.any_available(besides=replica):
+            self.verifiers.mark_down(replica, f"{code.name}: {err.details()}", batch)
+        elif code in STATE_LOST:
+            log.warning("verifier %s lost state (%s); re-admitting %d requests", replica.address, err.details(), len(batch))
+            await self.verifiers.release(replica, [r.id for r in batch], self.verifier_timeout_s)
+        else:
+            if code in REPLICA_DOWN:
+                self.verifiers.mark_down(replica, f"{code.name}: {err.details()}", batch)
+            error = _verifier_error(what, err)
+            for request in batch:
+                request.fail(error)
+            return
+        self.verifiers.forget(batch)
+        moving = set(map(id, batch))
+        self.running = [r for r in self.running if id(r) not in moving]
+        for request in reversed(batch):
+            if not (request.done or request.cancelled):
+                self.waiting.appendleft(request)
+        self._wake.set()
+
+    def _answered(self, replica: VerifierReplica) -> None:
+        """The replica answered: release, in the background, what it may still hold of moved requests."""
+        orphans = self.verifiers.answered(replica)
+        if orphans:
+            self._in_background(self.verifiers.release(replica, orphans, self.verifier_timeout_s))
+
     def _drafter_for(self, request: RequestState) -> str:
         """This step's drafter: the request's own, or for 'auto' the controller's pick among the
         healthy drafter services; 'none' when it has none or it is backing off."""
         name = request.params.drafter
         if name == AUTO:
-            usable = [n for n, d in self.drafters.items() if n not in BENCHMARK_ONLY and d.available()]
+            usable = [
+                n for n, d in self.drafters.items()
+                if n not in BENCHMARK_ONLY and d.available() and (request.params.sampling.greedy or n not in TREE_DRAFTERS)
+            ]
             return self.controller.choose_drafter(request.id, usable, request.draft_room(self.limits.max_context), len(request.tokens))
         drafter = self.drafters.get(name)
         return name if drafter is not None and drafter.available() else "none"
@@ -369,26 +452,39 @@ class Scheduler:
             for name in request.drafter_contacted & self.drafters.keys():
                 by_drafter[name].append(request.id)
         for name, ids in by_drafter.items():
-            task = asyncio.get_running_loop().create_task(self.drafters[name].release(ids))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        release = self.verifier.Release(verifier_pb2.ReleaseRequest(request_ids=[r.id for r in requests]), timeout=self.verifier_timeout_s)
-        try:
-            await asyncio.shield(asyncio.ensure_future(release))  # completes even if the loop is cancelled meanwhile
-        except grpc.RpcError as err:
-            log.warning("verifier release of %d requests failed: %s", len(requests), describe_rpc_error(err))
+            self._in_background(self.drafters[name].release(ids))
+        by_replica: dict[str, list[str]] = collections.defaultdict(list)
+        for request in requests:
+            if request.verifier:
+                by_replica[request.verifier].append(request.id)
+        self.verifiers.forget(requests)
+        releases = [self.verifiers.release(self.verifiers[address], ids, self.verifier_timeout_s) for address, ids in by_replica.items()]
+        if releases:  # shielded: completes even if the loop is cancelled meanwhile
+            await asyncio.shield(asyncio.gather(*releases))
+
+    def _in_background(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def verify_message(batch: Sequence[RequestState], drafts: Sequence[Draft]) -> verifier_pb2.VerifyRequest:
+    """The wire form of one replica's share of a step: ragged drafts, flat, in request order."""
+    return verifier_pb2.VerifyRequest(
+        request_ids=[r.id for r in batch],
+        draft_counts=[len(d) for d in drafts],
+        draft_token_ids=[t for d in drafts for t in d.tokens],
+        draft_distributions=pack_distributions([d.dists for d in drafts]),
+        draft_parents=pack_parents(drafts),
+    )
 
 
 def _valid_prefix(draft: Draft, vocab_size: int) -> Draft:
     """A drafter's proposal up to the first token the verifier would refuse (a token id outside the
-    vocabulary, or a distribution that is not one or gives its own token probability 0), so that one
-    bad drafter cannot fail the whole batch's Verify."""
+    vocabulary, or a distribution it cannot have been sampled from), so that one bad drafter cannot
+    fail the whole batch's Verify."""
     for j, (token, dist) in enumerate(zip(draft.tokens, draft.dists)):
-        if not 0 <= token < vocab_size:
-            return draft.cut(j)
-        if dist is not None and not (
-            all(0 <= t < vocab_size for t in dist.token_ids) and all(0.0 <= p <= 1.0 for p in dist.probs) and dist.prob(token) > 0.0
-        ):
+        if not 0 <= token < vocab_size or (dist is not None and dist.problem(token, vocab_size) is not None):
             return draft.cut(j)
     return draft
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from router.request import Chunk, RequestState
 from router.scheduler import Limits, Scheduler
 from router.telemetry import RouterTelemetry
 from router.validate import Defaults, PromptEncoder, RequestValidator
+from router.verifiers import VerifierPool, VerifierReplica
 from smartspec.errors import RequestError
 from smartspec.serving import CHANNEL_OPTIONS, rpc_errors
 from smartspec.wire import drafter_pb2_grpc, router_pb2, router_pb2_grpc, verifier_pb2, verifier_pb2_grpc
@@ -144,36 +146,38 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     @rpc_errors
     async def GenerateStream(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         state = self._submit(request)
-        async for chunk in self._chunks(state):
-            yield router_pb2.GenerateStreamResponse(
-                token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason, stats=chunk.stats
-            )
+        async with contextlib.aclosing(self._chunks(state)) as chunks:  # a client that leaves ends the request now, not at GC
+            async for chunk in chunks:
+                yield router_pb2.GenerateStreamResponse(
+                    token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason, stats=chunk.stats
+                )
 
 
 async def build_router(
     tokenizer,
-    verifier_address: str,
+    verifier_address: str | Sequence[str],
     drafter_addresses: dict[str, str],
     settings: RouterSettings,
     startup_timeout_s: float = 60.0,
     policies: PolicyRegistry | None = None,
     telemetry: RouterTelemetry | None = None,
 ) -> RouterServicer:
-    """Connects to the verifier (reading its limits from Info) and the drafters, and starts the step
-    loop. Must run on the event loop that will serve the router. `policies` may register policies
+    """Connects to the verifier replicas (one address or several; reading their limits from Info) and
+    the drafters, and starts the step loop. Must run on the event loop that will serve the router. `policies` may register policies
     beyond 'none' and 'fixed:K' by name (e.g. the goodput controller); `telemetry` traces and measures
     it (default: off)."""
     from router.detokenize import tokenizer_decoder
 
     telemetry = telemetry or RouterTelemetry()
 
-    verifier = verifier_pb2_grpc.VerifierServiceStub(grpc.aio.insecure_channel(verifier_address, options=CHANNEL_OPTIONS))
-    info = await verifier.Info(verifier_pb2.InfoRequest(), timeout=startup_timeout_s, wait_for_ready=True)
+    addresses = [verifier_address] if isinstance(verifier_address, str) else list(verifier_address)
+    pool, info = await connect_verifiers(addresses, startup_timeout_s, settings.max_batch)
+    verifier = pool.replicas[0].stub  # profiles the verify cost (replicas run the same model)
     limits = Limits(
         max_context=info.model.max_context,
         vocab_size=info.model.vocab_size,
         eos_ids=frozenset(info.model.eos_token_ids),
-        max_sequences=info.max_sequences or settings.max_batch,
+        max_sequences=pool.capacity,
     )
     drafters = {
         name: DrafterClient(
@@ -203,7 +207,7 @@ async def build_router(
     validate = RequestValidator(PromptEncoder(tokenizer), defaults, list(drafters), limits.max_context, policies)
     validate_defaults(validate)
     scheduler = Scheduler(
-        verifier, drafters, limits, max_batch=settings.max_batch, max_queue=settings.max_queue, verifier_timeout_s=settings.verifier_timeout_s,
+        pool, drafters, limits, max_batch=settings.max_batch, max_queue=settings.max_queue, verifier_timeout_s=settings.verifier_timeout_s,
         controller=controller, telemetry=telemetry,
     )
     telemetry.watch(scheduler)
@@ -212,10 +216,31 @@ async def build_router(
         shared.start()
     log.info(
         "router: verifier %s (%s, context %d, eos %s), drafters %s, batch %d, queue %d",
-        verifier_address, info.model.model, limits.max_context, sorted(limits.eos_ids), drafter_addresses or "none",
+        ", ".join(addresses), info.model.model, limits.max_context, sorted(limits.eos_ids), drafter_addresses or "none",
         scheduler.max_batch, scheduler.max_queue,
     )
     return RouterServicer(validate, scheduler, tokenizer_decoder(tokenizer), limits.eos_ids, shared)
+
+
+async def connect_verifiers(addresses: Sequence[str], timeout_s: float, default_slots: int) -> tuple[VerifierPool, verifier_pb2.InfoResponse]:
+    """Reads every replica's Info; they must serve the same model (vocabulary, context limit, end of
+    sequence), since a request may move from one to another. Returns the pool and the first's Info."""
+    if not addresses:
+        raise ValueError("give at least one --verifier address")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError(f"--verifier addresses repeat: {', '.join(addresses)}")
+    stubs = [verifier_pb2_grpc.VerifierServiceStub(grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)) for a in addresses]
+    infos = await asyncio.gather(*(stub.Info(verifier_pb2.InfoRequest(), timeout=timeout_s, wait_for_ready=True) for stub in stubs))
+    first = infos[0].model
+    for address, info in zip(addresses[1:], infos[1:]):
+        m = info.model
+        if (m.vocab_size, m.max_context, list(m.eos_token_ids)) != (first.vocab_size, first.max_context, list(first.eos_token_ids)):
+            raise ValueError(
+                f"verifier {address} serves {m.model} (vocabulary {m.vocab_size}, context {m.max_context}) but {addresses[0]} serves "
+                f"{first.model} (vocabulary {first.vocab_size}, context {first.max_context}): replicas must run the same model"
+            )
+    replicas = [VerifierReplica(a, stub, info.max_sequences or default_slots) for a, stub, info in zip(addresses, stubs, infos)]
+    return VerifierPool(replicas), infos[0]
 
 
 def validate_defaults(validate: RequestValidator) -> None:

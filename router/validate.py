@@ -6,16 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from router.drafters import TREE_DRAFTERS
 from router.policy import PolicyRegistry
 from router.request import Params
-from smartspec.errors import RequestError
+from smartspec.errors import RequestError, shown
 from smartspec.sampling import GREEDY, SamplingParams, random_seed
 from smartspec.wire import router_pb2
 
-KNOWN_DRAFTERS = ("none", "auto", "draft_model", "prompt_lookup", "controlled")
+KNOWN_DRAFTERS = ("none", "auto", "draft_model", "prompt_lookup", "tree", "controlled")
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
+# A prompt longer than this many characters per token of context is refused before it is tokenized: no
+# tokenizer packs that much text into a token, and tokenizing megabytes would stall the router's loop.
+PROMPT_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,21 @@ class RequestValidator:
         drafter = self._drafter(request.drafter or self.defaults.drafter)
         policy = self.policies.get(request.policy or self.defaults.policy)
         sampling = self._sampling(request)
+        if drafter in TREE_DRAFTERS and not sampling.greedy:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"drafter {drafter!r} proposes token trees, which are verified greedily only, so it cannot serve a sampling request "
+                f"(temperature {sampling.temperature:g}); use temperature 0, or a chain drafter (draft_model, prompt_lookup, or auto)",
+            )
         stop = self._stops(request.stop)
         if request.HasField("max_tokens") and request.max_tokens < 1:
             raise RequestError("INVALID_ARGUMENT", f"max_tokens must be at least 1 (got {request.max_tokens})")
+        if request.HasField("max_tokens") and request.max_tokens >= self.max_context:
+            raise RequestError(
+                "OUT_OF_RANGE",
+                f"max_tokens ({request.max_tokens}) leaves no room for the prompt within the model's context limit of "
+                f"{self.max_context} tokens; lower max_tokens",
+            )
         prompt_ids = self._prompt(request)
         room = self.max_context - len(prompt_ids)
         if request.HasField("max_tokens"):
@@ -111,21 +127,45 @@ class RequestValidator:
             raise RequestError("INVALID_ARGUMENT", "give either prompt or messages, not both")
         if not request.prompt and not request.messages:
             raise RequestError("INVALID_ARGUMENT", "the prompt is empty: give a non-empty prompt or at least one message")
+        limit = PROMPT_CHARS_PER_TOKEN * self.max_context
         if request.prompt:
-            ids = self.encoder.text(request.prompt)
+            if len(request.prompt) > limit:
+                raise RequestError("OUT_OF_RANGE", self._too_long(f"the prompt has {len(request.prompt)} characters", limit))
+            ids = self._encode(self.encoder.text, request.prompt)
         else:
+            if len(request.messages) > self.max_context:
+                raise RequestError(
+                    "OUT_OF_RANGE", f"{len(request.messages)} messages cannot fit in the model's context limit of {self.max_context} tokens"
+                )
             for i, message in enumerate(request.messages):
                 if message.role not in ROLES:
-                    raise RequestError("INVALID_ARGUMENT", f"messages[{i}].role is {message.role!r}; use one of {', '.join(ROLES)}")
-            ids = self.encoder.messages([{"role": m.role, "content": m.content} for m in request.messages])
+                    raise RequestError("INVALID_ARGUMENT", f"messages[{i}].role is {shown(message.role)}; use one of {', '.join(ROLES)}")
+            chars = sum(len(m.content) for m in request.messages)
+            if chars > limit:
+                raise RequestError("OUT_OF_RANGE", self._too_long(f"the messages have {chars} characters", limit))
+            ids = self._encode(self.encoder.messages, [{"role": m.role, "content": m.content} for m in request.messages])
         if not ids:
             raise RequestError("INVALID_ARGUMENT", "the prompt tokenizes to no tokens; give a non-empty prompt")
         return ids
 
+    def _too_long(self, what: str, limit: int) -> str:
+        return (
+            f"{what}, more than the {limit} accepted for the model's context limit of {self.max_context} tokens "
+            f"({PROMPT_CHARS_PER_TOKEN} per token); shorten the prompt"
+        )
+
+    @staticmethod
+    def _encode(encode, prompt) -> list[int]:
+        """The tokenizer's (or chat template's) ids; its refusal of an input is the client's error."""
+        try:
+            return encode(prompt)
+        except Exception as err:  # jinja's TemplateError, a tokenizer's ValueError, ...
+            raise RequestError("INVALID_ARGUMENT", f"the prompt cannot be tokenized: {type(err).__name__}: {str(err)[:300]}") from None
+
     def _drafter(self, name: str) -> str:
         if name not in self.available:
             known = "not running behind this router" if name in KNOWN_DRAFTERS else "unknown"
-            raise RequestError("INVALID_ARGUMENT", f"drafter {name!r} is {known}; use one of {', '.join(self.available)}")
+            raise RequestError("INVALID_ARGUMENT", f"drafter {shown(name)} is {known}; use one of {', '.join(self.available)}")
         return name
 
     @staticmethod

@@ -56,10 +56,34 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def rpc_failure(err: BaseException) -> str | None:
+    """'STATUS: message' when `err` is a failed call to a service (a ClientError or a gRPC error), else None."""
+    if "grpc" not in sys.modules:  # no call was made
+        return None
+    import grpc
+
+    from smartspec.client import ClientError
+
+    if isinstance(err, ClientError):
+        return str(err)
+    if isinstance(err, grpc.RpcError) and hasattr(err, "code"):
+        return f"{err.code().name}: {err.details()}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A call to a service that fails and that the command did not handle itself ends
+    it with exit status 1 and 'STATUS: message' on stderr, not a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    code = args._module.run(args)
+    try:
+        code = args._module.run(args)
+    except Exception as err:
+        failure = rpc_failure(err)
+        if failure is None:
+            raise
+        print(failure, file=sys.stderr, flush=True)
+        return 1
     return int(code or 0)
 
 

@@ -15,6 +15,7 @@ Every failure raises ``ClientError`` with the gRPC status name and the router's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import grpc
@@ -24,7 +25,19 @@ from smartspec.wire import router_pb2, router_pb2_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Same limits as the services (smartspec.serving.CHANNEL_OPTIONS), without importing the server side.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+AUTHORIZATION = "authorization"  # metadata key of the bearer token (smartspec.security)
 _STATS_FIELDS = ("steps", "proposed", "accepted", "prompt_tokens", "ttft_s", "total_s", "queue_s", "seed")
+
+
+def open_channel(address: str, tls_ca: str | None = None) -> grpc.Channel:
+    """A channel to `address`: plaintext, or TLS checked against the PEM file `tls_ca`."""
+    if not tls_ca:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    try:
+        roots = Path(tls_ca).read_bytes()
+    except OSError as err:
+        raise ClientError("INVALID_ARGUMENT", f"cannot read the TLS CA file {tls_ca!r}: {err.strerror or err}") from None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=roots), options=_CHANNEL_OPTIONS)
 
 
 class ClientError(Exception):
@@ -79,10 +92,13 @@ def stats_dict(stats: router_pb2.GenerationStats) -> dict[str, float]:
 class Client:
     """A connection to one router. Thread-safe (one gRPC channel); close it, or use it as a context manager."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float | None = None) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float | None = None, tls_ca: str | None = None, auth_token: str | None = None) -> None:
+        """`tls_ca`: PEM file of the CA (or the self-signed certificate) the router's TLS certificate is
+        checked against; None: plaintext. `auth_token`: the router's --auth-token, sent as a bearer token."""
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._metadata = ((AUTHORIZATION, f"Bearer {auth_token}"),) if auth_token else None
+        self._channel = open_channel(address, tls_ca)
         self._stub = router_pb2_grpc.RouterServiceStub(self._channel)
 
     def __enter__(self) -> "Client":
@@ -133,14 +149,14 @@ class Client:
     def generate(self, prompt: str | None = None, **options) -> Completion:
         """Generates a completion (unary call). Options: those of ``request``."""
         try:
-            reply = self._stub.Generate(self.request(prompt, **options), timeout=self.timeout_s)
+            reply = self._stub.Generate(self.request(prompt, **options), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as err:
             raise ClientError.from_rpc(err) from None
         return Completion(list(reply.token_ids), reply.text, finish_reason_name(reply.finish_reason), stats_dict(reply.stats))
 
     def generate_stream(self, prompt: str | None = None, **options) -> Iterator[StreamChunk]:
         """Yields chunks as tokens are committed. Closing the iterator early cancels the request."""
-        call = self._stub.GenerateStream(self.request(prompt, **options), timeout=self.timeout_s)
+        call = self._stub.GenerateStream(self.request(prompt, **options), timeout=self.timeout_s, metadata=self._metadata)
         try:
             for reply in call:
                 last = reply.finish_reason != router_pb2.FINISH_REASON_UNSPECIFIED

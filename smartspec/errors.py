@@ -22,3 +22,10 @@ class RequestError(Exception):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """How a value a client sent is quoted in an error message: its repr, cut to `limit` characters, so
+    that a megabyte-long name cannot turn a clear error into an oversized status."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}...' ({len(value)} characters)"

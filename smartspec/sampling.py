@@ -8,8 +8,12 @@ Randomness is a pure function of (request seed, token index, purpose) rather tha
 - the verifier draws ``uniform(seed, i, ACCEPT)`` to accept or reject the draft at index i, and
   ``uniform(seed, i, EMIT)`` to sample its own token at index i (prefill, residual or bonus token).
 
-So a seeded request produces the same tokens whatever it is batched with, whichever verifier replica
-serves it (a re-prefill draws the same numbers) and however often a drafter loses and resyncs its state.
+So a seeded request with a fixed drafter and k produces the same tokens whatever it is batched with,
+whichever verifier replica serves it (a re-prefill after a failover draws the same numbers) and however
+often a drafter loses and resyncs its state. What it cannot fix: when k changes (the goodput policy, a
+drafter that fails or misses its deadline, the end of the token budget) different draws get used, so
+only the distribution is the same; and float rounding differs a little between batch compositions, so
+a draw within ~1e-6 of a probability boundary could go either way.
 It stays exact: the token committed at index i depends only on draws at indices <= i, and every draw at
 an index is used for at most one committed decision, so each decision sees fresh, independent numbers
 (a draft at index i + 1 proposed in a step that rejected index i is discarded unexamined, and the next
@@ -18,6 +22,7 @@ step's draft at i + 1 may reuse its number because nothing committed depended on
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import dataclass
@@ -27,6 +32,9 @@ from smartspec.errors import RequestError
 from smartspec.wire import common_pb2
 
 _MASK = (1 << 64) - 1
+# Below this temperature a request is greedy: logits / temperature would overflow float32 to inf (NaN
+# probabilities), and the distribution is a point mass on the argmax anyway.
+MIN_TEMPERATURE = 1e-5
 # Purposes of a draw, as independent streams.
 DRAFT, ACCEPT, EMIT = 0x5D5A_F7A1_0000_0001, 0x5D5A_F7A1_0000_0002, 0x5D5A_F7A1_0000_0003
 
@@ -51,7 +59,8 @@ def random_seed() -> int:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How a request picks its tokens. temperature 0 is greedy (argmax); top_p 1 and top_k 0 are off."""
+    """How a request picks its tokens. temperature 0 (or below MIN_TEMPERATURE) is greedy (argmax);
+    top_p 1 and top_k 0 are off."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -60,7 +69,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     def check(self) -> "SamplingParams":
         """Raises INVALID_ARGUMENT naming the bad value; returns self when every value is usable."""
@@ -95,17 +104,34 @@ class DraftDistribution:
     token_ids: tuple[int, ...]
     probs: tuple[float, ...]
 
-    @property
+    @functools.cached_property
     def total(self) -> float:
         """Sum of the probabilities (1 up to float32 rounding; both sides normalise by it)."""
         return math.fsum(self.probs)
 
+    @functools.cached_property
+    def _index(self) -> dict[int, int]:
+        return {token: i for i, token in enumerate(self.token_ids)}
+
     def prob(self, token: int) -> float:
         """q(token), normalised; 0 outside the support."""
-        try:
-            return self.probs[self.token_ids.index(token)] / self.total
-        except ValueError:
-            return 0.0
+        i = self._index.get(token)
+        return 0.0 if i is None else self.probs[i] / self.total
+
+    def problem(self, token: int, vocab_size: int) -> str | None:
+        """Why this cannot be the distribution `token` was sampled from (None when it can): what the
+        router checks before sending a drafter's proposal on, and the verifier before using it."""
+        if len(self.token_ids) != len(self.probs):
+            return f"{len(self.token_ids)} token ids but {len(self.probs)} probabilities"
+        if len(self._index) != len(self.token_ids):
+            return "a token id appears twice in the support"
+        if any(not 0 <= t < vocab_size for t in self.token_ids):
+            return f"a token id is outside the vocabulary (size {vocab_size})"
+        if not all(0.0 <= p <= 1.0 for p in self.probs) or not self.total > 0.0:
+            return "the values are not probabilities"
+        if self.prob(token) <= 0.0:
+            return f"the proposed token {token} has probability 0 in it"
+        return None
 
     def sample(self, u: float) -> int:
         """Inverse-CDF draw with the uniform u (a token of probability 0 is never picked)."""

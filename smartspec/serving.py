@@ -18,12 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from smartspec.errors import RequestError
+from smartspec.security import MalformedRequests, ServerSecurity
 from smartspec.telemetry import Tracing, server_interceptors
 
 log = logging.getLogger("smartspec")
 
-# Explicit limits (gRPC's default receive limit is 4 MB). Proposals and token lists are small; the
-# headroom is for future dense draft-probability rows and large prompts.
+# Explicit limits (gRPC's default receive limit is 4 MB). Proposals are small (a sampled draft token's
+# distribution travels as its top 64: ~0.45 KB); the headroom is for large batches and prompts.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MESSAGE_SIZE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -31,7 +32,13 @@ MESSAGE_SIZE_OPTIONS = [
 ]
 # grpcio sets SO_REUSEPORT by default, which lets a second server silently share a port in use.
 SERVER_OPTIONS = [("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS]
-CHANNEL_OPTIONS = list(MESSAGE_SIZE_OPTIONS)
+# A peer that was down (a restarted drafter or verifier) is reconnected to within 2 s of its return,
+# not after gRPC's default backoff, which grows to 2 minutes.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
+CHANNEL_OPTIONS = [*MESSAGE_SIZE_OPTIONS, *RECONNECT_OPTIONS]
+# Longest status message sent: clients refuse trailers over 16 KiB (a non-ASCII character is sent
+# percent-encoded, up to 9 bytes), which would replace a clear error with a transport one.
+MAX_STATUS_CHARS = 1500
 
 T = TypeVar("T")
 
@@ -48,7 +55,7 @@ def rpc_errors(method: Callable) -> Callable:
                 async for item in method(self, request, context):
                     yield item
             except RequestError as err:
-                await context.abort(grpc.StatusCode[err.status], err.message)
+                await context.abort(grpc.StatusCode[err.status], err.message[:MAX_STATUS_CHARS])
 
         return stream
 
@@ -57,7 +64,7 @@ def rpc_errors(method: Callable) -> Callable:
         try:
             return await method(self, request, context)
         except RequestError as err:
-            await context.abort(grpc.StatusCode[err.status], err.message)
+            await context.abort(grpc.StatusCode[err.status], err.message[:MAX_STATUS_CHARS])
 
     return unary
 
@@ -201,14 +208,20 @@ class RunningServer:
 
 
 async def start_server(
-    register: Callable[[grpc.aio.Server], None] | None, service_names: Sequence[str], host: str, port: int, tracing: Tracing | None = None
+    register: Callable[[grpc.aio.Server], None] | None, service_names: Sequence[str], host: str, port: int, tracing: Tracing | None = None,
+    security: ServerSecurity | None = None,
 ) -> RunningServer:
-    """Builds, binds (port 0 = any free port) and starts a server with health checking and reflection.
+    """Builds, binds (port 0 = any free port) and starts a server with health checking and reflection,
+    with TLS and a bearer token when `security` asks for them.
 
     With register=None the server starts NOT_SERVING and refuses calls to `service_names` with
     UNAVAILABLE until `RunningServer.add_servicer`: a service binds before loading its model, so
     health checks and early clients get an answer while it loads."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(tracing))  # none when tracing is off
+    security = security or ServerSecurity()
+    credentials = security.credentials()  # unreadable PEM files fail here, with the flag named
+    # Outermost first: the token check, tracing (none when off), then undecodable requests' INVALID_ARGUMENT.
+    interceptors = [*security.interceptors(), *server_interceptors(tracing), MalformedRequests()]
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pending = None
     if register is None:
         pending = PendingHandlers(service_names)
@@ -220,8 +233,9 @@ async def start_server(
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")  # grpcio raises RuntimeError on failure
+    address = f"{host}:{port}"
+    try:  # grpcio raises RuntimeError on failure
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -277,7 +291,7 @@ class LoadedService:
 
 async def run_service(
     role: str, service_names: Sequence[str], host: str, port: int, grace_s: float, load: Callable[[], Awaitable[LoadedService]],
-    tracing: Tracing | None = None,
+    tracing: Tracing | None = None, security: ServerSecurity | None = None,
 ) -> None:
     """The lifecycle every `smartspec serve ROLE` shares. Binds and prints the listening line at once,
     reporting NOT_SERVING and refusing calls with UNAVAILABLE while `load` runs (it must not block the
@@ -285,7 +299,7 @@ async def run_service(
     NOT_SERVING while in-flight calls drain for up to `grace_s`. A signal during loading stops at once
     (the process exits when the load step in progress returns); a failed load stops and raises."""
     stop = stop_event()
-    running = await start_server(None, service_names, host, port, tracing)
+    running = await start_server(None, service_names, host, port, tracing, security)
     announce(role, running)
     loading = asyncio.ensure_future(load())
     stopping = asyncio.ensure_future(stop.wait())

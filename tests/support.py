@@ -92,6 +92,9 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=120)
 
     def stop(self) -> None:
+        """Stops the server and its loop; calling it again does nothing."""
+        if not self._thread.is_alive():
+            return
         self.call(self.running.stop(0))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

@@ -122,3 +122,54 @@ def test_python_client(stack):
         next(stream)
         stream.close()
         assert len(client.generate("again", max_tokens=2).token_ids) == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--router", "127.0.0.1:1", "--prompt", "hi", "--timeout-s", "5"],
+        ["generate", "--router", "127.0.0.1:1", "--prompt", "hi", "--timeout-s", "5", "--stream"],
+        ["generate", "--router", "127.0.0.1:1", "--prompt", "hi", "--timeout-s", "5", "--json"],
+        ["health", "127.0.0.1:1", "--timeout-s", "3"],
+        ["bench", "--router", "127.0.0.1:1", "--quick", "--out", "{tmp}"],
+    ],
+    ids=["generate", "generate-stream", "generate-json", "health", "bench"],
+)
+def test_every_command_that_calls_a_service_reports_its_status_on_stderr(argv, tmp_path):
+    out = smartspec(*(arg.format(tmp=tmp_path / "bench") for arg in argv), timeout=120)
+    assert out.returncode != 0
+    assert "UNAVAILABLE: failed to connect" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "UNAVAILABLE" not in out.stdout
+
+
+def test_an_unhandled_failed_call_ends_the_command_with_its_status(monkeypatch, capsys):
+    """Whatever a command leaves uncaught from a call to a service becomes 'STATUS: message' and exit 1."""
+    import types
+
+    import grpc
+
+    from smartspec import cli
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.PERMISSION_DENIED
+
+        def details(self):
+            return "not for you"
+
+    def fail(error: Exception):
+        def run(args):
+            raise error
+
+        return run
+
+    for error, line in ((Refused(), "PERMISSION_DENIED: not for you"), (ClientError("UNAVAILABLE", "gone"), "UNAVAILABLE: gone")):
+        module = types.SimpleNamespace(add_arguments=lambda parser: None, run=fail(error))
+        monkeypatch.setitem(sys.modules, "fake_command", module)
+        monkeypatch.setitem(cli.COMMANDS, "fake", ("fake_command", "a command that fails"))
+        assert cli.main(["fake"]) == 1
+        assert capsys.readouterr().err.strip() == line
+    module = types.SimpleNamespace(add_arguments=lambda parser: None, run=fail(KeyError("a bug")))
+    monkeypatch.setitem(sys.modules, "fake_command", module)
+    with pytest.raises(KeyError):  # anything else is a bug, and keeps its traceback
+        cli.main(["fake"])

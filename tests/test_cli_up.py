@@ -21,7 +21,7 @@ from smartspec.client import Client
 from tests.support import reference_greedy
 
 READY = re.compile(
-    r"^ready router=(127\.0\.0\.1:\d+) verifier=(127\.0\.0\.1:\d+) draft_model=(127\.0\.0\.1:\d+) prompt_lookup=(127\.0\.0\.1:\d+)$"
+    r"^ready router=(127\.0\.0\.1:\d+) verifier=(127\.0\.0\.1:\d+) draft_model=(127\.0\.0\.1:\d+) prompt_lookup=(127\.0\.0\.1:\d+) tree=(127\.0\.0\.1:\d+)$"
 )
 PROMPT = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -102,8 +102,8 @@ def test_up_prints_ready_serves_exactly_survives_a_dead_child_and_stops_on_sigte
     line = _read_line(process, timeout=180)
     match = READY.match(line.rstrip("\n"))
     assert match, f"no ready line (got {line!r}); log:\n{log.read_text()[-3000:]}"
-    router, verifier, draft_model, prompt_lookup = match.groups()
-    addresses = [router, verifier, draft_model, prompt_lookup]
+    router, verifier, draft_model, prompt_lookup, tree = match.groups()
+    addresses = [router, verifier, draft_model, prompt_lookup, tree]
     assert all(_serving(address) for address in addresses)
     assert _read_line(process, timeout=0.5) == ""  # exactly one line on stdout
 
@@ -112,14 +112,14 @@ def test_up_prints_ready_serves_exactly_survives_a_dead_child_and_stops_on_sigte
     ids = AutoTokenizer.from_pretrained(tiny_target)(PROMPT).input_ids
     ref, _ = reference_greedy(tiny_target, ids, 16)
     with Client(router, timeout_s=60) as client:
-        for drafter in ("draft_model", "prompt_lookup", "none"):
+        for drafter in ("draft_model", "prompt_lookup", "tree", "none"):
             done = client.generate(PROMPT, max_tokens=16, drafter=drafter)
             assert done.token_ids == ref, drafter
         assert client.generate(PROMPT, max_tokens=16, drafter="draft_model", policy="fixed:3").stats["proposed"] > 0
 
         # a child that dies is logged; the others keep running and its requests lose only speculation
         children = _children(process.pid)
-        assert len(children) == 4, children
+        assert len(children) == 5, children
         victim = next(pid for pid, cmd in children.items() if "--kind draft_model" in cmd)
         os.kill(victim, signal.SIGKILL)
         assert _wait(lambda: "draft_model" in log.read_text() and "exited with code" in log.read_text(), 10), log.read_text()[-2000:]

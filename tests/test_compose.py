@@ -72,7 +72,7 @@ def service_with(role: str, kind: str | None = None) -> str:
 
 
 def test_every_smartspec_service_runs_a_valid_serve_command_bound_to_all_interfaces(monkeypatch):
-    assert set(SMARTSPEC) == {"verifier", "drafter-prompt-lookup", "drafter-draft-model", "router"}
+    assert set(SMARTSPEC) == {"verifier", "drafter-prompt-lookup", "drafter-draft-model", "drafter-tree", "router"}
     for name, spec in SMARTSPEC.items():
         args = parse(spec, monkeypatch)
         assert args.command == "serve", name
@@ -80,6 +80,7 @@ def test_every_smartspec_service_runs_a_valid_serve_command_bound_to_all_interfa
         assert args.port > 0, name
     assert parse(SERVICES["drafter-prompt-lookup"], monkeypatch).kind == "prompt_lookup"
     assert parse(SERVICES["drafter-draft-model"], monkeypatch).kind == "draft_model"
+    assert parse(SERVICES["drafter-tree"], monkeypatch).kind == "tree"
 
 
 def test_every_smartspec_variable_names_a_flag_of_its_service(monkeypatch):
@@ -95,7 +96,7 @@ def test_services_set_every_flag_smartspec_up_gives_its_children(monkeypatch):
     children = service_argvs(up, "target", "draft")
     addresses = {role: "host:1" for role in children}
     children["router"] = router_argv(up, "target", addresses)
-    compose_names = {"verifier": "verifier", "prompt_lookup": "drafter-prompt-lookup", "draft_model": "drafter-draft-model", "router": "router"}
+    compose_names = {"verifier": "verifier", "prompt_lookup": "drafter-prompt-lookup", "draft_model": "drafter-draft-model", "tree": "drafter-tree", "router": "router"}
     for role, argv in children.items():
         spec = SERVICES[compose_names[role]]
         given = {part.split("=", 1)[0] for part in command(spec) if part.startswith("--")} | {
@@ -107,16 +108,17 @@ def test_services_set_every_flag_smartspec_up_gives_its_children(monkeypatch):
 
 def test_router_points_at_the_services_and_ports_they_bind(monkeypatch):
     router = parse(SERVICES["router"], monkeypatch)
-    host, port = router.verifier.rsplit(":", 1)
+    (verifier,) = router.verifier  # one replica in the compose file
+    host, port = verifier.rsplit(":", 1)
     assert host == service_with("verifier") and int(port) == parse(SERVICES[host], monkeypatch).port
     drafters = parse_drafters(router.drafter_address)
-    assert set(drafters) == {"prompt_lookup", "draft_model"}
+    assert set(drafters) == {"prompt_lookup", "draft_model", "tree"}
     for kind, address in drafters.items():
         host, port = address.rsplit(":", 1)
         assert host == service_with("drafter", kind), f"{kind} points at {host}"
         assert int(port) == parse(SERVICES[host], monkeypatch).port
     depends = SERVICES["router"]["depends_on"]
-    for name in ("verifier", "drafter-prompt-lookup", "drafter-draft-model", "redis"):
+    for name in ("verifier", "drafter-prompt-lookup", "drafter-draft-model", "drafter-tree", "redis"):
         assert depends[name]["condition"] == "service_healthy", name
     assert router.redis_url.startswith("redis://redis:6379") and SERVICES["redis"]["image"].startswith("redis:7")
 

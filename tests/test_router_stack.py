@@ -33,9 +33,11 @@ class LoopThread:
 
 
 class RouterThread(LoopThread):
-    """A router (router.server.build_router) served over loopback from its own loop thread."""
+    """A router (router.server.build_router) served over loopback from its own loop thread; with
+    `security` (smartspec.security.ServerSecurity), over TLS and/or behind a token (then `stub` is plaintext
+    and unauthenticated: make your own)."""
 
-    def __init__(self, tokenizer, verifier_address: str, drafters: dict[str, str], telemetry=None, **settings) -> None:
+    def __init__(self, tokenizer, verifier_address: str, drafters: dict[str, str], telemetry=None, security=None, **settings) -> None:
         from router.server import SERVICE_NAME, RouterSettings, build_router
         from router.validate import Defaults
 
@@ -44,7 +46,7 @@ class RouterThread(LoopThread):
         self.servicer = self.call(build_router(tokenizer, verifier_address, drafters, RouterSettings(defaults=defaults, **settings), telemetry=telemetry))
         self.running = self.call(
             start_server(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(self.servicer, s), [SERVICE_NAME], "127.0.0.1", 0,
-                         self.servicer.scheduler.telemetry.tracing)
+                         self.servicer.scheduler.telemetry.tracing, security)
         )
         self.address = self.running.address
         self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)

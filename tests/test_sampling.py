@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from smartspec.errors import RequestError
-from smartspec.runtime.sampler import processed_probs, sample_index, truncate_top_n
+from smartspec.runtime.sampler import draft_distribution, processed_probs, sample_index
 from smartspec.sampling import (
     ACCEPT,
     DRAFT,
@@ -55,9 +55,11 @@ def test_processing_matches_the_transformers_warpers(params):
 def test_sampling_by_inverse_cdf_never_picks_an_impossible_token():
     probs = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0])
     assert [sample_index(probs, u) for u in (0.0, 0.2499, 0.25, 0.9999999)] == [1, 1, 3, 3]
-    dist = truncate_top_n(torch.tensor([0.1, 0.0, 0.6, 0.3]), 2)
+    logits = torch.tensor([0.1, 0.0, 0.6, 0.3]).log()  # probabilities 0.1, 0, 0.6, 0.3
+    dist = draft_distribution(logits, SamplingParams(1.0), 2)  # the top 2, renormalised
     assert dist.token_ids == (2, 3) and sum(dist.probs) == pytest.approx(1.0) and dist.probs[0] == pytest.approx(2 / 3)
-    assert truncate_top_n(torch.tensor([0.0, 1.0, 0.0]), 8).token_ids == (1,)  # zero-probability tokens are not sent
+    assert draft_distribution(logits, SamplingParams(1.0, top_p=0.5), 8).token_ids == (2,)  # processed among the top N
+    assert draft_distribution(logits, SamplingParams(1.0), 8).token_ids == (2, 3, 0)  # probability 0 is not sent
 
 
 def test_params_are_validated_with_the_value_named():
@@ -72,6 +74,7 @@ def test_params_are_validated_with_the_value_named():
             bad.check()
         assert err.value.status == "INVALID_ARGUMENT" and words in err.value.message
     assert SamplingParams().greedy and not SamplingParams(0.1).greedy
+    assert SamplingParams(1e-30).greedy  # would overflow logits / temperature: a point mass on the argmax anyway
 
 
 # --- the random stream --------------------------------------------------------------------------------
@@ -98,6 +101,14 @@ def test_distributions_round_trip_and_deterministic_drafts_cost_nothing():
     assert unpack_distributions(pack_distributions([[None]]), [1]) == [[None]]
     with pytest.raises(RequestError, match="support counts"):
         unpack_distributions(message, [1, 1])
+
+
+def test_a_distribution_a_draft_cannot_have_come_from_is_named():
+    assert DraftDistribution((5, 9), (0.75, 0.25)).problem(5, 10) is None
+    assert "twice" in DraftDistribution((5, 5), (0.5, 0.5)).problem(5, 10)
+    assert "outside" in DraftDistribution((5, 12), (0.5, 0.5)).problem(5, 10)
+    assert "not probabilities" in DraftDistribution((5, 9), (1.5, float("nan"))).problem(5, 10)
+    assert "probability 0" in DraftDistribution((5, 9), (1.0, 0.0)).problem(9, 10)
 
 
 # --- the rejection sampler on synthetic distributions --------------------------------------------------

@@ -120,7 +120,7 @@ def test_drafter_refuses_calls_while_loading_serves_when_loaded_and_drains_on_si
             cli = health_cli(address)
             assert (cli.returncode, cli.stdout.strip()) == (0, "SERVING")
             unknown = health_cli(address, "--service", "no.such.Service")
-            assert unknown.returncode == 1 and unknown.stdout.startswith("NOT_FOUND")
+            assert unknown.returncode == 1 and unknown.stdout == "" and unknown.stderr.startswith("NOT_FOUND: unknown service")
 
             # SIGTERM with a call in flight: NOT_SERVING at once, the call completes, exit 0 within the grace
             call = stub.Propose.future(PROPOSE, timeout=30)
@@ -139,7 +139,7 @@ def test_drafter_refuses_calls_while_loading_serves_when_loaded_and_drains_on_si
             watcher.close()
             channel.close()
     cli = health_cli(address)
-    assert cli.returncode == 1 and cli.stdout.startswith("UNAVAILABLE")
+    assert cli.returncode == 1 and cli.stdout == "" and cli.stderr.startswith("UNAVAILABLE: ")
 
 
 def test_sigterm_while_loading_stops_serving_and_exits_0(tmp_path):

@@ -6,19 +6,22 @@ from typing import Sequence
 
 import torch
 
-from smartspec.protocol import common_prefix_length
 from smartspec.runtime.sampler import sample_index
 from smartspec.sampling import ACCEPT, EMIT, DraftDistribution, uniform
+from smartspec.tree import longest_path
 
 
-def greedy_accept(draft: list[int], target_argmax: list[int]) -> int:
-    """Length of the longest prefix of `draft` equal to the target's argmax at each position.
+def greedy_accept(draft: Sequence[int], parents: Sequence[int], target_argmax: Sequence[int]) -> list[int]:
+    """The accepted path of a draft tree (a chain is the tree with parents -1, 0, 1, ...): the longest
+    root-to-node path whose every token equals the target's argmax at its parent (ties: the path that
+    ends at the lowest index). Returns the path's draft indices, root first.
 
-    target_argmax[i] is the target's choice after the context plus draft[:i]; it has len(draft) + 1
-    entries, and target_argmax[accepted] is the target's own token emitted after the accepted drafts.
-    This makes greedy speculation exactly equal to plain greedy decoding.
+    target_argmax[0] is the target's choice after the context, target_argmax[i + 1] its choice after the
+    context plus the path to draft[i]; the token emitted after the path is target_argmax[path[-1] + 1]
+    (target_argmax[0] for an empty path). This makes greedy speculation exactly equal to plain greedy
+    decoding, whatever the tree.
     """
-    return common_prefix_length(draft, target_argmax)
+    return longest_path(draft, parents, lambda parent, depth: target_argmax[parent + 1])
 
 
 def speculative_accept(
@@ -51,8 +54,8 @@ def speculative_accept(
         if dist is None:
             residual[token] = 0.0
         else:
-            ids = torch.tensor(dist.token_ids, dtype=torch.long)
-            q = torch.tensor(dist.probs, dtype=residual.dtype) / dist.total
+            ids = torch.tensor(dist.token_ids, dtype=torch.long, device=p.device)
+            q = torch.tensor(dist.probs, dtype=residual.dtype, device=p.device) / dist.total
             residual[ids] = torch.clamp(residual[ids] - q, min=0.0)
         if float(residual.sum()) <= 0.0:  # p <= q everywhere only up to rounding: p itself is exact enough
             residual = p

@@ -5,6 +5,11 @@ not in the KV cache yet, and the request's sampling parameters. A Verify step fe
 ``[pending, d_1..d_k]`` at the request's own positions, accepts drafts (greedy: the longest prefix that
 matches the target's argmax; sampling: rejection sampling), emits those plus the target's own next
 token, and cuts the KV back to the accepted length. A prefix is never recomputed.
+
+A proposal may be a token tree (per draft, its parent's index; greedy requests only). The pending token
+is then the tree's root, every node attends to the context, its ancestors and itself at position
+start + depth, the accepted path is the longest one the target agrees with, and its nodes' KV is moved
+into sequence order before the rest is cut. A chain goes through the same code as the tree it is.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from smartspec.protocol import MAX_DRAFT_TOKENS
 from smartspec.runtime.runner import BatchedRunner, StepResult, StepRow
 from smartspec.runtime.sampler import processed_probs, sample_index
 from smartspec.sampling import EMIT, GREEDY, DraftDistribution, SamplingParams, uniform
+from smartspec.tree import chain_parents, depths, is_chain, parents_problem
 from verifier_svc import acceptance
 
 # A request to admit: its id, context tokens and, unless greedy, its sampling parameters.
@@ -89,37 +95,49 @@ class VerifierEngine:
             )
         for request_id in ids:
             self.runner.admit(request_id)
-        try:
+        try:  # nothing half-admitted survives a failure, whatever fails
             step = self.runner.step([StepRow(request_id, list(tokens), all_logits=False) for request_id, tokens, _ in items])
+            next_tokens = [self._first_token(sampling, logits[-1], len(tokens)) for (_, tokens, sampling), logits in zip(items, step.logits)]
         except BaseException:
             for request_id in ids:
                 self.runner.release(request_id)
             raise
-        next_tokens = []
-        for (request_id, tokens, sampling), logits in zip(items, step.logits):
-            if sampling.greedy:
-                next_tokens.append(int(logits[-1].argmax()))
-            else:
-                probs = processed_probs(logits[-1:], sampling)[0]  # [vocab]
-                next_tokens.append(sample_index(probs, uniform(sampling.seed, len(tokens), EMIT)))
+        for (request_id, _, sampling), token in zip(items, next_tokens):
             self._sampling[request_id] = sampling
-        self._pending.update(zip(ids, next_tokens))
+            self._pending[request_id] = token
         return next_tokens, step
 
+    @staticmethod
+    def _first_token(sampling: SamplingParams, logits, index: int) -> int:
+        """The target's token after a prefilled context (logits: [vocab]); `index` is its position."""
+        if sampling.greedy:
+            return int(logits.argmax())
+        return sample_index(processed_probs(logits[None], sampling)[0], uniform(sampling.seed, index, EMIT))
+
     def verify(
-        self, ids: Sequence[str], drafts: Sequence[Sequence[int]], dists: Sequence[Sequence[DraftDistribution | None]] | None = None
+        self,
+        ids: Sequence[str],
+        drafts: Sequence[Sequence[int]],
+        dists: Sequence[Sequence[DraftDistribution | None]] | None = None,
+        parents: Sequence[Sequence[int] | None] | None = None,
     ) -> VerifyOutcome:
         """Verifies one proposal per request in a single batched forward (a proposal may be empty).
         `dists` gives, per request and draft token, the distribution it was sampled from (None, or no
-        `dists` at all: deterministic proposals); greedy requests ignore it."""
+        `dists` at all: deterministic proposals); greedy requests ignore it. `parents` makes a request's
+        proposal a token tree (per draft, its parent's index or -1; None, or no `parents` at all: a chain);
+        trees are verified greedily only."""
         self._check_unique(ids)
+        if parents is not None and len(parents) != len(ids):
+            raise RequestError("INVALID_ARGUMENT", f"{len(parents)} parent lists for {len(ids)} requests")
         dists = dists if dists is not None else [[None] * len(draft) for draft in drafts]
-        for request_id, draft, draft_dists in zip(ids, drafts, dists):
+        trees = [list(tree) if tree is not None else chain_parents(len(draft)) for tree, draft in zip(parents or [None] * len(ids), drafts)]
+        for request_id, draft, draft_dists, tree in zip(ids, drafts, dists, trees):
             self._check_live(request_id)
             if len(draft) > MAX_DRAFT_TOKENS:
                 raise RequestError("INVALID_ARGUMENT", f"request {request_id!r}: {len(draft)} draft tokens, at most {MAX_DRAFT_TOKENS} per step")
             self._check_tokens(request_id, draft, "draft")
-            end = self.runner.length(request_id) + 1 + len(draft)
+            self._check_tree(request_id, draft, tree)
+            end = self.runner.length(request_id) + 1 + max(depths(tree), default=0)
             if end > self.max_context:
                 raise RequestError(
                     "OUT_OF_RANGE",
@@ -127,41 +145,61 @@ class VerifierEngine:
                 )
             self._check_distributions(request_id, draft, draft_dists)
         starts = [self.runner.length(request_id) for request_id in ids]
-        rows = [StepRow(request_id, [self._pending[request_id], *draft]) for request_id, draft in zip(ids, drafts)]
+        rows = [
+            StepRow(request_id, [self._pending[request_id], *draft], parents=None if is_chain(tree) else [-1, *(p + 1 for p in tree)])
+            for request_id, draft, tree in zip(ids, drafts, trees)
+        ]
         step = self.runner.step(rows)
+        try:  # decide every row before changing any state, so a failure leaves the step undone
+            decisions = [
+                self._accept(self._sampling[request_id], list(draft), tree, draft_dists, logits, start + 1)
+                for request_id, draft, draft_dists, tree, start, logits in zip(ids, drafts, dists, trees, starts, step.logits)
+            ]
+        except BaseException:
+            for request_id, start in zip(ids, starts):
+                self.runner.truncate(request_id, start)
+            raise
         accepted, emitted, committed = [], [], []
-        for request_id, draft, draft_dists, start, logits in zip(ids, drafts, dists, starts, step.logits):
-            n, token = self._accept(self._sampling[request_id], list(draft), draft_dists, logits, start + 1)
-            self.runner.truncate(request_id, start + n + 1)  # keep pending + accepted drafts
+        for request_id, draft, start, (path, token) in zip(ids, drafts, starts, decisions):
+            self.runner.keep(request_id, start, [0, *(node + 1 for node in path)])  # pending + the accepted path
             self._pending[request_id] = token
-            accepted.append(n)
-            emitted.append([*draft[:n], token])
-            committed.append(start + n + 2)
+            accepted.append(len(path))
+            emitted.append([*(draft[node] for node in path), token])
+            committed.append(start + len(path) + 2)
         return VerifyOutcome(accepted, emitted, committed, step)
 
     @staticmethod
     def _accept(
-        sampling: SamplingParams, draft: list[int], dists: Sequence[DraftDistribution | None], logits, first_index: int
-    ) -> tuple[int, int]:
-        """(accepted count, the target's token after them) for one request. logits: [k + 1, vocab]."""
+        sampling: SamplingParams, draft: list[int], tree: list[int], dists: Sequence[DraftDistribution | None], logits, first_index: int
+    ) -> tuple[list[int], int]:
+        """(the accepted drafts' indices, root first; the target's token after them) for one request.
+        logits: [k + 1, vocab], row 0 after the context, row i + 1 after the path to draft i."""
         if sampling.greedy:
-            choices = logits.argmax(dim=-1).tolist()  # [k + 1]: the target's token after each prefix
-            n = acceptance.greedy_accept(draft, choices)
-            return n, choices[n]
-        return acceptance.speculative_accept(draft, dists, processed_probs(logits, sampling), sampling.seed, first_index)
+            choices = logits.argmax(dim=-1).tolist()  # [k + 1]: the target's token after each node
+            path = acceptance.greedy_accept(draft, tree, choices)
+            return path, choices[path[-1] + 1 if path else 0]
+        n, token = acceptance.speculative_accept(draft, dists, processed_probs(logits, sampling), sampling.seed, first_index)
+        return list(range(n)), token
+
+    def _check_tree(self, request_id: str, draft: Sequence[int], tree: list[int]) -> None:
+        problem = parents_problem(tree, len(draft))
+        if problem is not None:
+            raise RequestError("INVALID_ARGUMENT", f"request {request_id!r}: draft_parents do not describe a tree: {problem}")
+        if not self._sampling[request_id].greedy and not is_chain(tree):
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"request {request_id!r} samples (temperature > 0) but its proposal is a token tree: trees are verified greedily only; "
+                "send a chain (no draft_parents) for a sampling request",
+            )
 
     def _check_distributions(self, request_id: str, draft: Sequence[int], dists: Sequence[DraftDistribution | None]) -> None:
         if len(dists) != len(draft):
             raise RequestError("INVALID_ARGUMENT", f"request {request_id!r}: {len(dists)} draft distributions for {len(draft)} draft tokens")
         for j, (token, dist) in enumerate(zip(draft, dists)):
-            if dist is None:
-                continue
-            self._check_tokens(request_id, dist.token_ids, "draft distribution")
-            if any(not 0.0 <= p <= 1.0 for p in dist.probs) or not dist.total > 0.0:
-                raise RequestError("INVALID_ARGUMENT", f"request {request_id!r}: draft token {j} has a distribution that is not made of probabilities")
-            if dist.prob(token) <= 0.0:
+            problem = dist.problem(token, self.vocab_size) if dist is not None else None
+            if problem is not None:
                 raise RequestError(
-                    "INVALID_ARGUMENT", f"request {request_id!r}: draft token {j} ({token}) has probability 0 in the distribution it was said to be sampled from"
+                    "INVALID_ARGUMENT", f"request {request_id!r}: draft token {j} has a distribution it cannot have been sampled from: {problem}"
                 )
 
     def release(self, ids: Sequence[str]) -> int:
@@ -169,7 +207,7 @@ class VerifierEngine:
         freed = 0
         for request_id in ids:
             if self.runner.release(request_id):
-                del self._pending[request_id]
-                del self._sampling[request_id]
+                self._pending.pop(request_id, None)
+                self._sampling.pop(request_id, None)
                 freed += 1
         return freed

@@ -37,7 +37,15 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             raise RequestError("INVALID_ARGUMENT", f"{len(ids)} request ids but {len(request.draft_counts)} draft counts")
         drafts = split_ragged(list(request.draft_token_ids), list(request.draft_counts), "draft_token_ids")
         dists = unpack_distributions(request.draft_distributions, list(request.draft_counts))
-        outcome = await self.thread.run(self.engine.verify, ids, drafts, dists)
+        parents = None
+        if request.draft_parents:
+            if len(request.draft_parents) != len(request.draft_token_ids):
+                raise RequestError(
+                    "INVALID_ARGUMENT",
+                    f"draft_parents has {len(request.draft_parents)} entries; it needs one per draft token ({len(request.draft_token_ids)}) or none",
+                )
+            parents = split_ragged(list(request.draft_parents), list(request.draft_counts), "draft_parents")
+        outcome = await self.thread.run(self.engine.verify, ids, drafts, dists, parents)
         return verifier_pb2.VerifyResponse(
             accepted_counts=outcome.accepted,
             emitted_token_ids=[token for tokens in outcome.emitted for token in tokens],

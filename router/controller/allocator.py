@@ -4,6 +4,9 @@ For one step over batch B with speculation lengths k_i:
 
     goodput(k) = sum_i E_i(k_i) / T_step(k),   E_i(k) = 1 + a_i + ... + a_i^k
 
+(or, for a token tree, E_i(k) = 1 + the sum of its first k nodes' chances of being accepted: any
+non-increasing per-request gain curve goes the same way)
+
 where T_step = base + c_tok * sum(k) + c_spec * [any k > 0]
              + sum over drafters d of (d_any * [d drafts] + d_pos * max k under d + d_tok * sum k under d).
 
@@ -63,11 +66,21 @@ class Candidate:
     acceptance: float  # estimated a_i for its drafter
     cap: int  # most tokens it may speculate this step (K_max, token budget, proposal length); 0 = none
     drafter: str  # its drafter for this step
+    # The marginal gain of its j-th draft token, j = 1.., non-increasing (a token tree's nodes in
+    # best-first order: each one's chance of being accepted); None: the geometric a^j. Past its
+    # end a token gains nothing.
+    gains: tuple[float, ...] | None = None
+
+    def expected(self, k: int) -> float:
+        """E(k): tokens expected from one verify of k draft tokens (or tree nodes)."""
+        if self.gains is not None:
+            return 1.0 + float(sum(self.gains[:k]))
+        return expected_tokens(self.acceptance, k)
 
 
 def expected_total(candidates: Sequence[Candidate], ks: Sequence[int]) -> float:
     """sum_i E_i(k_i)."""
-    return float(sum(expected_tokens(c.acceptance, k) for c, k in zip(candidates, ks)))
+    return float(sum(c.expected(k) for c, k in zip(candidates, ks)))
 
 
 def predicted_goodput(candidates: Sequence[Candidate], ks: Sequence[int], cost: StepCost) -> float:
@@ -95,6 +108,10 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
 
     positions = np.arange(1, k_max + 1)  # [K]
     gains = rates[:, None] ** positions[None, :]  # [batch, K]: a_i^j, the gain of request i's j-th token
+    for i, c in enumerate(candidates):
+        if c.gains is not None:  # its own curve (a token tree's nodes)
+            own = np.array(c.gains[:k_max], dtype=float)  # [<= K]
+            gains[i] = np.pad(own, (0, k_max - len(own)))
     rows, cols = np.nonzero(positions[None, :] <= caps[:, None])  # row-major: each request's tokens in order
     ratio = gains[rows, cols] / np.maximum(token_cost[rows], 1e-12)
     order = np.argsort(-ratio, kind="stable")

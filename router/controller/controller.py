@@ -4,6 +4,12 @@ It owns the cost models (verify and per-drafter), the drafters' global acceptanc
 request's acceptance posterior. The router asks it for k per request every step and reports back what
 each Verify and Propose measured, so the models keep refitting while the system runs. Pure code: no
 I/O, no clock, no gRPC; the router passes measured seconds in.
+
+Token trees: k is a tree's node budget. A request's E(k) comes from its drafter's probabilities
+(``tree.TreeCalibration``, fitted online per drafter from which nodes each verify accepted): exact for
+the tree just proposed (to choose how many of its nodes to verify), and from its previous tree, with a
+geometric tail past that tree's size, to choose the next budget before drafting. Until a request has
+proposed a tree, its drafter's geometric acceptance stands in.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from router.controller.allocator import (
     predicted_goodput,
 )
 from router.controller.cost_model import LinearCostModel, draft_features, new_draft_model, new_verify_model, verify_features
+from router.controller.tree import TreeCalibration, path_probs
 
 # Drafters that run no model: their proposals cost next to nothing (prompt lookup proposes K_max,
 # then the controller truncates).
@@ -79,6 +86,9 @@ class SpeculationController:
             model.reset_prior(model.prior)
         self.rates: dict[str, DrafterRates] = {}
         self._posteriors: dict[str, dict[str, RequestAcceptance]] = {}  # request id -> drafter -> posterior
+        self.calibrations: dict[str, TreeCalibration] = {}  # drafter -> its trees' calibration
+        self._trees: dict[str, dict[str, tuple[list[int], list[float]]]] = {}  # request id -> drafter -> last tree (parents, probs)
+        self._unverified: set[tuple[str, str]] = set()  # (request id, drafter) whose last tree awaits its verify
         self._previous: dict[str, int] = {}
         self.last: StepRecord | None = None
         self._step_errors: deque[float] = deque(maxlen=256)
@@ -101,6 +111,31 @@ class SpeculationController:
             self.draft_cost[drafter] = new_draft_model(model_free=drafter in MODEL_FREE_DRAFTERS)
         return self.draft_cost[drafter]
 
+    def calibration(self, drafter: str) -> TreeCalibration:
+        if drafter not in self.calibrations:
+            self.calibrations[drafter] = TreeCalibration(self.prior_strength)
+        return self.calibrations[drafter]
+
+    def _gains(self, request_id: str, drafter: str, cap: int) -> tuple[float, ...] | None:
+        """Marginal gains of the request's first `cap` tree nodes, from its last proposed tree (None: it
+        has none with this drafter). Past that tree's size the gains go on geometrically."""
+        tree = self._trees.get(request_id, {}).get(drafter)
+        if tree is None or not tree[0] or cap <= 0:
+            return None
+        gains = self.calibration(drafter).gains(*tree)[:cap]
+        ratio = min(gains[-1] / gains[-2], 1.0) if len(gains) > 1 and gains[-2] > 0 else gains[-1]
+        while len(gains) < cap:
+            gains.append(gains[-1] * ratio)
+        return tuple(gains)
+
+    def _candidate(self, request_id: str, drafter: str, cap: int) -> Candidate:
+        return Candidate(self.acceptance(request_id, drafter), cap, drafter, self._gains(request_id, drafter, cap))
+
+    def expected(self, request_id: str, drafter: str, k: int) -> float:
+        """E(k) the controller predicts for the request's next verify of k tokens (tree nodes) from
+        `drafter`: the target's own token plus the drafts expected to be accepted."""
+        return self._candidate(request_id, drafter, k).expected(k)
+
     def _posterior(self, request_id: str, drafter: str) -> RequestAcceptance:
         return self._posteriors.setdefault(request_id, {}).setdefault(drafter, RequestAcceptance())
 
@@ -119,12 +154,7 @@ class SpeculationController:
         return StepCost(base_s=max(base, 1e-4), token_s=coef["new_tokens"], jump_s=coef["any_speculation"], drafters=drafters)
 
     def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
-        return [
-            Candidate(self.acceptance(s.request_id, s.drafter), min(s.cap, self.k_max), s.drafter)
-            if s.drafter != "none"
-            else Candidate(0.0, 0, "none")
-            for s in slots
-        ]
+        return [self._candidate(s.request_id, s.drafter, min(s.cap, self.k_max)) if s.drafter != "none" else Candidate(0.0, 0, "none") for s in slots]
 
     # --- decisions ------------------------------------------------------------------------------
     def choose_drafter(self, request_id: str, drafters: Sequence[str], cap: int, context_tokens: int) -> str:
@@ -137,12 +167,12 @@ class SpeculationController:
         base = max(self.verify_cost.predict(verify_features(1, 1, context_tokens, False)), 1e-4)
         best, best_value = "none", 1.0 / base
         for name in drafters:
-            a = self.acceptance(request_id, name)
+            candidate = self._candidate(request_id, name, min(cap, self.k_max))
             hit = self._posterior(request_id, name).proposal_rate
             d = self.drafter_cost(name).as_dict()
-            for k in range(1, min(cap, self.k_max) + 1):
+            for k in range(1, candidate.cap + 1):
                 extra = coef["any_speculation"] + d["any_speculation"] + k * (coef["new_tokens"] + d["max_k"] + d["sum_k"])
-                value = (1.0 + hit * sum(a**j for j in range(1, k + 1))) / (base + extra)
+                value = (1.0 + hit * (candidate.expected(k) - 1.0)) / (base + extra)
                 if value > best_value:
                     best, best_value = name, value
         return best
@@ -180,14 +210,32 @@ class SpeculationController:
         return self.last
 
     # --- feedback -------------------------------------------------------------------------------
-    def observe_request(self, request_id: str, drafter: str, proposed: int, accepted: int, asked: int | None = None) -> None:
+    def observe_tree(self, request_id: str, drafter: str, parents: Sequence[int], probs: Sequence[float]) -> None:
+        """A token tree `drafter` proposed for the request this step (before it is cut to what is
+        verified): per node its parent and the drafter's probability of it given its path. The verify
+        decision and the next step's budget are estimated from it."""
+        if len(probs) != len(parents):
+            return  # no probabilities: the geometric estimate stands in
+        self._trees.setdefault(request_id, {})[drafter] = (list(parents), list(probs))
+        self._unverified.add((request_id, drafter))
+
+    def observe_request(
+        self, request_id: str, drafter: str, proposed: int, accepted: int, asked: int | None = None, accepted_nodes: Sequence[int] | None = None
+    ) -> None:
         """One request's outcome in one Verify (`asked` tokens asked of its drafter, `proposed`
-        verified, `accepted`). Old evidence fades a little every step, also when the request did not
+        verified, `accepted`; for a token tree, `accepted_nodes`: which of its nodes, which fits the
+        drafter's calibration). Old evidence fades a little every step, also when the request did not
         speculate, so a request that stopped speculating is tried again later."""
         for other in self._posteriors.get(request_id, {}).values():  # every drafter's, used this step or not
             other.decay(self.evidence_decay)
         if drafter == "none":
             return
+        if (request_id, drafter) in self._unverified:
+            self._unverified.discard((request_id, drafter))
+            if proposed > 0 and accepted_nodes is not None:
+                parents, probs = self._trees[request_id][drafter]
+                hit = set(accepted_nodes)
+                self.calibration(drafter).observe(path_probs(parents[:proposed], probs[:proposed]), [i in hit for i in range(proposed)])
         posterior = self._posterior(request_id, drafter)
         if asked:
             posterior.observe_ask(proposed)
@@ -212,6 +260,8 @@ class SpeculationController:
         """
         for rates in self.rates.values():
             rates.decay(self.rate_decay)
+        for calibration in self.calibrations.values():
+            calibration.decay(self.rate_decay)
         any_spec = new_tokens > num_sequences
         drafting_s = max((seconds for _, seconds in drafts.values()), default=0.0)
         self.verify_cost.observe(verify_features(num_sequences, new_tokens, context_tokens, any_spec), max(step_s - drafting_s, 0.0))
@@ -225,6 +275,8 @@ class SpeculationController:
         """A finished request's posteriors and last k go (its drafter's global rate keeps its evidence)."""
         self._previous.pop(request_id, None)
         self._posteriors.pop(request_id, None)
+        for drafter in self._trees.pop(request_id, {}):
+            self._unverified.discard((request_id, drafter))
 
     def step_error(self) -> float:
         """Mean absolute percentage error of the predicted step time over the recent window."""

@@ -19,10 +19,10 @@ from smartspec.bench.metrics import RequestRecord, summarize
 from smartspec.bench.workload import Arrival, Prompt, load_prompts, parse_workload, phase_counts, trace_rates, workload_schedule
 
 POLICIES = ("none", "fixed:1", "fixed:3", "fixed:5", "fixed:7", "uniform", "goodput")
-REAL_DRAFTERS = ("prompt_lookup", "draft_model", "auto")
+REAL_DRAFTERS = ("prompt_lookup", "draft_model", "tree", "auto")
 CONTROLLED = "controlled"
 # Drafter services each drafter needs behind the router ('controlled' lives in the router itself).
-SERVICES = {"prompt_lookup": ("prompt_lookup",), "draft_model": ("draft_model",), "auto": ("prompt_lookup", "draft_model")}
+SERVICES = {"prompt_lookup": ("prompt_lookup",), "draft_model": ("draft_model",), "tree": ("tree",), "auto": ("prompt_lookup", "draft_model")}
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class DrafterSpec:
 
 
 def parse_drafter(name: str) -> DrafterSpec:
-    """'prompt_lookup' | 'draft_model' | 'auto' | 'none' | 'controlled:A' (0 <= A <= 1)."""
+    """'prompt_lookup' | 'draft_model' | 'tree' | 'auto' | 'none' | 'controlled:A' (0 <= A <= 1)."""
     name = name.strip()
     if name.startswith(CONTROLLED + ":"):
         raw = name.split(":", 1)[1]
@@ -53,7 +53,7 @@ def parse_drafter(name: str) -> DrafterSpec:
     if name == CONTROLLED:
         raise ValueError("drafter 'controlled' needs its acceptance rate, e.g. controlled:0.7")
     if name not in (*REAL_DRAFTERS, "none"):
-        raise ValueError(f"unknown drafter {name!r}; use prompt_lookup, draft_model, auto, none or controlled:A")
+        raise ValueError(f"unknown drafter {name!r}; use prompt_lookup, draft_model, tree, auto, none or controlled:A")
     return DrafterSpec(name, name)
 
 

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--workloads", nargs="+", default=None, metavar="W",
              help=f"chat, copy, chat-trace, copy-trace (default {','.join(FULL['workloads'])})")
     add_flag(parser, "--drafters", nargs="+", default=None, metavar="D",
-             help=f"prompt_lookup, draft_model, auto, controlled:A (default {','.join(FULL['drafters'])})")
+             help=f"prompt_lookup, draft_model, tree, auto, controlled:A (default {','.join(FULL['drafters'])})")
     add_flag(parser, "--policies", nargs="+", default=None, metavar="P",
              help="policies to compare (default: none fixed:1 fixed:3 fixed:5 fixed:7 uniform goodput)")
     add_flag(parser, "--requests", type=int, default=None, help=f"requests per run (default {FULL['requests']})")

@@ -17,7 +17,7 @@ from smartspec.config import add_flag
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--prompt", default=None, help="text prompt (tokenized as is, no chat template)")
     add_flag(parser, "--chat", action="store_true", default=False, help="send the prompt as one user message (the chat template is applied)")
-    add_flag(parser, "--drafter", default="", help="auto, none, prompt_lookup or draft_model; empty = the router's default (auto)")
+    add_flag(parser, "--drafter", default="", help="auto, none, prompt_lookup, draft_model or tree (greedy only); empty = the router's default (auto)")
     add_flag(parser, "--policy", default="", help="speculation policy: goodput, uniform, none or fixed:K; empty = the router's default (goodput)")
     add_flag(parser, "--max-tokens", type=int, default=None, help="most tokens to generate; unset = the router's default (128)")
     add_flag(parser, "--stop", action="append", default=[], metavar="S", help="stop sequence (repeatable; env: comma-separated)")
@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--seed", type=int, default=None, help="seed of a sampling request (same seed, drafter and fixed policy: same output); unset = random")
     add_flag(parser, "--router", default="127.0.0.1:50051", help="router address HOST:PORT")
     add_flag(parser, "--timeout-s", type=float, default=None, help="deadline for the whole call, in seconds (unset = none)")
+    add_flag(parser, "--tls-ca", default="", help="PEM file to check the router's TLS certificate against (its CA, or the certificate itself); empty: plaintext")
+    add_flag(parser, "--auth-token", default="", help="bearer token the router requires (its --auth-token); empty: none")
     add_flag(parser, "--json", action="store_true", default=False, help="print one JSON object: token_ids, text, finish_reason, stats")
     add_flag(parser, "--stream", action="store_true", default=False, help="print text as it arrives")
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt = args.prompt
     try:
-        with Client(args.router, timeout_s=args.timeout_s) as client:
+        with Client(args.router, timeout_s=args.timeout_s, tls_ca=args.tls_ca or None, auth_token=args.auth_token or None) as client:
             if args.stream:
                 result = _stream(client, prompt, options, echo=not args.json)
             else:

@@ -5,7 +5,10 @@ report their address on stdout (`listening ROLE=HOST:PORT`) as soon as they are 
 their models; the router is started once it knows them. When every service's health check reports
 SERVING (every model loaded), one line goes to stdout:
 
-    ready router=HOST:PORT verifier=HOST:PORT draft_model=HOST:PORT prompt_lookup=HOST:PORT
+    ready router=HOST:PORT verifier=HOST:PORT draft_model=HOST:PORT prompt_lookup=HOST:PORT tree=HOST:PORT
+
+With `--verifiers N` there are N verifier replicas (`verifier`, `verifier2`, ...); the router spreads
+requests over them and moves the requests of one that dies to the others.
 
 After that a child that dies is logged and the others keep running. On SIGINT/SIGTERM/SIGHUP the
 router is stopped first (it drains its requests), then the rest. Children run in their own process
@@ -30,7 +33,9 @@ from smartspec.telemetry import add_trace_flags, trace_argv
 
 log = logging.getLogger("smartspec.up")
 
-DRAFTER_KINDS = ("draft_model", "prompt_lookup")
+DRAFTER_KINDS = ("draft_model", "prompt_lookup", "tree")
+# The drafters that run the draft model (--draft-model).
+MODEL_DRAFTERS = ("draft_model", "tree")
 # Flags `up` always sets on a child's command line; their variables are dropped from the child's
 # environment so that an append flag (the router's --drafter) does not also pick them up.
 _EXPLICIT_ENV = ("SMARTSPEC_HOST", "SMARTSPEC_PORT", "SMARTSPEC_KIND", "SMARTSPEC_VERIFIER", "SMARTSPEC_DRAFTER_ADDRESS")
@@ -40,9 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--port", type=int, default=50051, help="router port (0 picks a free one; the ready line shows it)")
     add_flag(parser, "--host", default="127.0.0.1", help="address every service binds")
     add_flag(parser, "--target-model", default="embedded", help="target model folder for the verifier and the router's tokenizer, or 'embedded'")
-    add_flag(parser, "--draft-model", default="embedded", help="draft model folder for the draft_model drafter, or 'embedded'")
+    add_flag(parser, "--draft-model", default="embedded", help="draft model folder for the draft_model and tree drafters, or 'embedded'")
     add_flag(parser, "--device", default="cpu", help="torch device of the verifier and the draft model")
     add_flag(parser, "--dtype", default="float32", help="dtype of the verifier and the draft model")
+    add_flag(parser, "--verifiers", type=int, default=1, help="verifier replicas to start (the router fails requests over between them)")
     add_flag(parser, "--drafters", default=",".join(DRAFTER_KINDS), help="drafter services to start, comma-separated (empty: none)")
     add_flag(parser, "--max-batch", type=int, default=16, help="router: most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="router: most requests waiting for admission")
@@ -74,16 +80,16 @@ def service_argvs(args: argparse.Namespace, target: str, draft: str) -> dict[str
     """Command lines of the verifier and drafters (the router's comes later: it needs their addresses)."""
     common = ["--host", args.host, "--port", "0", "--log-level", args.log_level, "--grace-s", str(args.grace_s), *trace_argv(args)]
     model = ["--device", args.device, "--dtype", args.dtype]
-    argvs = {"verifier": ["serve", "verifier", *common, "--target-model", target, *model]}
+    argvs = {role: ["serve", "verifier", *common, "--target-model", target, *model] for role in verifier_roles(args)}
     for kind in _drafter_kinds(args):
-        extra = ["--draft-model", draft, *model] if kind == "draft_model" else []
+        extra = ["--draft-model", draft, *model] if kind in MODEL_DRAFTERS else []
         argvs[kind] = ["serve", "drafter", "--kind", kind, *common, *extra]
     return argvs
 
 
 def router_argv(args: argparse.Namespace, target: str, addresses: dict[str, str]) -> list[str]:
     argv = ["serve", "router", "--host", args.host, "--port", str(args.port), "--log-level", args.log_level, "--grace-s", str(args.grace_s),
-            "--verifier", addresses["verifier"], "--target-model", target,
+            *(part for role in verifier_roles(args) for part in ("--verifier", addresses[role])), "--target-model", target,
             "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--startup-timeout-s", str(args.startup_timeout_s)]
     for kind in _drafter_kinds(args):
         argv += ["--drafter-address", f"{kind}={addresses[kind]}"]
@@ -94,6 +100,13 @@ def router_argv(args: argparse.Namespace, target: str, addresses: dict[str, str]
     if args.metrics_port:
         argv += ["--metrics-port", str(args.metrics_port)]
     return [*argv, *trace_argv(args)]
+
+
+def verifier_roles(args: argparse.Namespace) -> list[str]:
+    """'verifier', then 'verifier2', 'verifier3', ... for --verifiers N."""
+    if args.verifiers < 1:
+        raise ValueError(f"--verifiers must be at least 1 (got {args.verifiers})")
+    return ["verifier", *(f"verifier{i}" for i in range(2, args.verifiers + 1))]
 
 
 def _drafter_kinds(args: argparse.Namespace) -> list[str]:
@@ -257,7 +270,7 @@ async def up(args: argparse.Namespace) -> int:
     code = 0
     if starting.done() and starting.exception() is None:
         addresses = starting.result()
-        line = " ".join(f"{role}={addresses[role]}" for role in ("router", "verifier", *DRAFTER_KINDS) if role in addresses)
+        line = " ".join(f"{role}={addresses[role]}" for role in ("router", *verifier_roles(args), *DRAFTER_KINDS) if role in addresses)
         print(f"ready {line}", flush=True)
         await stopper
         log.info("stopping the stack")
@@ -278,7 +291,7 @@ def resolve_models(args: argparse.Namespace) -> tuple[str, str]:
     """Converts the embedded models once, here, before children start (so they don't all race to do it)."""
     from smartspec.models import resolve_model_path
 
-    needs_draft = "draft_model" in _drafter_kinds(args)
+    needs_draft = any(kind in MODEL_DRAFTERS for kind in _drafter_kinds(args))
     target = str(resolve_model_path(args.target_model, "target"))
     draft = str(resolve_model_path(args.draft_model, "draft")) if needs_draft else args.draft_model
     return target, draft
@@ -290,6 +303,6 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         return asyncio.run(up(args))
-    except (FileNotFoundError, RuntimeError) as err:  # e.g. a model folder that does not exist
+    except (FileNotFoundError, RuntimeError, ValueError) as err:  # e.g. a model folder that does not exist
         print(f"smartspec up: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,8 @@ transformers' DynamicCache crops every row of a batch alike and has no per-row p
 hold a ragged batch whose rows are rolled back independently. Here each layer keeps
 ``keys[l]: [slots, kv_heads, capacity, head_dim]`` (values alike). A step writes each row's new
 keys at that row's own positions and hands attention a view of the slots it touches; rows are cut back
-by the owner simply lowering their length (stale entries beyond it are masked, then overwritten).
+by the owner simply lowering their length (stale entries beyond it are masked, then overwritten), and
+an accepted tree path is compacted into sequence order with ``gather``.
 
 Live sequences are kept in slots ``0..live-1`` (a release moves the last slot into the hole), so a step
 over a contiguous range of slots attends to a zero-copy view; any other set of slots is gathered.
@@ -81,6 +82,15 @@ class SlotKVPool:
         """Copies the first `length` positions of slot `src` into slot `dst` (used to close holes)."""
         for tensor in self.keys + self.values:
             tensor[dst, :, :length].copy_(tensor[src, :, :length])
+
+    @torch.inference_mode()
+    def gather(self, slot: int, src: list[int], dst: int) -> None:
+        """Copies positions `src` of `slot`, in that order, to positions dst, dst + 1, ...: an accepted
+        tree path, written where the step's tokens went, is moved into sequence order (the source is
+        read whole before anything is written, so the ranges may overlap)."""
+        index = torch.tensor(src, dtype=torch.long, device=self._device)  # [n]
+        for tensor in self.keys + self.values:
+            tensor[slot, :, dst : dst + len(src)] = tensor[slot, :, index]
 
     def step_cache(self, slots: list[int], write_positions: torch.Tensor, view_len: int) -> "StepCache":
         """The cache object to pass a model as ``past_key_values`` for one batched step.

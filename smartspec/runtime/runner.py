@@ -1,7 +1,13 @@
 """One batched forward over a ragged batch of sequences, each continuing from its own cached length.
 
-Used by the verifier (target model) and by the draft-model drafter. The runner owns the KV pool and the
-per-sequence lengths; callers decide what to keep (``truncate``) after looking at the logits.
+Used by the verifier (target model) and by the draft-model drafters. The runner owns the KV pool and the
+per-sequence lengths; callers decide what to keep (``truncate``, or ``keep`` for a tree path) after
+looking at the logits.
+
+A row's new tokens are a chain (each follows the one before) or a token tree (each names its parent
+among the row's tokens): either way token j is written at column start + j of the row's KV, attends to
+the row's history, its ancestors and itself, and sits at position start + depth. A chain is simply the
+tree whose parents are -1, 0, 1, ..., so both go through one mask.
 """
 
 from __future__ import annotations
@@ -22,11 +28,67 @@ class StepRow:
     seq_id: str
     tokens: list[int]
     all_logits: bool = True
+    # A token tree: per token, the index of its parent among this row's tokens, or -1 for a token that
+    # follows the cached history directly (it sits at position start). None: a chain.
+    parents: list[int] | None = None
+    # Offsets of the tokens whose logits are returned, in this order (overrides all_logits).
+    logits_at: list[int] | None = None
+
+    def picked(self) -> list[int] | slice:
+        """The offsets whose logits this row returns."""
+        if self.logits_at is not None:
+            return self.logits_at
+        return slice(0, len(self.tokens)) if self.all_logits else slice(len(self.tokens) - 1, len(self.tokens))
+
+
+def ancestry(parents: list[int] | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a row of `count` new tokens: which tokens each one sees among them ([count, count] bool:
+    its ancestors and itself) and each one's offset from the row's start ([count]: its depth, where a
+    child of the history has depth 0). None is a chain: lower-triangular, offsets 0..count-1."""
+    if parents is None:
+        return torch.ones(count, count, dtype=torch.bool).tril(), torch.arange(count)
+    if len(parents) != count or any(not -1 <= p < j for j, p in enumerate(parents)):
+        raise ValueError(f"row parents {parents} do not describe a tree of {count} tokens (each parent -1 or an earlier offset)")
+    sees = torch.eye(count, dtype=torch.bool)  # [count, count]
+    depth = [0] * count
+    for j, parent in enumerate(parents):
+        if parent >= 0:
+            sees[j] |= sees[parent]
+            depth[j] = depth[parent] + 1
+    return sees, torch.tensor(depth)
+
+
+def step_layout(starts: list[int], rows: list[StepRow], view_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where one batched step writes, which positions it uses and what each query sees.
+
+    Returns columns [batch, n_max] (token j of row b is written at starts[b] + j), position ids
+    [batch, n_max] (starts[b] + depth) and the attention mask [batch, n_max, view_len]: a query sees
+    its row's history (columns < starts[b]) and, among the new columns, its ancestors and itself.
+    Padding queries (past a row's count) see causally, so no query sees nothing; their outputs are
+    discarded.
+    """
+    counts = [len(r.tokens) for r in rows]
+    n_max = max(counts)
+    offsets = torch.arange(n_max)  # [n_max]
+    start = torch.tensor(starts)  # [batch]
+    columns = start[:, None] + offsets[None, :]  # [batch, n_max]
+    block = torch.ones(len(rows), n_max, n_max, dtype=torch.bool).tril()  # [batch, n_max, n_max]: new token sees new token
+    positions = columns.clone()  # [batch, n_max]
+    for b, row in enumerate(rows):
+        if row.parents is not None:
+            sees, depth = ancestry(row.parents, counts[b])
+            block[b, : counts[b], : counts[b]] = sees
+            positions[b, : counts[b]] = starts[b] + depth
+    relative = torch.arange(view_len)[None, None, :] - start[:, None, None]  # [batch, 1, view_len]: column - start
+    new = (relative >= 0) & (relative < n_max)  # [batch, 1, view_len]
+    index = relative.clamp(0, n_max - 1).expand(len(rows), n_max, view_len)  # [batch, n_max, view_len]
+    mask = (relative < 0) | (new & block.gather(2, index))  # [batch, n_max, view_len]
+    return columns, positions, mask
 
 
 @dataclass
 class StepResult:
-    """Logits per row in request order ([n_new, vocab] or [1, vocab]) and the step's measurements."""
+    """Logits per row in request order ([n_picked, vocab]: see StepRow.picked) and the step's measurements."""
 
     logits: list[torch.Tensor]
     forward_s: float
@@ -110,6 +172,17 @@ class BatchedRunner:
             raise ValueError(f"cannot truncate {seq_id!r} from {self._length[seq_id]} to {length}")
         self._length[seq_id] = length
 
+    def keep(self, seq_id: str, start: int, offsets: list[int]) -> None:
+        """Keeps, of the tokens fed at `start` by the last step, those at `offsets` (increasing: an
+        accepted tree path, root first), moved to positions start, start + 1, ... in sequence order;
+        the rest is cut. For a chain's accepted prefix (offsets 0..n-1) this is a plain truncate."""
+        fed = self._length[seq_id] - start
+        if any(not 0 <= o < fed for o in offsets) or any(a >= b for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"cannot keep offsets {offsets} of the {fed} tokens {seq_id!r} was fed at {start}")
+        if offsets != list(range(len(offsets))):
+            self.pool.gather(self._slot_of[seq_id], [start + o for o in offsets], start)
+        self.truncate(seq_id, start + len(offsets))
+
     # --- the batched step -----------------------------------------------------------------------
     def step(self, rows: list[StepRow]) -> StepResult:
         """Appends each row's tokens to its sequence and returns the requested logits, in one forward
@@ -118,6 +191,9 @@ class BatchedRunner:
             return StepResult([], 0.0, 0, 0, 0)
         if min(len(r.tokens) for r in rows) < 1:
             raise ValueError("every row of a step needs at least one token")
+        for row in rows:
+            if row.logits_at is not None and any(not 0 <= o < len(row.tokens) for o in row.logits_at):
+                raise ValueError(f"row {row.seq_id!r}: logits asked at {row.logits_at} but it has {len(row.tokens)} tokens")
         logits: dict[str, torch.Tensor] = {}
         total = StepResult([], 0.0, 0, 0, 0)
         for group in self._fit_groups(rows):
@@ -164,12 +240,9 @@ class BatchedRunner:
         input_ids = torch.zeros(len(batch), n_max, dtype=torch.long)  # [batch, n_max], padded with id 0
         for b, row in enumerate(batch):
             input_ids[b, : counts[b]] = torch.tensor(row.tokens, dtype=torch.long)
-        offsets = torch.arange(n_max)
-        positions = torch.tensor(starts)[:, None] + offsets[None, :]  # [batch, n_max]
-        # Query at absolute position q sees keys at positions <= q: its own row's history and the new
-        # tokens before it. Padded queries see finite stale entries; their outputs are discarded.
-        mask = torch.arange(view_len)[None, None, :] <= positions[:, :, None]  # [batch, n_max, view_len]
-        cache = self.pool.step_cache([self._slot_of[r.seq_id] for r in batch], positions, view_len)
+        # Padded queries see finite stale entries; their outputs are discarded.
+        columns, positions, mask = step_layout(starts, batch, view_len)  # [batch, n_max] x2, [batch, n_max, view_len]
+        cache = self.pool.step_cache([self._slot_of[r.seq_id] for r in batch], columns, view_len)
 
         started = time.perf_counter()
         hidden = self._decoder(
@@ -179,7 +252,7 @@ class BatchedRunner:
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state  # [batch, n_max, hidden]
-        picked = [hidden[b, : counts[b]] if row.all_logits else hidden[b, counts[b] - 1 : counts[b]] for b, row in enumerate(batch)]
+        picked = [hidden[b, row.picked()] for b, row in enumerate(batch)]  # [n_picked, hidden] per row
         logits = self._head(torch.cat(picked)).float()  # [sum of picked, vocab]
         if device.type == "cuda":
             torch.cuda.synchronize(device)

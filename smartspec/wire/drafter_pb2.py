@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from smartspec.wire import common_pb2 as smartspec_dot_wire_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csmartspec/wire/drafter.proto\x12\x14smartspec.drafter.v1\x1a\x1bsmartspec/wire/common.proto\"\xc6\x01\n\x0eProposeRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x19\n\x11\x63ommitted_lengths\x18\x02 \x03(\r\x12\x17\n\x0f\x61ppended_counts\x18\x03 \x03(\r\x12\x1a\n\x12\x61ppended_token_ids\x18\x04 \x03(\r\x12\x18\n\x10max_draft_tokens\x18\x05 \x03(\r\x12\x35\n\x08sampling\x18\x06 \x03(\x0b\x32#.smartspec.common.v1.SamplingParams\"\xec\x01\n\x0fProposeResponse\x12\x35\n\x08statuses\x18\x01 \x03(\x0e\x32#.smartspec.drafter.v1.ProposeStatus\x12\x14\n\x0c\x64raft_counts\x18\x02 \x03(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\r\x12\x44\n\x13\x64raft_distributions\x18\x05 \x01(\x0b\x32\'.smartspec.common.v1.DraftDistributions\x12-\n\x05stats\x18\x04 \x01(\x0b\x32\x1e.smartspec.common.v1.StepStats\"%\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\r\n\x0bInfoRequest\"c\n\x0cInfoResponse\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.smartspec.common.v1.ModelInfo\x12\x16\n\x0elive_sequences\x18\x03 \x01(\r*j\n\rProposeStatus\x12\x1e\n\x1aPROPOSE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11PROPOSE_STATUS_OK\x10\x01\x12\"\n\x1ePROPOSE_STATUS_RESYNC_REQUIRED\x10\x02\x32\x8f\x02\n\x0e\x44rafterService\x12V\n\x07Propose\x12$.smartspec.drafter.v1.ProposeRequest\x1a%.smartspec.drafter.v1.ProposeResponse\x12V\n\x07Release\x12$.smartspec.drafter.v1.ReleaseRequest\x1a%.smartspec.drafter.v1.ReleaseResponse\x12M\n\x04Info\x12!.smartspec.drafter.v1.InfoRequest\x1a\".smartspec.drafter.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csmartspec/wire/drafter.proto\x12\x14smartspec.drafter.v1\x1a\x1bsmartspec/wire/common.proto\"\xc6\x01\n\x0eProposeRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x19\n\x11\x63ommitted_lengths\x18\x02 \x03(\r\x12\x17\n\x0f\x61ppended_counts\x18\x03 \x03(\r\x12\x1a\n\x12\x61ppended_token_ids\x18\x04 \x03(\r\x12\x18\n\x10max_draft_tokens\x18\x05 \x03(\r\x12\x35\n\x08sampling\x18\x06 \x03(\x0b\x32#.smartspec.common.v1.SamplingParams\"\x9e\x02\n\x0fProposeResponse\x12\x35\n\x08statuses\x18\x01 \x03(\x0e\x32#.smartspec.drafter.v1.ProposeStatus\x12\x14\n\x0c\x64raft_counts\x18\x02 \x03(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\r\x12\x44\n\x13\x64raft_distributions\x18\x05 \x01(\x0b\x32\'.smartspec.common.v1.DraftDistributions\x12-\n\x05stats\x18\x04 \x01(\x0b\x32\x1e.smartspec.common.v1.StepStats\x12\x15\n\rdraft_parents\x18\x06 \x03(\x05\x12\x19\n\x11\x64raft_token_probs\x18\x07 \x03(\x02\"%\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\r\n\x0bInfoRequest\"c\n\x0cInfoResponse\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12-\n\x05model\x18\x02 \x01(\x0b\x32\x1e.smartspec.common.v1.ModelInfo\x12\x16\n\x0elive_sequences\x18\x03 \x01(\r*j\n\rProposeStatus\x12\x1e\n\x1aPROPOSE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11PROPOSE_STATUS_OK\x10\x01\x12\"\n\x1ePROPOSE_STATUS_RESYNC_REQUIRED\x10\x02\x32\x8f\x02\n\x0e\x44rafterService\x12V\n\x07Propose\x12$.smartspec.drafter.v1.ProposeRequest\x1a%.smartspec.drafter.v1.ProposeResponse\x12V\n\x07Release\x12$.smartspec.drafter.v1.ReleaseRequest\x1a%.smartspec.drafter.v1.ReleaseResponse\x12M\n\x04Info\x12!.smartspec.drafter.v1.InfoRequest\x1a\".smartspec.drafter.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartspec.wire.drafter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPOSESTATUS']._serialized_start=715
-  _globals['_PROPOSESTATUS']._serialized_end=821
+  _globals['_PROPOSESTATUS']._serialized_start=765
+  _globals['_PROPOSESTATUS']._serialized_end=871
   _globals['_PROPOSEREQUEST']._serialized_start=84
   _globals['_PROPOSEREQUEST']._serialized_end=282
   _globals['_PROPOSERESPONSE']._serialized_start=285
-  _globals['_PROPOSERESPONSE']._serialized_end=521
-  _globals['_RELEASEREQUEST']._serialized_start=523
-  _globals['_RELEASEREQUEST']._serialized_end=560
-  _globals['_RELEASERESPONSE']._serialized_start=562
-  _globals['_RELEASERESPONSE']._serialized_end=597
-  _globals['_INFOREQUEST']._serialized_start=599
-  _globals['_INFOREQUEST']._serialized_end=612
-  _globals['_INFORESPONSE']._serialized_start=614
-  _globals['_INFORESPONSE']._serialized_end=713
-  _globals['_DRAFTERSERVICE']._serialized_start=824
-  _globals['_DRAFTERSERVICE']._serialized_end=1095
+  _globals['_PROPOSERESPONSE']._serialized_end=571
+  _globals['_RELEASEREQUEST']._serialized_start=573
+  _globals['_RELEASEREQUEST']._serialized_end=610
+  _globals['_RELEASERESPONSE']._serialized_start=612
+  _globals['_RELEASERESPONSE']._serialized_end=647
+  _globals['_INFOREQUEST']._serialized_start=649
+  _globals['_INFOREQUEST']._serialized_end=662
+  _globals['_INFORESPONSE']._serialized_start=664
+  _globals['_INFORESPONSE']._serialized_end=763
+  _globals['_DRAFTERSERVICE']._serialized_start=874
+  _globals['_DRAFTERSERVICE']._serialized_end=1145
 # @@protoc_insertion_point(module_scope)

@@ -34,18 +34,22 @@ class ProposeRequest(_message.Message):
     def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., committed_lengths: _Optional[_Iterable[int]] = ..., appended_counts: _Optional[_Iterable[int]] = ..., appended_token_ids: _Optional[_Iterable[int]] = ..., max_draft_tokens: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Iterable[_Union[_common_pb2.SamplingParams, _Mapping]]] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("statuses", "draft_counts", "draft_token_ids", "draft_distributions", "stats")
+    __slots__ = ("statuses", "draft_counts", "draft_token_ids", "draft_distributions", "stats", "draft_parents", "draft_token_probs")
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PARENTS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_PROBS_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedScalarFieldContainer[ProposeStatus]
     draft_counts: _containers.RepeatedScalarFieldContainer[int]
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_distributions: _common_pb2.DraftDistributions
     stats: _common_pb2.StepStats
-    def __init__(self, statuses: _Optional[_Iterable[_Union[ProposeStatus, str]]] = ..., draft_counts: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Union[_common_pb2.DraftDistributions, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ...) -> None: ...
+    draft_parents: _containers.RepeatedScalarFieldContainer[int]
+    draft_token_probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[ProposeStatus, str]]] = ..., draft_counts: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Union[_common_pb2.DraftDistributions, _Mapping]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ..., draft_parents: _Optional[_Iterable[int]] = ..., draft_token_probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids",)

@@ -1,0 +1,132 @@
+"""The router's verifier replicas: where each request lives, which replicas answer, and where to move
+requests whose replica stopped answering.
+
+A request's KV cache lives on one replica. When that replica stops answering (UNAVAILABLE,
+DEADLINE_EXCEEDED) or no longer knows the request (NOT_FOUND: it restarted), the scheduler re-admits the
+request elsewhere by a Prefill of its committed tokens (DESIGN.md section 7). The router owns those
+tokens, so nothing is lost and the output is unchanged: greedy is exact, and sampling draws are keyed
+by (seed, position), so the new replica draws what the old one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import grpc
+
+from router.request import RequestState
+from smartspec.wire import verifier_pb2, verifier_pb2_grpc
+
+log = logging.getLogger("smartspec.router.verifiers")
+
+# A replica that fails with one of these is down: its requests move, it is retried after a backoff.
+REPLICA_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# The replica answers but has lost some requests' state (e.g. it restarted): re-admit them.
+STATE_LOST = frozenset({grpc.StatusCode.NOT_FOUND})
+
+
+@dataclass(eq=False)
+class VerifierReplica:
+    """One verifier service, the requests it holds, and its health."""
+
+    address: str
+    stub: verifier_pb2_grpc.VerifierServiceStub
+    max_sequences: int
+    holding: set[str] = field(default_factory=set)  # ids prefilled here and not released
+    # ids it may still hold after their requests moved away: released once it answers again
+    orphans: set[str] = field(default_factory=set)
+    retry_at: float = 0.0
+    backoff_s: float = 0.0
+    failures: int = 0
+
+    def available(self) -> bool:
+        return time.monotonic() >= self.retry_at
+
+    @property
+    def free(self) -> int:
+        return self.max_sequences - len(self.holding)
+
+
+class VerifierPool:
+    """The replicas behind one router. Not thread-safe: used from the router's event loop."""
+
+    def __init__(self, replicas: Sequence[VerifierReplica], backoff_s: float = 0.5, max_backoff_s: float = 8.0) -> None:
+        if not replicas:
+            raise ValueError("a router needs at least one verifier")
+        self.replicas = list(replicas)
+        self._by_address = {r.address: r for r in self.replicas}
+        self._base_backoff = backoff_s
+        self._max_backoff = max_backoff_s
+
+    def __getitem__(self, address: str) -> VerifierReplica:
+        return self._by_address[address]
+
+    @property
+    def capacity(self) -> int:
+        return sum(r.max_sequences for r in self.replicas)
+
+    def any_available(self, besides: VerifierReplica | None = None) -> bool:
+        return any(r.available() for r in self.replicas if r is not besides)
+
+    def place(self, requests: Sequence[RequestState]) -> tuple[dict[VerifierReplica, list[RequestState]], list[RequestState]]:
+        """Assigns each request to the available replica with the most free slots. Returns the groups
+        and the requests that found no room (they wait)."""
+        room = {r: r.free for r in self.replicas if r.available()}
+        groups: dict[VerifierReplica, list[RequestState]] = {}
+        waiting: list[RequestState] = []
+        for request in requests:
+            replica = max(room, key=room.__getitem__, default=None)
+            if replica is None or room[replica] <= 0:
+                waiting.append(request)
+                continue
+            room[replica] -= 1
+            groups.setdefault(replica, []).append(request)
+        return groups, waiting
+
+    def hold(self, replica: VerifierReplica, requests: Sequence[RequestState]) -> None:
+        for request in requests:
+            request.verifier = replica.address
+            replica.holding.add(request.id)
+
+    def forget(self, requests: Sequence[RequestState]) -> None:
+        """The requests no longer live on their replica (released, or moving elsewhere)."""
+        for request in requests:
+            if request.verifier:
+                self._by_address[request.verifier].holding.discard(request.id)
+                request.verifier = ""
+
+    def mark_down(self, replica: VerifierReplica, error: str, moving: Sequence[RequestState]) -> None:
+        """The replica failed: skip it for a backoff that doubles per consecutive failure; the ids of
+        `moving` become orphans to release should it come back with their state."""
+        replica.failures += 1
+        replica.backoff_s = min(max(replica.backoff_s * 2, self._base_backoff), self._max_backoff)
+        replica.retry_at = time.monotonic() + replica.backoff_s
+        replica.orphans.update(r.id for r in moving)
+        log.warning("verifier %s failed (%s): %d of its requests move to another replica; retry in %.1fs",
+                    replica.address, error, len(moving), replica.backoff_s)
+
+    def answered(self, replica: VerifierReplica) -> list[str]:
+        """The replica answered: healthy again. Returns the orphans to release there (once)."""
+        if replica.failures:
+            log.info("verifier %s answers again", replica.address)
+        replica.failures = 0
+        replica.backoff_s = 0.0
+        orphans, replica.orphans = list(replica.orphans), set()
+        return orphans
+
+    async def release(self, replica: VerifierReplica, ids: Sequence[str], timeout_s: float) -> None:
+        """Frees ids on a replica; a replica that is down keeps them as orphans for later."""
+        if not ids:
+            return
+        if not replica.available():
+            replica.orphans.update(ids)
+            return
+        try:
+            await replica.stub.Release(verifier_pb2.ReleaseRequest(request_ids=list(ids)), timeout=timeout_s)
+        except grpc.RpcError as err:
+            replica.orphans.update(ids)
+            log.warning("verifier %s: release of %d requests failed (%s: %s); retried when it answers again",
+                        replica.address, len(ids), err.code().name if err.code() else "UNKNOWN", err.details())
