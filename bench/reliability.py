@@ -14,6 +14,8 @@ Scenarios (smartspec.bench.reliability sends the requests):
                   without speculation; then restarted on its port
   drafter hung    the same drafter stopped (SIGSTOP) for longer than the router's Propose deadline
                   mid-load, then resumed
+  verifier failover  a router in front of two verifier replicas; one SIGKILLed mid-load: its requests
+                  are re-admitted on the other from their committed tokens; outputs compared as above
 
 A request is lost when it ends with a status its scenario does not expect, or not within its deadline.
 The services' logs go to a temporary folder, named on stderr. About a minute on 2 CPU cores.
@@ -26,6 +28,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import select
 import signal
 import subprocess
@@ -191,6 +194,30 @@ def drafter_failure(
     return tally
 
 
+def verifier_failover(router: str, victim: Service, reference: list[list[int]], router_log: Path) -> Tally:
+    """Sends `drafter_batch()` to a router with two verifier replicas and kills `victim` (one of them)
+    mid-load; every request must finish with the output it has without any failure."""
+    requests = drafter_batch()
+
+    async def batch_with_failure():
+        sending = asyncio.ensure_future(burst(router, requests, timeout_s=600))
+        await asyncio.sleep(1.5)  # mid-load: both replicas hold requests, none finished
+        victim.send(signal.SIGKILL)
+        return await sending
+
+    started = time.monotonic()
+    replies = asyncio.run(batch_with_failure())
+    tally = Tally("verifier failover", frozenset())
+    for reply in replies:
+        tally.add(reply.outcome)
+    moved = [int(n) for n in re.findall(r"(\d+) of its requests move to another replica", router_log.read_text())]
+    tally.notes = {
+        "token_exact": sum(r.response is not None and list(r.response.token_ids) == want for r, want in zip(replies, reference)),
+        "requests_moved": sum(moved), "seconds": round(time.monotonic() - started, 1),
+    }
+    return tally
+
+
 # --- output -------------------------------------------------------------------------------------------
 def table(tally: Tally) -> str:
     row = tally.row()
@@ -233,9 +260,14 @@ def main() -> int:
                   *(part for name, address in drafters.items() for part in ("--drafter-address", f"{name}={address}"))]
         router = Service("router", ["router", "--port", "0", *common], logs)
         small = Service("router-small", ["router", "--port", "0", "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), *common], logs)
-        services += [router, small]
+        replica = Service("verifier2", ["verifier", "--port", "0", "--target-model", target, "--max-sequences", "32"], logs)
+        services += [router, small, replica]
         router.wait_serving()
         small.wait_serving()
+        replica.wait_serving()
+        replicated = Service("router-replicated", ["router", "--port", "0", "--verifier", replica.address, *common], logs)
+        services.append(replicated)
+        replicated.wait_serving()
         stack_s = time.monotonic() - started
         max_context = verifier_context(verifier.address)
         # The drafter scenarios' requests without speculation: their outputs must equal these.
@@ -253,6 +285,7 @@ def main() -> int:
                                     fail=lambda: lookup.send(signal.SIGKILL), recover=lambda: restart(lookup, logs), reference=reference),
             lambda: drafter_failure("drafter hung", router.address, verifier.address, drafters,
                                     fail=lambda: lookup.send(signal.SIGSTOP), recover=lambda: lookup.send(signal.SIGCONT), reference=reference),
+            lambda: verifier_failover(replicated.address, replica, reference, logs / "router-replicated.log"),
         ):
             tally = run()
             tallies.append(tally)
