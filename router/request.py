@@ -73,6 +73,7 @@ class RequestState:
     drafter_synced: dict[str, int] = field(default_factory=dict)
     drafter_contacted: set[str] = field(default_factory=set)  # drafters that may hold state to release
     verifier: str = ""  # address of the verifier replica that holds its KV cache ("" while it holds none)
+    failovers: int = 0  # moves to another replica since its last successful Prefill or Verify
     admitted: float | None = None
     first_token: float | None = None
     finish_reason: int | None = None

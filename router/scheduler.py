@@ -1,8 +1,8 @@
 """Continuous batching: requests join and leave the running batch between steps.
 
 One loop iteration:
-  1. admit: waiting requests (up to the batch limit) are prefilled in one batched Prefill call; the
-     first token comes from it;
+  1. admit: waiting requests (up to the batch limit) are prefilled, one batched Prefill call per
+     verifier replica; the first token comes from it;
   2. step: the policies pick k per request, the drafters are called in parallel (asyncio.gather),
      then ONE Verify call checks every running request's proposal (k = 0 is plain decoding);
   3. the emitted tokens are committed per request (stop rules applied) and streamed out;
@@ -107,6 +107,7 @@ class Scheduler:
         request.cancelled = True
         if request in self.waiting:
             self.waiting.remove(request)
+            self._drop([request])  # it may have run before (moved off a failed replica): free what it holds
         self._wake.set()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -183,7 +184,9 @@ class Scheduler:
         batch: list[RequestState] = []
         while self.waiting and len(batch) < room:
             request = self.waiting.popleft()
-            if not request.cancelled:
+            if request.cancelled or request.done:
+                self._drop([request])
+            else:
                 batch.append(request)
         if not batch:
             return
@@ -191,12 +194,9 @@ class Scheduler:
         for request in reversed(no_room):
             self.waiting.appendleft(request)
         if not groups:
-            if not self.verifiers.any_available():
-                error = RequestError("UNAVAILABLE", "no verifier replica is reachable; retry later")
-                for request in batch:
-                    request.fail(error)
-            else:
-                await asyncio.sleep(0.01)  # every replica is full: wait for one of ours to leave
+            # Every replica is backing off after a failure (the next Prefill tries it again, and fails
+            # these requests if it is still down) or full (one of ours leaves soon): wait, not spin.
+            await asyncio.sleep(max(0.01, self.verifiers.seconds_until_available()))
             return
         await asyncio.gather(*(self._prefill(replica, group) for replica, group in groups.items()))
 
@@ -204,9 +204,13 @@ class Scheduler:
         """Admits `batch` on one replica: a new request's context is its prompt; a request moving from
         a failed replica sends all its committed tokens, and the token the Prefill returns is its next."""
         now = time.perf_counter()
-        new = [r for r in batch if r.admitted is None]
+        new = [r for r in batch if r.first_token is None]  # the others move from a failed replica
         for request in new:
             request.admitted = now
+        stale = [r.id for r in batch if r.id in replica.orphans]  # it may still hold an old copy of them
+        if stale:
+            replica.orphans.difference_update(stale)
+            await self.verifiers.release(replica, stale, self.verifier_timeout_s)
         self.running.extend(batch)  # from here on a failure is theirs too; _reap releases the failed
         self.verifiers.hold(replica, batch)
         items = [verifier_pb2.PrefillItem(request_id=r.id, token_ids=r.tokens, sampling=r.params.sampling.to_wire()) for r in batch]
@@ -222,6 +226,8 @@ class Scheduler:
             await self._verifier_failed(replica, batch, "prefill", err)
             return
         self._answered(replica)
+        for request in batch:
+            request.failovers = 0
         self._admit_cap = None
         self.telemetry.admitted(new)
         if len(reply.next_token_ids) != len(batch):
@@ -346,8 +352,18 @@ class Scheduler:
         or if it lost the requests' state, the requests are re-admitted from their committed tokens
         (at the front of the queue); otherwise they fail with the verifier's error."""
         code = err.code()
+        # A request that moved through every replica without progress fails rather than bouncing on.
+        limit = len(self.verifiers.replicas)
+        stuck = [r for r in batch if r.failovers >= limit]
+        if stuck:
+            error = _verifier_error(what, err)
+            for request in stuck:
+                request.fail(error)  # still running: reaped and released like any failed request
+            batch = [r for r in batch if r.failovers < limit]
         if code in REPLICA_DOWN and self.verifiers.any_available(besides=replica):
             self.verifiers.mark_down(replica, f"{code.name}: {err.details()}", batch)
+            if not batch:
+                return
         elif code in STATE_LOST:
             log.warning("verifier %s lost state (%s); re-admitting %d requests", replica.address, err.details(), len(batch))
             await self.verifiers.release(replica, [r.id for r in batch], self.verifier_timeout_s)
@@ -362,7 +378,10 @@ class Scheduler:
         moving = set(map(id, batch))
         self.running = [r for r in self.running if id(r) not in moving]
         for request in reversed(batch):
-            if not (request.done or request.cancelled):
+            if request.done or request.cancelled:
+                self._drop([request])
+            else:
+                request.failovers += 1
                 self.waiting.appendleft(request)
         self._wake.set()
 
@@ -461,6 +480,14 @@ class Scheduler:
         releases = [self.verifiers.release(self.verifiers[address], ids, self.verifier_timeout_s) for address, ids in by_replica.items()]
         if releases:  # shielded: completes even if the loop is cancelled meanwhile
             await asyncio.shield(asyncio.gather(*releases))
+
+    def _drop(self, requests: list[RequestState]) -> None:
+        """Requests leaving without passing through the running batch's reaping (cancelled while queued,
+        or ended while moving between replicas): free their drafter and controller state. One that never
+        ran holds none."""
+        ran = [r for r in requests if r.first_token is not None]
+        if ran:
+            self._in_background(self._release(ran))
 
     def _in_background(self, work) -> None:
         task = asyncio.get_running_loop().create_task(work)

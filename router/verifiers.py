@@ -2,10 +2,12 @@
 requests whose replica stopped answering.
 
 A request's KV cache lives on one replica. When that replica stops answering (UNAVAILABLE,
-DEADLINE_EXCEEDED) or no longer knows the request (NOT_FOUND: it restarted), the scheduler re-admits the
-request elsewhere by a Prefill of its committed tokens (DESIGN.md section 7). The router owns those
-tokens, so nothing is lost and the output is unchanged: greedy is exact, and sampling draws are keyed
-by (seed, position), so the new replica draws what the old one would have.
+DEADLINE_EXCEEDED) or does not hold the request as expected (NOT_FOUND: it restarted; ALREADY_EXISTS: an
+old copy), the scheduler re-admits the request elsewhere by a Prefill of its committed tokens (DESIGN.md
+section 7). The router owns those tokens, so nothing is lost: greedy output is exactly the same, and a
+sampling request keeps its distribution. (Its exact tokens stay the same too without drafts, since
+draws are keyed by (seed, position); with drafts, the re-prefill samples the next token directly where
+a verify would have accepted or rejected a draft with other draws.)
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ log = logging.getLogger("smartspec.router.verifiers")
 
 # A replica that fails with one of these is down: its requests move, it is retried after a backoff.
 REPLICA_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-# The replica answers but has lost some requests' state (e.g. it restarted): re-admit them.
-STATE_LOST = frozenset({grpc.StatusCode.NOT_FOUND})
+# The replica answers but its state of the requests is not what the router expects: it lost them (it
+# restarted: NOT_FOUND), or still holds an old copy (ALREADY_EXISTS): release there and re-admit.
+STATE_LOST = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS})
 
 
 @dataclass(eq=False)
@@ -47,7 +50,8 @@ class VerifierReplica:
 
     @property
     def free(self) -> int:
-        return self.max_sequences - len(self.holding)
+        """Slots left: orphans may still take slots on the replica until they are released."""
+        return self.max_sequences - len(self.holding) - len(self.orphans)
 
 
 class VerifierPool:
@@ -70,6 +74,10 @@ class VerifierPool:
 
     def any_available(self, besides: VerifierReplica | None = None) -> bool:
         return any(r.available() for r in self.replicas if r is not besides)
+
+    def seconds_until_available(self) -> float:
+        """How long until the first replica that is backing off may be tried again (0 if one may now)."""
+        return max(0.0, min(r.retry_at for r in self.replicas) - time.monotonic())
 
     def place(self, requests: Sequence[RequestState]) -> tuple[dict[VerifierReplica, list[RequestState]], list[RequestState]]:
         """Assigns each request to the available replica with the most free slots. Returns the groups

@@ -9,8 +9,8 @@ Randomness is a pure function of (request seed, token index, purpose) rather tha
   ``uniform(seed, i, EMIT)`` to sample its own token at index i (prefill, residual or bonus token).
 
 So a seeded request with a fixed drafter and k produces the same tokens whatever it is batched with,
-whichever verifier replica serves it (a re-prefill after a failover draws the same numbers) and however
-often a drafter loses and resyncs its state. What it cannot fix: when k changes (the goodput policy, a
+and however often a drafter loses and resyncs its state (and, without drafts, whichever verifier
+replica serves it: a re-prefill after a failover draws the same numbers). What it cannot fix: when k changes (the goodput policy, a
 drafter that fails or misses its deadline, the end of the token budget) different draws get used, so
 only the distribution is the same; and float rounding differs a little between batch compositions, so
 a draw within ~1e-6 of a probability boundary could go either way.

@@ -1,6 +1,7 @@
 """Several verifier replicas behind one router: a replica that dies mid-load, or loses its state, costs no
 request; its requests are re-admitted on another replica from their committed tokens and finish with
-exactly the output they would have had (greedy: the target's own; seeded sampling: the same tokens)."""
+exactly the output they would have had (greedy: the target's own; seeded sampling without drafts: the
+same tokens, since draws are keyed by position)."""
 
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ def live(address: str) -> int:
 
 
 def requests() -> list[router_pb2.GenerateRequest]:
-    """Greedy requests with and without speculation, and seeded sampling ones."""
+    """Greedy requests with and without speculation, and seeded sampling ones without drafts (with drafts,
+    the token right after a failover is drawn differently: only its distribution is kept)."""
     out = []
     for i, prompt in enumerate(PROMPTS):
         drafter = ("prompt_lookup", "none")[i % 2]
         if i % 3 == 2:
-            out.append(router_pb2.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, drafter=drafter, policy="fixed:2", temperature=0.8, top_k=20, seed=i))
+            out.append(router_pb2.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, drafter="none", temperature=0.8, top_k=20, seed=i))
         else:
             out.append(router_pb2.GenerateRequest(prompt=prompt, max_tokens=MAX_TOKENS, drafter=drafter, policy="fixed:3"))
     return out
@@ -107,10 +109,23 @@ def test_a_replica_that_lost_its_state_gets_the_requests_again(replicas, tiny_ta
 
 def test_with_every_replica_gone_requests_fail_cleanly(replicas):
     router, servers = replicas
+    scheduler = router.servicer.scheduler
+    scheduler.verifiers._base_backoff = 1.0  # a longer first backoff, so that waiting it out is visible
     for server in servers:
         server.stop()
     replies = generate_many(router.stub, requests()[:4], timeout=60)
     assert all(isinstance(r, grpc.RpcError) and r.code() == grpc.StatusCode.UNAVAILABLE for r in replies), replies
+    # Now every replica is backing off: new requests wait for the next try (which fails them) while the
+    # router keeps answering, rather than spinning on its event loop.
+    futures = [router.stub.Generate.future(r, timeout=60) for r in requests()[:4]]
+    assert wait_until(lambda: len(scheduler.waiting) == 4, 5)
+    started = time.monotonic()
+    router.stub.Stats(router_pb2.StatsRequest(), timeout=5)
+    assert time.monotonic() - started < 0.3
+    for future in futures:
+        with pytest.raises(grpc.RpcError) as err:
+            future.result()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_up_with_two_verifiers_survives_killing_one(tiny_target, tiny_draft, tmp_path):

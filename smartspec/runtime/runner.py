@@ -72,6 +72,9 @@ def step_layout(starts: list[int], rows: list[StepRow], view_len: int) -> tuple[
     offsets = torch.arange(n_max)  # [n_max]
     start = torch.tensor(starts)  # [batch]
     columns = start[:, None] + offsets[None, :]  # [batch, n_max]
+    if all(row.parents is None for row in rows):  # chains only (the usual step): plain causal, ~5x cheaper
+        mask = torch.arange(view_len)[None, None, :] <= columns[:, :, None]  # [batch, n_max, view_len]
+        return columns, columns, mask
     block = torch.ones(len(rows), n_max, n_max, dtype=torch.bool).tril()  # [batch, n_max, n_max]: new token sees new token
     positions = columns.clone()  # [batch, n_max]
     for b, row in enumerate(rows):
