@@ -51,6 +51,15 @@ class _Node:
     expanded: bool = False
 
 
+def top_children(logits: torch.Tensor, branching: int) -> list[tuple[list[float], list[int]]]:
+    """Per row of logits ([rows, vocab]): the `branching` most likely tokens and their draft
+    probabilities, most likely first. One batched top-b and one transfer for a whole round."""
+    logits = logits.float()
+    values, ids = torch.topk(logits, min(branching, logits.shape[-1]), dim=-1)  # [rows, b]
+    probs = torch.exp(values - torch.logsumexp(logits, dim=-1, keepdim=True))  # [rows, b]
+    return list(zip(probs.tolist(), ids.tolist()))
+
+
 class _Growth:
     """One request's tree while it grows: every candidate found so far, in the order found."""
 
@@ -60,13 +69,11 @@ class _Growth:
         self.max_depth = max_depth  # deeper nodes would pass the draft model's context limit
         self.nodes: list[_Node] = []
 
-    def add_children(self, parent: int, logits: torch.Tensor) -> None:
-        """Adds the top-b next tokens after `parent` (ROOT: after the context) from its logits ([vocab])."""
-        probs = torch.softmax(logits.float(), dim=-1)  # [vocab]
-        values, ids = torch.topk(probs, min(self.branching, probs.shape[0]))  # [b] each
+    def add_children(self, parent: int, probs: list[float], tokens: list[int]) -> None:
+        """Adds the top-b next tokens after `parent` (ROOT: after the context), most likely first."""
         above = self.nodes[parent] if parent != ROOT else None
         cum, depth = (above.cum, above.depth + 1) if above is not None else (1.0, 1)
-        for prob, token in zip(values.tolist(), ids.tolist()):
+        for prob, token in zip(probs, tokens):
             self.nodes.append(_Node(token, parent, prob, cum * prob, depth))
         if above is not None:
             above.expanded = True
@@ -147,18 +154,21 @@ class TreeDrafter(ModelDrafter):
             return result
         # Round 0: the committed tokens not in the KV yet; the last one's logits give the root's children.
         logits = self._forward([StepRow(batch[i].request_id, self._unfed(batch[i]), all_logits=False) for i in growing], result)
-        for (i, growth), out in zip(growing.items(), logits):
+        children = top_children(torch.stack([out[-1] for out in logits]), self.branching)
+        for (i, growth), (probs, tokens) in zip(growing.items(), children):
             self._rows[batch[i].request_id].synced = len(batch[i].context)
-            growth.add_children(ROOT, out[-1])
+            growth.add_children(ROOT, probs, tokens)
         while True:
             expand = {i: nodes for i, growth in growing.items() if (nodes := growth.to_expand())}
             if not expand:
                 break
             rows = [growing[i].feed(batch[i].request_id, nodes) for i, nodes in expand.items()]
-            for (i, nodes), out in zip(expand.items(), self._forward(rows, result)):  # out: [len(nodes), vocab]
+            outs = self._forward(rows, result)  # per request: [len(nodes), vocab]
+            children = iter(top_children(torch.cat(outs), self.branching))  # one top-b for the whole round
+            for i, nodes in expand.items():
                 self.runner.truncate(batch[i].request_id, len(batch[i].context))  # tree nodes are not kept
-                for node, node_logits in zip(nodes, out):
-                    growing[i].add_children(node, node_logits)
+                for node in nodes:
+                    growing[i].add_children(node, *next(children))
         for i, growth in growing.items():
             result.drafts[i], result.parents[i], result.token_probs[i] = growth.tree()
         return result
