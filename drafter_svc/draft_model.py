@@ -10,12 +10,12 @@ position: position j runs only the requests that asked for at least j tokens.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from drafter_svc.base import Proposal, SyncedRequest
-from drafter_svc.model_drafter import ModelDrafter
+from drafter_svc.model_drafter import ModelDrafter, at_least_one
 from smartspec.config import add_flag
 from smartspec.runtime.runner import StepRow
 from smartspec.runtime.sampler import draft_distribution
@@ -27,19 +27,10 @@ class DraftModelDrafter(ModelDrafter):
 
     kind = "draft_model"
 
-    def __init__(
-        self,
-        draft_model: str = "embedded",
-        device: str = "cpu",
-        dtype: str = "float32",
-        max_sequences: int = 32,
-        max_context: int = 0,
-        sample_top_n: int = 64,
-    ) -> None:
-        if sample_top_n < 1:
-            raise ValueError(f"sample_top_n must be at least 1 (got {sample_top_n})")
-        super().__init__(draft_model, device, dtype, max_sequences, max_context)
-        self.sample_top_n = sample_top_n
+    def __init__(self, draft_model: str = "embedded", *, sample_top_n: int = 64, **model: Any) -> None:
+        """`model`: ModelDrafter's other arguments (device, dtype, max_sequences, max_context)."""
+        self.sample_top_n = at_least_one("sample_top_n", sample_top_n)
+        super().__init__(draft_model, **model)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -52,11 +43,9 @@ class DraftModelDrafter(ModelDrafter):
         return cls(**cls.model_options(args), sample_top_n=args.sample_top_n)
 
     # --- drafting -------------------------------------------------------------------------------
-    def _pick(self, request: SyncedRequest, logits: torch.Tensor, index: int) -> tuple[int, DraftDistribution | None]:
-        """The draft token at sequence index `index` from its logits ([vocab]): the argmax for a greedy
-        request, else a draw from the processed top-N distribution, which is returned with it."""
-        if request.sampling.greedy:
-            return int(logits.argmax()), None
+    def _sample(self, request: SyncedRequest, logits: torch.Tensor, index: int) -> tuple[int, DraftDistribution]:
+        """A sampling request's draft token at sequence index `index` from its logits ([vocab]): a draw
+        from the processed top-N distribution, which is returned with it."""
         dist = draft_distribution(logits, request.sampling, self.sample_top_n)
         return dist.sample(uniform(request.sampling.seed, index, DRAFT)), dist
 
@@ -69,8 +58,9 @@ class DraftModelDrafter(ModelDrafter):
         for j in range(1, max(wanted.values(), default=0) + 1):
             active = [i for i, k in wanted.items() if k >= j]
             logits = torch.cat(self._forward([StepRow(batch[i].request_id, feed[i], all_logits=False) for i in active], result))  # [active, vocab]
-            for i, row in zip(active, logits):
-                token, dist = self._pick(batch[i], row, len(batch[i].context) + j - 1)
+            argmax = logits.argmax(dim=-1).tolist()  # [active]: one transfer for the greedy rows
+            for i, row, best in zip(active, logits, argmax):
+                token, dist = (best, None) if batch[i].sampling.greedy else self._sample(batch[i], row, len(batch[i].context) + j - 1)
                 result.drafts[i].append(token)
                 if sampled:
                     result.distributions[i].append(dist)

@@ -24,6 +24,13 @@ from smartspec.runtime.runner import StepResult, StepRow
 from smartspec.wire import common_pb2
 
 
+def at_least_one(name: str, value: int) -> int:
+    """A backend option that must be positive, checked before the model loads."""
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1 (got {value})")
+    return value
+
+
 @dataclass
 class _Row:
     """What one request's KV row holds: `synced` committed tokens, then `drafts` fed last call."""

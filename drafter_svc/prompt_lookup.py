@@ -63,7 +63,7 @@ class PromptLookupDrafter(Drafter):
 
     @property
     def max_sequences(self) -> int:
-        """Bounds memory should requests never be released (an index takes up to ~280 bytes per token)."""
+        """Bounds memory should requests never be released (an index holds a dict entry per n-gram length and position)."""
         return self._max_sequences
 
     @classmethod

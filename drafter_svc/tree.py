@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from drafter_svc.base import Proposal, SyncedRequest
-from drafter_svc.model_drafter import ModelDrafter
+from drafter_svc.model_drafter import ModelDrafter, at_least_one
 from smartspec.config import add_flag
 from smartspec.errors import RequestError
 from smartspec.runtime.runner import StepRow
@@ -123,19 +123,10 @@ class TreeDrafter(ModelDrafter):
 
     kind = "tree"
 
-    def __init__(
-        self,
-        draft_model: str = "embedded",
-        device: str = "cpu",
-        dtype: str = "float32",
-        max_sequences: int = 32,
-        max_context: int = 0,
-        branching: int = 4,
-    ) -> None:
-        if branching < 1:
-            raise ValueError(f"branching must be at least 1 (got {branching})")
-        super().__init__(draft_model, device, dtype, max_sequences, max_context)
-        self.branching = branching
+    def __init__(self, draft_model: str = "embedded", *, branching: int = 4, **model: Any) -> None:
+        """`model`: ModelDrafter's other arguments (device, dtype, max_sequences, max_context)."""
+        self.branching = at_least_one("branching", branching)
+        super().__init__(draft_model, **model)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

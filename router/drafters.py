@@ -53,6 +53,8 @@ class Draft:
 
     def cut(self, k: int) -> "Draft":
         """The first k tokens: a tree again, since drafters put parents before their children."""
+        if k >= len(self.tokens):
+            return self
         return Draft(self.tokens[:k], self.dists[:k], self.parents[:k], self.probs[:k])
 
     def chain_length(self) -> int:

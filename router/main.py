@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--default-policy", default="goodput", help="speculation policy for requests that name none: goodput, uniform, none or fixed:K")
     add_flag(parser, "--k-max", type=int, default=8, help="most draft tokens the goodput and uniform policies give one request per step")
     add_flag(parser, "--cost-profile", default="auto", choices=["auto", "refresh", "off"],
-             help="verify cost model prior: auto (cached per model/device/dtype, else measured at startup, ~30 s), refresh, or off (built-in defaults)")
+             help="verify cost model prior: auto (cached per model/device/dtype, else measured at startup, tens of seconds), refresh, or off (built-in defaults)")
     add_flag(parser, "--default-max-tokens", type=int, default=128, help="max_tokens for requests that leave it unset")
     add_flag(parser, "--drafter-timeout-s", type=float, default=2.0, help="deadline of one Propose call; past it the step goes on without speculation")
     add_flag(parser, "--verifier-timeout-s", type=float, default=120.0, help="deadline of one Prefill or Verify call")

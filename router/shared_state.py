@@ -19,7 +19,7 @@ unreachable stays local (sent later it would be stale), and the fleet's counts a
 Redis fails: the controller then works on local state alone, exactly as without Redis.
 
 The cost profile is stored under ``NS:profile:KEY``, KEY as in router/controller/profile.py, so a second
-replica reads the first one's instead of measuring its own (~30 s).
+replica reads the first one's instead of measuring its own (tens of seconds).
 
 Redis going away or coming back is logged once each way; reconnection is retried with a doubling
 backoff. No error from Redis reaches a request.

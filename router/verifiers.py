@@ -19,6 +19,7 @@ from typing import Sequence
 
 import grpc
 
+from router.drafters import describe_rpc_error
 from router.request import RequestState
 from smartspec.wire import verifier_pb2, verifier_pb2_grpc
 
@@ -136,5 +137,5 @@ class VerifierPool:
             await replica.stub.Release(verifier_pb2.ReleaseRequest(request_ids=list(ids)), timeout=timeout_s)
         except grpc.RpcError as err:
             replica.orphans.update(ids)
-            log.warning("verifier %s: release of %d requests failed (%s: %s); retried when it answers again",
-                        replica.address, len(ids), err.code().name if err.code() else "UNKNOWN", err.details())
+            log.warning("verifier %s: release of %d requests failed (%s); retried when it answers again",
+                        replica.address, len(ids), describe_rpc_error(err))

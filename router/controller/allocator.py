@@ -16,7 +16,7 @@ fall with j, so each request's tokens come in order) and the best allocation see
 The fixed jump at the first speculative token means goodput may dip before it rises, so the walk never
 stops at the first dip. When only c_tok and the jump matter (one drafter, no per-position cost) this
 ordering is exactly optimal for the model; the per-position and per-drafter terms make it a close
-approximation (tests/test_controller.py bounds the gap against brute force).
+approximation (tests/test_controller_allocator.py bounds the gap against brute force).
 
 The published baseline ("uniform") picks one k for the whole batch: argmax of goodput over k = 0..K,
 stopping at the first k that is worse than the one before.

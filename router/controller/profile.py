@@ -4,7 +4,7 @@ and, when router replicas share state, in a shared store under the same key (so 
 of a fleet pays for the sweep).
 
 It goes through the verifier's real RPC (as the router's own steps do), so what it measures includes
-the RPC and bookkeeping the router will wait for. A few dozen steps: ~30 s for the embedded model on a
+the RPC and bookkeeping the router will wait for. A few dozen steps: tens of seconds for the embedded model on a
 2-core CPU, then a cache hit at every later start.
 """
 

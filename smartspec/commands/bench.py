@@ -26,7 +26,7 @@ from pathlib import Path
 from smartspec.config import add_flag
 
 # Profiles: what an unset flag means. --quick finishes within 5 minutes on a 2-core CPU, stack start
-# included (42 runs of 6 requests of <= 40 tokens); the default (378 runs) takes ~40 minutes there.
+# included (42 runs of 6 requests of <= 40 tokens); the default (378 runs) has not been timed.
 QUICK = {
     "workloads": ["copy"],
     "drafters": ["prompt_lookup", "controlled:0.7"],

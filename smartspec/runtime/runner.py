@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from smartspec.runtime.kv_pool import SlotKVPool
+from smartspec.tree import depths, parents_problem
 
 
 @dataclass
@@ -47,15 +48,14 @@ def ancestry(parents: list[int] | None, count: int) -> tuple[torch.Tensor, torch
     child of the history has depth 0). None is a chain: lower-triangular, offsets 0..count-1."""
     if parents is None:
         return torch.ones(count, count, dtype=torch.bool).tril(), torch.arange(count)
-    if len(parents) != count or any(not -1 <= p < j for j, p in enumerate(parents)):
-        raise ValueError(f"row parents {parents} do not describe a tree of {count} tokens (each parent -1 or an earlier offset)")
+    problem = parents_problem(parents, count)
+    if problem is not None:
+        raise ValueError(f"row parents {parents} do not describe a tree: {problem}")
     sees = torch.eye(count, dtype=torch.bool)  # [count, count]
-    depth = [0] * count
     for j, parent in enumerate(parents):
         if parent >= 0:
             sees[j] |= sees[parent]
-            depth[j] = depth[parent] + 1
-    return sees, torch.tensor(depth)
+    return sees, torch.tensor(depths(parents)) - 1  # a child of the history sits at offset 0
 
 
 def step_layout(starts: list[int], rows: list[StepRow], view_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
