@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,16 +44,22 @@ def build_tiny_model(dest: Path, tokenizer_from: Path, seed: int, layers: int) -
 _MODELS: dict[str, torch.nn.Module] = {}
 
 
-def reference_greedy(model_path: Path, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], list[float]]:
-    """transformers' own greedy decoding of `prompt` (up to `new_tokens`, ending early at an
-    end-of-sequence token as generate does): the tokens, and the top-2 logit gap at each position
-    (a mismatch where the gap is below 1e-4 is a numeric tie, not a bug)."""
+def reference_model(model_path: Path) -> torch.nn.Module:
+    """The model as transformers loads it by default (float32, its own attention implementation), once
+    per folder: what every exactness test compares against."""
     from transformers import AutoModelForCausalLM
 
     key = str(model_path)
     if key not in _MODELS:
         _MODELS[key] = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    model = _MODELS[key]
+    return _MODELS[key]
+
+
+def reference_greedy(model_path: Path, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """transformers' own greedy decoding of `prompt` (up to `new_tokens`, ending early at an
+    end-of-sequence token as generate does): the tokens, and the top-2 logit gap at each position
+    (a mismatch where the gap is below 1e-4 is a numeric tie, not a bug)."""
+    model = reference_model(model_path)
     ids = torch.tensor([list(prompt)])
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
@@ -155,3 +162,67 @@ def goodness_of_fit(observed: dict, expected: dict, min_expected: float = 5.0) -
     statistic = sum((o - e) ** 2 / e for o, e in bins)
     dof = max(1, len(bins) - 1)
     return statistic, dof, chi_square_sf(statistic, dof)
+
+
+# --- decoder families -------------------------------------------------------------------------------
+# Per family: (config class, model class, settings beyond the common tiny shape). What a family does
+# differently from Llama stays at its default (Gemma 2's attention and final logit soft-capping, Gemma's
+# query_pre_attn_scalar of 256 against a head_dim of 16, Qwen3's and OLMo-2's q/k norms, Phi-3's fused
+# qkv_proj, Qwen2's q/k/v biases), and sliding windows are cut to 16 tokens so that a 40-token context
+# crosses them. Gemma 3 gets one sliding and one global layer (its default pattern would make both
+# layers sliding), so both of its RoPE bases are used. Gemma's embeddings are untied: tied, its
+# sqrt(hidden)-scaled input embedding dominates the residual of a random model, whose greedy output
+# then repeats the last prompt token forever.
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 16, "tie_word_embeddings": False}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"], "tie_word_embeddings": False},
+    ),
+}
+
+
+@functools.cache
+def _tokenizer(path: Path):
+    """A tokenizer loaded once per folder: loading it costs more than building a tiny model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_family_model(dest: Path, family: str, tokenizer_from: Path, seed: int) -> Path:
+    """Saves a seeded random-init 2-layer model of `family` (a key of FAMILIES) with transformers' own
+    classes, sharing the tokenizer at `tokenizer_from`: hidden 64, 4 query and 2 key/value heads,
+    initializer_range 0.5 (as in build_tiny_model, so greedy output varies)."""
+    import transformers
+    from transformers import GenerationConfig
+
+    config_name, model_name, settings = FAMILIES[family]
+    tokenizer = _tokenizer(Path(tokenizer_from))
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **settings,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, do_sample=False)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
