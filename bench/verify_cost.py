@@ -1,10 +1,13 @@
-"""Verify-step cost of the embedded target: smartspec's ragged batched runner vs a plain transformers
+"""Verify-step cost of the embedded target: smartspec's flat ragged runner vs a plain transformers
 forward of the same shape (B sequences x C cached context x n new tokens).
 
     python bench/verify_cost.py [--repeats 7] [--out bench/results/verify_cost.json]
 
-Both paths run the same model with SDPA attention in float32; the runner additionally scatters the new
-keys into its slot pool and builds a per-row mask. Each cell is the median of `repeats` forwards.
+Uniform shapes: both paths run the same weights in float32, transformers with its SDPA attention and a
+DynamicCache, smartspec with its own attention over the paged KV cache. Mixed shapes (rows of different
+context and new-token counts) are timed on the runner only, with the shape a padded batch would have
+had (every row at the longest context and the most new tokens) beside it, timed on transformers. Each
+cell is the median of `repeats` forwards, after one warm-up.
 """
 
 from __future__ import annotations
@@ -17,11 +20,38 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from smartspec.models import embedded_paths
 from smartspec.runtime.loading import load_causal_lm
 from smartspec.runtime.runner import BatchedRunner, StepRow
+
+UNIFORM = [(b, c, n) for b, c in ((1, 128), (1, 1024), (8, 128), (8, 1024), (32, 128), (32, 2048)) for n in (1, 5)]
+# (contexts, new tokens per row): one request speculating beside many that do not; contexts 10x apart
+MIXED = {
+    "16 x 128 ctx, one k=7, 15 k=0": ([128] * 16, [8] + [1] * 15),
+    "16 x 128 ctx, k = 0..7 mixed": ([128] * 16, [1 + i % 8 for i in range(16)]),
+    "8 rows, ctx 128..1280, k=3": ([128 * (i + 1) for i in range(8)] + [128], [4] * 9),
+    "1 x 1000 prompt + 10 x 100 prompts": ([0] * 11, [1000] + [100] * 10),
+}
+
+
+def time_mixed(runner: BatchedRunner, contexts: list[int], new: list[int], repeats: int) -> float:
+    ids = [f"m{i}" for i in range(len(contexts))]
+    for seq, context in zip(ids, contexts):
+        runner.admit(seq)
+        if context:
+            runner.step([StepRow(seq, [7] * context, all_logits=False)])
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        runner.step([StepRow(seq, [11] * n) for seq, n in zip(ids, new)])
+        times.append(time.perf_counter() - started)
+        for seq, context in zip(ids, contexts):
+            runner.truncate(seq, context)
+    for seq in ids:
+        runner.release(seq)
+    return statistics.median(times[1:])
 
 
 def time_runner(runner: BatchedRunner, batch: int, context: int, new: int, repeats: int) -> float:
@@ -57,25 +87,41 @@ def time_plain(model, batch: int, context: int, new: int, repeats: int) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench/results/verify_cost.json")
     args = parser.parse_args()
-    model = load_causal_lm(embedded_paths().target)
-    runner = BatchedRunner(model, max_sequences=8, max_context=2048)
-    rows = []
+    path = embedded_paths().target
+    runner = BatchedRunner(load_causal_lm(path), max_sequences=32, max_context=2100)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    rows, mixed = [], []
     print(f"{'batch':>5} {'context':>7} {'new':>3} {'smartspec ms':>12} {'transformers ms':>15} {'ratio':>6}")
-    for batch in (1, 8):
-        for context in (128, 1024):
-            for new in (1, 5):
-                ours = time_runner(runner, batch, context, new, args.repeats)
-                plain = time_plain(model, batch, context, new, args.repeats)
-                rows.append(dict(batch=batch, context=context, new_tokens=new, smartspec_ms=ours * 1e3, transformers_ms=plain * 1e3))
-                print(f"{batch:>5} {context:>7} {new:>3} {ours * 1e3:>12.1f} {plain * 1e3:>15.1f} {ours / plain:>6.2f}", flush=True)
+    for batch, context, new in UNIFORM:
+        ours = time_runner(runner, batch, context, new, args.repeats)
+        theirs = time_plain(plain, batch, context, new, args.repeats)
+        rows.append(dict(batch=batch, context=context, new_tokens=new, smartspec_ms=ours * 1e3, transformers_ms=theirs * 1e3))
+        print(f"{batch:>5} {context:>7} {new:>3} {ours * 1e3:>12.1f} {theirs * 1e3:>15.1f} {ours / theirs:>6.2f}", flush=True)
+    print(f"\n{'mixed shape':<36} {'smartspec ms':>12} {'padded transformers ms':>22}")
+    for name, (contexts, new) in MIXED.items():
+        ours = time_mixed(runner, contexts, new, args.repeats)
+        padded = time_plain(plain, len(contexts), max(contexts), max(new), args.repeats) if max(contexts) else time_prefill(plain, len(contexts), max(new), args.repeats)
+        mixed.append(dict(shape=name, contexts=contexts, new_tokens=new, smartspec_ms=ours * 1e3, padded_transformers_ms=padded * 1e3))
+        print(f"{name:<36} {ours * 1e3:>12.1f} {padded * 1e3:>22.1f}", flush=True)
     meta = dict(model="SmolLM2-135M-Instruct", dtype="float32", device="cpu", torch=torch.__version__,
                 threads=torch.get_num_threads(), machine=platform.machine(), repeats=args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "mixed": mixed}, indent=2) + "\n")
+
+
+@torch.inference_mode()
+def time_prefill(model, batch: int, length: int, repeats: int) -> float:
+    tokens = torch.full((batch, length), 7)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        model(input_ids=tokens, use_cache=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
 
 
 if __name__ == "__main__":

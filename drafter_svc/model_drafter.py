@@ -42,10 +42,13 @@ class _Row:
 class ModelDrafter(Drafter):
     """Base of the drafters that run a local causal LM sharing the target's tokenizer."""
 
-    def __init__(self, draft_model: str = "embedded", device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0) -> None:
+    def __init__(
+        self, draft_model: str = "embedded", device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0,
+        kv_cache_gb: float = 1.0,
+    ) -> None:
         from smartspec.runtime.loading import load_runner
 
-        self.runner, self._info = load_runner(draft_model, "draft", device, dtype, max_sequences, max_context)
+        self.runner, self._info = load_runner(draft_model, "draft", device, dtype, max_sequences, max_context, kv_cache_gb)
         self._rows: dict[str, _Row] = {}
 
     @classmethod
@@ -55,7 +58,10 @@ class ModelDrafter(Drafter):
     @staticmethod
     def model_options(args: argparse.Namespace) -> dict[str, Any]:
         """The constructor arguments that `add_model_flags` declared, from the parsed flags."""
-        return dict(draft_model=args.draft_model, device=args.device, dtype=args.dtype, max_sequences=args.max_sequences, max_context=args.max_context)
+        return dict(
+            draft_model=args.draft_model, device=args.device, dtype=args.dtype, max_sequences=args.max_sequences,
+            max_context=args.max_context, kv_cache_gb=args.kv_cache_gb,
+        )
 
     @property
     def vocab_size(self) -> int:

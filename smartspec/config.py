@@ -77,3 +77,10 @@ def add_model_flags(parser: argparse.ArgumentParser, role: str) -> None:
     add_flag(parser, "--dtype", default="float32", help="float32, bfloat16 or float16 (exact greedy equality is promised in float32)")
     add_flag(parser, "--max-sequences", type=int, default=32, help="most requests whose KV cache is held at once")
     add_flag(parser, "--max-context", type=int, default=0, help="longest sequence in tokens; 0 means the model's own limit")
+    add_flag(
+        parser,
+        "--kv-cache-gb",
+        type=float,
+        default=1.0,
+        help="KV cache budget in GiB, allocated at start-up; capped at what --max-sequences sequences at the context limit need",
+    )

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 
-def build_tiny_model(dest: Path, tokenizer_from: Path, seed: int, layers: int) -> Path:
+def build_tiny_model(dest: Path, tokenizer_from: Path, seed: int, layers: int, max_positions: int = 512) -> Path:
     """Saves a seeded random-init Llama that shares the tokenizer at `tokenizer_from`.
 
     initializer_range=0.5: at the default 0.02 a random model repeats one token under greedy, which
@@ -27,7 +27,7 @@ def build_tiny_model(dest: Path, tokenizer_from: Path, seed: int, layers: int) -
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         initializer_range=0.5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

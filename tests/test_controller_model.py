@@ -53,8 +53,8 @@ def test_drafter_rate_is_smoothed_and_fades_back_when_unused():
 
 
 def test_online_refit_recovers_the_true_step_cost():
-    true = np.array([0.04, 0.006, 0.00002, 0.003, 0.025])
-    model = LinearCostModel(VERIFY_FEATURES, prior=[0.1, 0.0, 0.0, 0.0, 0.0], window=200, refit_every=10)
+    true = np.array([0.04, 0.006, 0.00002, 0.000002, 0.003, 0.025])
+    model = LinearCostModel(VERIFY_FEATURES, prior=[0.1, 0.0, 0.0, 0.0, 0.0, 0.0], window=200, refit_every=10)
     rng = np.random.default_rng(0)
     for _ in range(200):
         b = int(rng.integers(1, 17))
@@ -68,7 +68,7 @@ def test_online_refit_recovers_the_true_step_cost():
 
 def test_refit_with_a_constant_feature_stays_near_the_prior():
     """Batch size never varies in the window: its coefficient must not run off."""
-    model = LinearCostModel(VERIFY_FEATURES, prior=[0.04, 0.005, 0.00002, 0.003, 0.02], refit_every=1)
+    model = LinearCostModel(VERIFY_FEATURES, prior=[0.04, 0.005, 0.00002, 0.000002, 0.003, 0.02], refit_every=1)
     for n in range(1, 40):
         model.observe(verify_features(4, 4 + n % 5, 400, n % 5 > 0), 0.06 + 0.005 * (n % 5))
     assert 0 <= model.as_dict()["sequences"] < 0.05
@@ -83,7 +83,7 @@ def controller_with(step_cost: tuple[float, ...], initial_rate: float = 0.5) -> 
 
 
 def test_closed_loop_speculates_when_drafts_land_and_stops_when_they_miss():
-    controller = controller_with((0.03, 0.004, 0.0, 0.001, 0.015))
+    controller = controller_with((0.03, 0.004, 0.0, 0.0, 0.001, 0.015))
     slots = [Slot("r", "prompt_lookup", cap=8, context_tokens=100)]
     history = []
     def step(accept_all: bool) -> int:
@@ -106,15 +106,15 @@ def test_closed_loop_speculates_when_drafts_land_and_stops_when_they_miss():
 
 def test_load_turns_speculation_off():
     """Same acceptance; a cheap step speculates, a step where tokens are dear does not."""
-    light = controller_with((0.05, 0.001, 0.0, 0.0, 0.01), initial_rate=0.8)
-    heavy = controller_with((0.05, 0.03, 0.0, 0.0, 0.05), initial_rate=0.8)
+    light = controller_with((0.05, 0.001, 0.0, 0.0, 0.0, 0.01), initial_rate=0.8)
+    heavy = controller_with((0.05, 0.03, 0.0, 0.0, 0.0, 0.05), initial_rate=0.8)
     slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=200) for i in range(16)]
     assert sum(light.decide(slots)) > 16
     assert sum(heavy.decide(slots)) == 0
 
 
 def test_hysteresis_keeps_k_when_the_gain_is_marginal():
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.01))
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
     slots = [Slot("r", "prompt_lookup", cap=8, context_tokens=10)]
     first = controller.decide(slots)
     controller.record(slots, [first[0] - 1])  # last step verified one less: nearly as good
@@ -124,7 +124,7 @@ def test_hysteresis_keeps_k_when_the_gain_is_marginal():
 
 
 def test_step_error_is_measured_and_requests_are_forgotten():
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.01))
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
     slots = [Slot("r", "prompt_lookup", cap=4, context_tokens=10)]
     ks = controller.decide(slots)
     controller.record(slots, ks)
@@ -141,7 +141,7 @@ def test_step_error_is_measured_and_requests_are_forgotten():
 
 
 def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.01))
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
     controller.drafter_cost("draft_model").reset_prior((0.001, 0.002, 0.0005))  # a cheap draft model
     for _ in range(10):
         controller.observe_request("r", "prompt_lookup", 4, 0)
@@ -163,7 +163,7 @@ def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():
 def test_an_unlucky_first_verify_does_not_stop_speculation_for_good():
     """Regression: a drafter whose first verify rejected everything once pinned its global rate near 0,
     so no request speculated again and no evidence could ever lift it."""
-    controller = controller_with((0.045, 0.0014, 0.00001, 0.004, 0.014))  # the embedded model's profile
+    controller = controller_with((0.045, 0.0014, 0.00001, 0.0, 0.004, 0.014))  # the embedded model's profile
     rng = random.Random(1)
     slots = [Slot(f"r{i}", "controlled", cap=8, context_tokens=100) for i in range(4)]
     chosen = []

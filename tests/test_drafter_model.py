@@ -98,14 +98,14 @@ def test_full_resend_resets_and_context_limit_is_respected(tiny_draft):
     engine = DrafterEngine(DraftModelDrafter(str(tiny_draft), max_sequences=4, max_context=100))
     assert engine.drafter.model_info().max_context == 100
     router = Router(engine)
-    # a long-running request near the limit next to a new long prompt: one padded forward over both
-    # would pass the KV pool's length, so the first position is split into two forwards
+    # a long-running request near the limit next to a new long prompt: one flat forward takes both (no
+    # padded view to overflow), then one forward per further draft position
     router.committed = {"old": list(range(1000, 1090))}
     router.propose({"old": 1})
     router.committed["old"] += [5]
     router.committed["new"] = list(range(2000, 2090))
     drafts, work = router.propose({"old": 8, "new": 2})
-    assert work.num_forwards == 2 + 7
+    assert work.num_forwards == 1 + 7
     for r, k in {"old": 8, "new": 2}.items():
         assert_greedy(tiny_draft, router.committed[r], drafts[r], k)
     # 97 committed tokens: room for 100 - 97 + 1 = 4 drafts; past the limit, none

@@ -110,7 +110,8 @@ def test_a_replica_that_lost_its_state_gets_the_requests_again(replicas, tiny_ta
 def test_with_every_replica_gone_requests_fail_cleanly(replicas):
     router, servers = replicas
     scheduler = router.servicer.scheduler
-    scheduler.verifiers._base_backoff = 1.0  # a longer first backoff, so that waiting it out is visible
+    # a longer first backoff, so that waiting it out is visible even on a loaded machine
+    scheduler.verifiers._base_backoff = 3.0
     for server in servers:
         server.stop()
     replies = generate_many(router.stub, requests()[:4], timeout=60)
@@ -138,7 +139,7 @@ def test_up_with_two_verifiers_survives_killing_one(tiny_target, tiny_draft, tmp
     log = open(log_path, "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "smartspec.cli", "up", "--port", "0", "--verifiers", "2", "--drafters", "prompt_lookup",
-         "--target-model", str(tiny_target), "--grace-s", "10"],
+         "--target-model", str(tiny_target), "--grace-s", "10", "--http-port", "-1"],
         stdout=subprocess.PIPE, stderr=log, text=True, env=_env(),
     )
     try:

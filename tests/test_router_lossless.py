@@ -161,7 +161,10 @@ def test_embedded_smollm2_chat_with_prompt_lookup_is_exact_and_ends_at_eos(embed
         ids = tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), add_special_tokens=False).input_ids
         ref, gaps = reference_greedy(embedded.target, ids, 40)
         reply = router.stub.Generate(
-            router_pb2.GenerateRequest(messages=[router_pb2.ChatMessage(**chat[0])], max_tokens=40, policy="fixed:5"), timeout=300
+            router_pb2.GenerateRequest(
+                messages=[router_pb2.ChatMessage(**chat[0])], max_tokens=40, drafter="prompt_lookup", policy="fixed:5"
+            ),
+            timeout=300,
         )
         assert_lossless(reply.token_ids, ref, gaps, "smollm2")
         assert reply.stats.accepted > 0 and reply.stats.steps < len(reply.token_ids) - 1

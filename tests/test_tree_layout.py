@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from smartspec.runtime.loading import load_causal_lm
-from smartspec.runtime.runner import BatchedRunner, StepRow, step_layout
+from smartspec.runtime.runner import BatchedRunner, StepRow, group_layout
 from smartspec.tree import chain_parents, depths, is_chain, longest_path, parents_problem
+from tests.support import reference_model
 from verifier_svc.acceptance import greedy_accept
 
 
 def test_mask_and_positions_match_a_hand_built_reference():
     # Row 0: 3 cached tokens, then a tree: t0 (root child), t1 and t2 children of t0, t3 child of t1,
-    # t4 another root child. Row 1: an empty history and a chain of 3 (padded to 5).
-    rows = [StepRow("a", [11, 12, 13, 14, 15], parents=[-1, 0, 0, 1, -1]), StepRow("b", [21, 22, 23])]
-    columns, positions, mask = step_layout([3, 0], rows, view_len=8)
-    assert columns.tolist() == [[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]]
+    # t4 another root child. Row 1: an empty history and a chain of 5; its key row is padded to 8.
+    rows = [StepRow("a", [11, 12, 13, 14, 15], parents=[-1, 0, 0, 1, -1]), StepRow("b", [21, 22, 23, 24, 25])]
+    positions, mask = group_layout([3, 0], rows, kv_len=8)
     assert positions.tolist() == [[3, 4, 4, 5, 3], [0, 1, 2, 3, 4]]
     want = torch.tensor(
         [
@@ -29,7 +29,7 @@ def test_mask_and_positions_match_a_hand_built_reference():
                 [1, 1, 1, 1, 1, 0, 1, 0],  # t3: history, t0, t1, itself
                 [1, 1, 1, 0, 0, 0, 0, 1],  # t4: history, itself (no other branch)
             ],
-            [  # no history; columns 0..2: the chain; 3..4: padding, which sees causally
+            [  # no history; columns 0..4: the chain; 5..7: key padding, seen by nobody
                 [1, 0, 0, 0, 0, 0, 0, 0],
                 [1, 1, 0, 0, 0, 0, 0, 0],
                 [1, 1, 1, 0, 0, 0, 0, 0],
@@ -43,19 +43,19 @@ def test_mask_and_positions_match_a_hand_built_reference():
 
 
 def test_a_chain_spelled_as_a_tree_lays_out_like_a_chain():
-    chain = step_layout([4], [StepRow("a", [1, 2, 3, 4])], view_len=8)
-    tree = step_layout([4], [StepRow("a", [1, 2, 3, 4], parents=chain_parents(4))], view_len=8)
+    chain = group_layout([4], [StepRow("a", [1, 2, 3, 4])], kv_len=8)
+    tree = group_layout([4], [StepRow("a", [1, 2, 3, 4], parents=chain_parents(4))], kv_len=8)
     for plain, spelled in zip(chain, tree):
         assert torch.equal(plain, spelled)
     # ... and a chain sees exactly the columns up to its own position (the causal mask)
-    _, positions, mask = chain
+    positions, mask = chain
     assert torch.equal(mask[0], torch.arange(8)[None, :] <= positions[0][:, None])
 
 
 def test_rows_whose_parents_are_not_a_tree_are_refused():
     for parents in ([0, -1], [-1, 1], [-1, -2], [-1]):
         with pytest.raises(ValueError, match="do not describe a tree"):
-            step_layout([0], [StepRow("a", [1, 2], parents=parents)], view_len=4)
+            group_layout([0], [StepRow("a", [1, 2], parents=parents)], kv_len=4)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +63,13 @@ def model(tiny_target):
     return load_causal_lm(tiny_target)
 
 
-def plain_logits(model, tokens: list[int]) -> torch.Tensor:
-    """The model's last-position logits for `tokens`, one plain forward with no cache: [vocab]."""
+def plain_logits(model_path, tokens: list[int]) -> torch.Tensor:
+    """transformers' own last-position logits for `tokens`, one plain forward with no cache: [vocab]."""
     with torch.inference_mode():
-        return model(torch.tensor([tokens])).logits[0, -1].float()
+        return reference_model(model_path)(torch.tensor([tokens])).logits[0, -1].float()
 
 
-def test_a_tree_forward_equals_plain_forwards_of_every_path_and_keep_compacts_the_kv(model):
+def test_a_tree_forward_equals_plain_forwards_of_every_path_and_keep_compacts_the_kv(model, tiny_target):
     runner = BatchedRunner(model, max_sequences=4, max_context=256)
     context = [5, 900, 31, 4077, 12, 64, 2001]
     other = [7, 8, 9, 10]
@@ -86,16 +86,16 @@ def test_a_tree_forward_equals_plain_forwards_of_every_path_and_keep_compacts_th
         while node != -1:
             path.append(tokens[node])
             node = parents[node]
-        torch.testing.assert_close(tree_logits[j], plain_logits(model, context + path[::-1]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(step.logits[1][-1], plain_logits(model, other + [11, 12, 13]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tree_logits[j], plain_logits(tiny_target, context + path[::-1]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step.logits[1][-1], plain_logits(tiny_target, other + [11, 12, 13]), atol=1e-4, rtol=1e-4)
 
     # accept pending -> node 1 (row 2) -> node 4 (row 5): their KV moves to the next positions in order
     runner.keep("t", len(context), [0, 2, 5])
     runner.keep("c", len(other), [0, 1, 2])
     assert runner.length("t") == len(context) + 3 and runner.length("c") == len(other) + 3
     after = runner.step([StepRow("t", [999], all_logits=False), StepRow("c", [14], all_logits=False)])
-    torch.testing.assert_close(after.logits[0][0], plain_logits(model, context + [77, 301, 304, 999]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(after.logits[1][0], plain_logits(model, other + [11, 12, 13, 14]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after.logits[0][0], plain_logits(tiny_target, context + [77, 301, 304, 999]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(after.logits[1][0], plain_logits(tiny_target, other + [11, 12, 13, 14]), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="cannot keep"):
         runner.keep("t", len(context), [1, 0])
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from smartspec.errors import RequestError
 from smartspec.protocol import MAX_DRAFT_TOKENS
+from smartspec.runtime.kv_pool import KVCacheFull
 from smartspec.runtime.runner import BatchedRunner, StepResult, StepRow
 from smartspec.runtime.sampler import processed_probs, sample_index
 from smartspec.sampling import EMIT, GREEDY, DraftDistribution, SamplingParams, uniform
@@ -93,10 +94,11 @@ class VerifierEngine:
             raise RequestError(
                 "RESOURCE_EXHAUSTED", f"{len(items)} requests to admit but only {free} of {self.runner.max_sequences} sequence slots are free"
             )
+        self._check_kv_room([len(tokens) for _, tokens, _ in items])
         for request_id in ids:
             self.runner.admit(request_id)
         try:  # nothing half-admitted survives a failure, whatever fails
-            step = self.runner.step([StepRow(request_id, list(tokens), all_logits=False) for request_id, tokens, _ in items])
+            step = self._step([StepRow(request_id, list(tokens), all_logits=False) for request_id, tokens, _ in items])
             next_tokens = [self._first_token(sampling, logits[-1], len(tokens)) for (_, tokens, sampling), logits in zip(items, step.logits)]
         except BaseException:
             for request_id in ids:
@@ -106,6 +108,26 @@ class VerifierEngine:
             self._sampling[request_id] = sampling
             self._pending[request_id] = token
         return next_tokens, step
+
+    def _check_kv_room(self, lengths: list[int]) -> None:
+        """Admits contexts only while the KV cache keeps a block of room per live sequence besides them,
+        so the running requests can go on decoding; the router queues what is refused and retries."""
+        cache = self.runner.cache
+        need = sum(cache.blocks_for(n) for n in lengths) + self.runner.live + len(lengths)
+        if need > cache.free_blocks:
+            raise RequestError(
+                "RESOURCE_EXHAUSTED",
+                f"the KV cache is full: admitting {sum(lengths)} context tokens needs {need} blocks of {cache.block_size} "
+                f"tokens with room to decode, and {cache.free_blocks} of {cache.num_blocks} are free; retry when requests finish",
+            )
+
+    def _step(self, rows: list[StepRow]) -> StepResult:
+        """runner.step, with a full KV cache reported as RESOURCE_EXHAUSTED (nothing changed): the router
+        then preempts a request and retries the step without it."""
+        try:
+            return self.runner.step(rows)
+        except KVCacheFull as err:
+            raise RequestError("RESOURCE_EXHAUSTED", f"the KV cache is full: {err}") from None
 
     @staticmethod
     def _first_token(sampling: SamplingParams, logits, index: int) -> int:
@@ -149,7 +171,7 @@ class VerifierEngine:
             StepRow(request_id, [self._pending[request_id], *draft], parents=None if is_chain(tree) else [-1, *(p + 1 for p in tree)])
             for request_id, draft, tree in zip(ids, drafts, trees)
         ]
-        step = self.runner.step(rows)
+        step = self._step(rows)
         try:  # decide every row before changing any state, so a failure leaves the step undone
             decisions = [
                 self._accept(self._sampling[request_id], list(draft), tree, draft_dists, logits, start + 1)

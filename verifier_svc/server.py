@@ -68,7 +68,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         used, live = await self.thread.run(snapshot)
         return verifier_pb2.InfoResponse(
             model=self.model_info,
-            kv_capacity_tokens=runner.max_sequences * runner.max_context,
+            kv_capacity_tokens=runner.capacity_tokens,
             kv_used_tokens=used,
             live_sequences=live,
             max_sequences=runner.max_sequences,

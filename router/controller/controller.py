@@ -146,12 +146,16 @@ class SpeculationController:
     def step_cost(self, slots: Sequence[Slot]) -> StepCost:
         """The cost model flattened for this batch (its base is the step with every k = 0)."""
         coef = self.verify_cost.as_dict()
-        base = self.verify_cost.predict(verify_features(len(slots), len(slots), sum(s.context_tokens for s in slots), False))
+        context = sum(s.context_tokens for s in slots)
+        base = self.verify_cost.predict(verify_features(len(slots), len(slots), context, False, attended_tokens=context))
         drafters = {}
         for name in {s.drafter for s in slots if s.drafter != "none"}:
             d = self.drafter_cost(name).as_dict()
             drafters[name] = DrafterCost(any_s=d["any_speculation"], position_s=d["max_k"], token_s=d["sum_k"])
-        return StepCost(base_s=max(base, 1e-4), token_s=coef["new_tokens"], jump_s=coef["any_speculation"], drafters=drafters)
+        # a draft token costs its share of the step's tokens and attention over its request's context
+        # (at the batch's mean context: the allocator prices every request's tokens alike)
+        token_s = coef["new_tokens"] + coef["attended_tokens"] * context / max(len(slots), 1)
+        return StepCost(base_s=max(base, 1e-4), token_s=token_s, jump_s=coef["any_speculation"], drafters=drafters)
 
     def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
         return [self._candidate(s.request_id, s.drafter, min(s.cap, self.k_max)) if s.drafter != "none" else Candidate(0.0, 0, "none") for s in slots]
@@ -164,7 +168,7 @@ class SpeculationController:
         if not drafters or cap <= 0:
             return "none"
         coef = self.verify_cost.as_dict()
-        base = max(self.verify_cost.predict(verify_features(1, 1, context_tokens, False)), 1e-4)
+        base = max(self.verify_cost.predict(verify_features(1, 1, context_tokens, False, attended_tokens=context_tokens)), 1e-4)
         best, best_value = "none", 1.0 / base
         for name in drafters:
             candidate = self._candidate(request_id, name, min(cap, self.k_max))
@@ -250,6 +254,7 @@ class SpeculationController:
         context_tokens: int,
         drafts: dict[str, tuple[Sequence[int], float]],
         step_s: float,
+        attended_tokens: float | None = None,
     ) -> None:
         """A step's measurements: its shape, each drafter's ks and Propose time, and the step's wall
         time, which is compared with the prediction made at decision time.
@@ -264,7 +269,8 @@ class SpeculationController:
             calibration.decay(self.rate_decay)
         any_spec = new_tokens > num_sequences
         drafting_s = max((seconds for _, seconds in drafts.values()), default=0.0)
-        self.verify_cost.observe(verify_features(num_sequences, new_tokens, context_tokens, any_spec), max(step_s - drafting_s, 0.0))
+        features = verify_features(num_sequences, new_tokens, context_tokens, any_spec, attended_tokens)
+        self.verify_cost.observe(features, max(step_s - drafting_s, 0.0))
         for drafter, (ks, seconds) in drafts.items():
             if any(ks):
                 self.drafter_cost(drafter).observe(draft_features(ks), seconds)

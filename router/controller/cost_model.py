@@ -1,11 +1,14 @@
 """Step-time cost models, linear in batch features, fitted from measurements and refitted online.
 
-DESIGN.md section 4. The verifier's step time is
+docs/design.md ("Cost model"). The verifier's step time is
 
-    T_verify = c0 + c_tok * N_tok + c_ctx * N_ctx + c_seq * B + c_spec * [any k_i > 0]
+    T_verify = c0 + c_tok * N_tok + c_ctx * N_ctx + c_att * N_att + c_seq * B + c_spec * [any k_i > 0]
 
-with N_tok = sum(k_i + 1) and N_ctx the summed context lengths. The indicator captures the jump measured
-on CPU from one token per request to several (a matrix-vector to matrix-matrix switch). A draft model
+with N_tok = sum(k_i + 1) the step's new tokens (what the projections, MLP and head process: the engine
+runs exactly these, no padding), N_ctx = sum(L_i) the cached context read (attention gathers each
+request's KV once per layer), N_att = sum((k_i + 1) * L_i) the query-key pairs attention computes, each
+request over its own context, and B the batch size. The indicator captures the jump measured on CPU from
+one token per request to several (a matrix-vector to matrix-matrix switch). A draft model
 runs one batched forward per draft position, so
 
     T_draft = d_any * [any k_i > 0] + d_pos * max(k_i) + d_tok * sum(k_i)
@@ -25,12 +28,18 @@ from typing import Sequence
 
 import numpy as np
 
-VERIFY_FEATURES = ("const", "new_tokens", "context_tokens", "sequences", "any_speculation")
+VERIFY_FEATURES = ("const", "new_tokens", "context_tokens", "attended_tokens", "sequences", "any_speculation")
 DRAFT_FEATURES = ("any_speculation", "max_k", "sum_k")
 
 
-def verify_features(num_sequences: int, new_tokens: int, context_tokens: int, any_speculation: bool) -> np.ndarray:
-    return np.array([1.0, new_tokens, context_tokens, num_sequences, float(any_speculation)])
+def verify_features(
+    num_sequences: int, new_tokens: int, context_tokens: int, any_speculation: bool, attended_tokens: float | None = None
+) -> np.ndarray:
+    """One step's features. attended_tokens = sum((k_i + 1) * L_i); None estimates it as if every
+    request had the mean context (exact when they do)."""
+    if attended_tokens is None:
+        attended_tokens = new_tokens * context_tokens / max(num_sequences, 1)
+    return np.array([1.0, new_tokens, context_tokens, attended_tokens, num_sequences, float(any_speculation)])
 
 
 def draft_features(ks: Sequence[int]) -> np.ndarray:
@@ -120,8 +129,8 @@ class LinearCostModel:
         return dict(zip(self.names, map(float, self.coef)))
 
 
-# Defaults close to SmolLM2-135M on a 2-core CPU (MODELS.md): used until a profile is available.
-DEFAULT_VERIFY_PRIOR = (0.050, 0.0035, 0.000012, 0.004, 0.030)
+# Defaults close to SmolLM2-135M on a 2-core CPU (docs/models.md): used until a profile is available.
+DEFAULT_VERIFY_PRIOR = (0.030, 0.0035, 0.000010, 0.0000015, 0.002, 0.020)
 DEFAULT_DRAFT_MODEL_PRIOR = (0.004, 0.020, 0.001)
 DEFAULT_PROMPT_LOOKUP_PRIOR = (0.0005, 0.0, 0.00002)
 

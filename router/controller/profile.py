@@ -5,7 +5,7 @@ of a fleet pays for the sweep).
 
 It goes through the verifier's real RPC (as the router's own steps do), so what it measures includes
 the RPC and bookkeeping the router will wait for. A few dozen steps: tens of seconds for the embedded model on a
-2-core CPU, then a cache hit at every later start.
+2-core CPU, then a cache hit at every later start. See docs/design.md ("Cost model").
 """
 
 from __future__ import annotations
@@ -24,16 +24,21 @@ from smartspec.wire import verifier_pb2
 
 log = logging.getLogger("smartspec.router.profile")
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 BATCHES = (1, 4, 8, 16)
-DRAFT_LENGTHS = (0, 1, 2, 4, 7)
-CONTEXTS = (16, 384)
-REPEATS = 2
+CONTEXTS = (16, 384, 1024)
+K_MAX = 7
+# Per (context, batch): these ks for every request, then requests of mixed k (the controller's usual
+# step: each request its own k), then one request at K_MAX beside requests verifying none.
+UNIFORM_KS = (0, 1, 3, K_MAX)
+MIXED_STEPS = 2
+WARMUP_STEPS = 3
 
 
 def profile_key(info: verifier_pb2.InfoResponse) -> str:
-    """Names a profile by what its timings depend on: model, device, dtype and the sweep's version."""
-    key = f"{info.model.model}|{info.model.device}|{info.model.dtype}|v{PROFILE_VERSION}"
+    """Names a profile by what its timings depend on: model, device (its own name, not only its type),
+    dtype and the sweep's version."""
+    key = f"{info.model.model}|{info.model.device}|{info.model.device_name}|{info.model.dtype}|v{PROFILE_VERSION}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -54,33 +59,61 @@ class ProfileStore(Protocol):
     async def put_profile(self, key: str, profile: dict[str, Any]) -> None: ...
 
 
+def _patterns(batch: int, rng: random.Random) -> list[list[int]]:
+    """The per-request ks of the steps measured at one batch size."""
+    patterns = [[k] * batch for k in UNIFORM_KS]
+    if batch > 1:
+        patterns += [[rng.randint(0, K_MAX) for _ in range(batch)] for _ in range(MIXED_STEPS)]
+        patterns.append([K_MAX] + [0] * (batch - 1))
+    return patterns
+
+
 async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 120.0) -> tuple[list, list[float]]:
     """Runs the sweep against `verifier` (an aio VerifierService stub); returns features and seconds."""
     rng = random.Random(0)
     vocab = info.model.vocab_size
     most = min(max(BATCHES), info.max_sequences or max(BATCHES))
+    steps_per_context = sum(len(_patterns(b, random.Random(0))) for b in BATCHES) + WARMUP_STEPS
     rows, seconds = [], []
     for context in CONTEXTS:
         # each Verify of random drafts grows a sequence by about one token
-        if context + len(BATCHES) * len(DRAFT_LENGTHS) * REPEATS + max(DRAFT_LENGTHS) + 1 >= info.model.max_context:
+        if context + steps_per_context + K_MAX + 1 >= info.model.max_context:
             continue
-        ids = [f"__profile-{context}-{i}" for i in range(most)]
+        # the sequences must fit the verifier's KV cache with room to grow (a block of waste each)
+        fitting = most
+        if info.kv_capacity_tokens:
+            fitting = min(most, int(0.9 * info.kv_capacity_tokens) // (context + steps_per_context + 2 * K_MAX + 32))
+        if fitting < 1:
+            continue
+        ids = [f"__profile-{context}-{i}" for i in range(fitting)]
         items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(context)]) for i in ids]
         await verifier.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=timeout_s)
+        lengths = {i: context for i in ids}
         try:
-            for batch in [b for b in BATCHES if b <= most]:
-                for k in DRAFT_LENGTHS:
-                    for _ in range(REPEATS):
-                        drafts = [rng.randrange(3, vocab) for _ in range(batch * k)]
-                        started = time.perf_counter()
-                        reply = await verifier.Verify(
-                            verifier_pb2.VerifyRequest(request_ids=ids[:batch], draft_counts=[k] * batch, draft_token_ids=drafts), timeout=timeout_s
-                        )
-                        seconds.append(time.perf_counter() - started)
-                        rows.append(verify_features(batch, batch * (k + 1), reply.stats.num_context_tokens + batch, k > 0))
+            sweep = [[1] * len(ids)] * WARMUP_STEPS + [p for b in BATCHES if b <= fitting for p in _patterns(b, rng)]
+            for n, ks in enumerate(sweep):
+                batch = ids[: len(ks)]
+                drafts = [rng.randrange(3, vocab) for _ in range(sum(ks))]
+                started = time.perf_counter()
+                reply = await verifier.Verify(
+                    verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts), timeout=timeout_s
+                )
+                elapsed = time.perf_counter() - started
+                if n >= WARMUP_STEPS:
+                    seconds.append(elapsed)
+                    rows.append(step_features([lengths[i] for i in batch], ks))
+                for i, accepted in zip(batch, reply.accepted_counts):
+                    lengths[i] += accepted + 1
         finally:
             await verifier.Release(verifier_pb2.ReleaseRequest(request_ids=ids), timeout=timeout_s)
     return rows, seconds
+
+
+def step_features(contexts: list[int], ks: list[int]):
+    """The cost model's features of a Verify over requests with these cached lengths and ks."""
+    return verify_features(
+        len(ks), sum(k + 1 for k in ks), sum(contexts), any(ks), attended_tokens=sum((k + 1) * c for k, c in zip(ks, contexts))
+    )
 
 
 async def load_or_measure(

@@ -1,127 +1,143 @@
-"""A slot-pooled KV cache: every live sequence owns one row of per-layer tensors, with its own length.
+"""A paged KV cache: a fixed budget of token slots, handed out to sequences in fixed-size blocks.
 
-transformers' DynamicCache crops every row of a batch alike and has no per-row position, so it cannot
-hold a ragged batch whose rows are rolled back independently. Here each layer keeps
-``keys[l]: [slots, kv_heads, capacity, head_dim]`` (values alike). A step writes each row's new
-keys at that row's own positions and hands attention a view of the slots it touches; rows are cut back
-by the owner simply lowering their length (stale entries beyond it are masked, then overwritten), and
-an accepted tree path is compacted into sequence order with ``gather``.
+Every layer keeps ``keys[l]: [num_blocks * block_size, kv_heads, head_dim]`` (values alike), allocated
+and touched once at start-up, so the process's memory is what ``--kv-cache-gb`` says from the first
+request on. A sequence owns a *block table* (the ids of its blocks, in order); its token at position p
+lives in slot ``table[p // block_size] * block_size + p % block_size``. Memory follows the tokens held:
+a sequence wastes at most one partly filled block, and a rollback (a rejected draft) only lowers the
+sequence's length and returns the blocks it no longer reaches.
 
-Live sequences are kept in slots ``0..live-1`` (a release moves the last slot into the hole), so a step
-over a contiguous range of slots attends to a zero-copy view; any other set of slots is gathered.
+Attention reads a sequence's history by gathering its slots (``slots``): one copy of the keys and values
+it attends to, a third of what ``repeat_kv`` copied in the padded layout for a model with 3 query heads
+per KV head (measured in ``bench/kv_gather.py``). See docs/engine.md.
 """
 
 from __future__ import annotations
 
 import torch
 
+BLOCK_SIZE = 16  # tokens per block: small enough to waste little, large enough for short block tables
 
-class SlotKVPool:
-    """Per-layer K/V storage for up to ``max_slots`` sequences of up to ``max_len`` tokens each.
 
-    Storage grows lazily (doubling) in both slots and length, so memory follows what is in use.
-    Unused entries stay zero (finite): a masked NaN would still leak through SDPA attention.
-    """
+class KVCacheFull(RuntimeError):
+    """The cache has fewer free blocks than an operation needs; nothing was changed."""
+
+
+def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """What one cached token costs: a key and a value per layer."""
+    return 2 * num_layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class PagedKVCache:
+    """Per-layer K/V storage of ``num_blocks`` blocks, and the block table of every live sequence."""
 
     def __init__(
         self,
         num_layers: int,
         kv_heads: int,
         head_dim: int,
-        max_slots: int,
-        max_len: int,
+        num_blocks: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        initial_slots: int = 4,
-        initial_len: int = 256,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
-        self.num_layers = num_layers
-        self.max_slots = max_slots
-        self.max_len = max_len
-        self._shape = (kv_heads, head_dim)
-        self._dtype = dtype
-        self._device = torch.device(device)
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self._alloc(min(initial_slots, max_slots), min(initial_len, max_len))
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        slots = num_blocks * block_size
+        # torch.zeros writes every page now: the budget is paid at start-up, not by the first long prompt.
+        # Unused entries stay zero (finite): a masked NaN would still leak through attention.
+        with torch.inference_mode():
+            self.keys = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=self.device) for _ in range(num_layers)]
+            self.values = [torch.zeros_like(k) for k in self.keys]
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: low ids are handed out first
+        self._tables: dict[str, list[int]] = {}
+        self._length: dict[str, int] = {}
+
+    # --- capacity -------------------------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
-    def allocated_slots(self) -> int:
-        return self.keys[0].shape[0]
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def extra_blocks(self, seq_id: str, length: int) -> int:
+        """Blocks `seq_id` would need beyond what it holds to reach `length` tokens."""
+        return max(0, self.blocks_for(length) - len(self._tables[seq_id]))
+
+    # --- sequences ------------------------------------------------------------------------------
+    def __contains__(self, seq_id: str) -> bool:
+        return seq_id in self._tables
+
+    def __len__(self) -> int:
+        return len(self._tables)
 
     @property
-    def allocated_len(self) -> int:
-        return self.keys[0].shape[2]
+    def used_tokens(self) -> int:
+        return sum(self._length.values())
 
-    # Storage is created and changed only in inference mode: tensors made inside it (growth happens
-    # during a forward) may not be updated in place outside it.
+    def length(self, seq_id: str) -> int:
+        return self._length[seq_id]
+
+    def admit(self, seq_id: str) -> None:
+        if seq_id in self._tables:
+            raise KeyError(f"sequence {seq_id!r} is already live")
+        self._tables[seq_id] = []
+        self._length[seq_id] = 0
+
+    def release(self, seq_id: str) -> bool:
+        """Returns the sequence's blocks; whether it was live."""
+        table = self._tables.pop(seq_id, None)
+        if table is None:
+            return False
+        del self._length[seq_id]
+        self._free.extend(reversed(table))
+        return True
+
+    def reserve(self, lengths: dict[str, int]) -> None:
+        """Gives each sequence the blocks to hold `lengths[seq]` tokens, all or nothing
+        (KVCacheFull, with nothing allocated, when the free blocks do not cover them)."""
+        needed = {seq: self.extra_blocks(seq, n) for seq, n in lengths.items()}
+        total = sum(needed.values())
+        if total > len(self._free):
+            raise KVCacheFull(
+                f"the KV cache needs {total} more blocks of {self.block_size} tokens but has {len(self._free)} free "
+                f"of {self.num_blocks} ({self.capacity_tokens} tokens in all)"
+            )
+        for seq, count in needed.items():
+            self._tables[seq].extend(self._free.pop() for _ in range(count))
+
+    def set_length(self, seq_id: str, length: int) -> None:
+        """Sets how many tokens the sequence holds (its blocks must reach that far); blocks past the
+        new end go back to the free list, so a rejected draft frees what it took."""
+        table = self._tables[seq_id]
+        keep = self.blocks_for(length)
+        if keep > len(table):
+            raise ValueError(f"sequence {seq_id!r} holds {len(table)} blocks, too few for {length} tokens")
+        self._free.extend(reversed(table[keep:]))
+        del table[keep:]
+        self._length[seq_id] = length
+
+    # --- addressing -----------------------------------------------------------------------------
+    def slots(self, seq_id: str, start: int, stop: int) -> torch.Tensor:
+        """The cache slots of positions start..stop-1 of a sequence ([stop - start], on the CPU)."""
+        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
+        positions = torch.arange(start, stop)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
     @torch.inference_mode()
-    def _alloc(self, slots: int, length: int) -> None:
-        heads, dim = self._shape
-        old_k, old_v = self.keys, self.values
-        self.keys = [torch.zeros(slots, heads, length, dim, dtype=self._dtype, device=self._device) for _ in range(self.num_layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
-        for new, old in zip(self.keys + self.values, old_k + old_v):
-            s, _, n, _ = old.shape
-            new[:s, :, :n].copy_(old)
-
-    def ensure(self, slots: int, length: int) -> None:
-        """Grows storage to hold at least `slots` slots of `length` positions each."""
-        if slots > self.max_slots or length > self.max_len:
-            raise ValueError(f"KV pool limit: {slots}/{self.max_slots} slots, {length}/{self.max_len} positions")
-        new_slots, new_len = self.allocated_slots, self.allocated_len
-        while new_slots < slots:
-            new_slots = min(2 * new_slots, self.max_slots)
-        while new_len < length:
-            new_len = min(2 * new_len, self.max_len)
-        if (new_slots, new_len) != (self.allocated_slots, self.allocated_len):
-            self._alloc(new_slots, new_len)
-
-    @torch.inference_mode()
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copies the first `length` positions of slot `src` into slot `dst` (used to close holes)."""
+    def copy_positions(self, seq_id: str, src: list[int], dst: int) -> None:
+        """Copies positions `src` of a sequence, in that order, to positions dst, dst + 1, ...: an
+        accepted tree path, written where the step's tokens went, is moved into sequence order (the
+        source is read whole before anything is written, so the ranges may overlap)."""
+        source = self.slots(seq_id, 0, max(src) + 1)[src].to(self.device)
+        target = self.slots(seq_id, dst, dst + len(src)).to(self.device)
         for tensor in self.keys + self.values:
-            tensor[dst, :, :length].copy_(tensor[src, :, :length])
-
-    @torch.inference_mode()
-    def gather(self, slot: int, src: list[int], dst: int) -> None:
-        """Copies positions `src` of `slot`, in that order, to positions dst, dst + 1, ...: an accepted
-        tree path, written where the step's tokens went, is moved into sequence order (the source is
-        read whole before anything is written, so the ranges may overlap)."""
-        index = torch.tensor(src, dtype=torch.long, device=self._device)  # [n]
-        for tensor in self.keys + self.values:
-            tensor[slot, :, dst : dst + len(src)] = tensor[slot, :, index]
-
-    def step_cache(self, slots: list[int], write_positions: torch.Tensor, view_len: int) -> "StepCache":
-        """The cache object to pass a model as ``past_key_values`` for one batched step.
-
-        slots: the slot of each batch row. write_positions: [batch, n_new], where each row's new
-        tokens go. view_len: how many positions of each row attention sees (covers every write).
-        """
-        return StepCache(self, slots, write_positions, view_len)
-
-
-class StepCache:
-    """What a transformers decoder layer sees as its cache for one step: ``update`` stores the new
-    keys/values at each row's own positions and returns the row's whole (masked later) history."""
-
-    def __init__(self, pool: SlotKVPool, slots: list[int], write_positions: torch.Tensor, view_len: int) -> None:
-        self._pool = pool
-        device = pool.keys[0].device
-        self._rows = torch.tensor(slots, dtype=torch.long, device=device)[:, None]  # [batch, 1]
-        self._cols = write_positions.to(device)  # [batch, n_new]
-        self._view_len = view_len
-        first = slots[0]
-        contiguous = slots == list(range(first, first + len(slots)))
-        self._slice = slice(first, first + len(slots)) if contiguous else None
-        self._gather = None if contiguous else self._rows[:, 0]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """key_states, value_states: [batch, kv_heads, n_new, head_dim] -> [batch, kv_heads, view_len, head_dim]."""
-        keys, values = self._pool.keys[layer_idx], self._pool.values[layer_idx]
-        # Indexing [rows, :, cols] addresses a [batch, n_new, kv_heads, head_dim] block.
-        keys[self._rows, :, self._cols] = key_states.transpose(1, 2)
-        values[self._rows, :, self._cols] = value_states.transpose(1, 2)
-        if self._slice is not None:
-            return keys[self._slice, :, : self._view_len], values[self._slice, :, : self._view_len]
-        return keys[self._gather, :, : self._view_len], values[self._gather, :, : self._view_len]
+            tensor[target] = tensor[source]

@@ -1,13 +1,17 @@
-"""One batched forward over a ragged batch of sequences, each continuing from its own cached length.
+"""One forward per step over exactly the step's new tokens, for a ragged batch of sequences.
 
-Used by the verifier (target model) and by the draft-model drafters. The runner owns the KV pool and the
-per-sequence lengths; callers decide what to keep (``truncate``, or ``keep`` for a tree path) after
-looking at the logits.
+Used by the verifier (target model) and by the draft-model drafters. The runner owns the paged KV cache
+and the per-sequence lengths; callers decide what to keep (``truncate``, or ``keep`` for a tree path)
+after looking at the logits.
+
+A step flattens every row's new tokens into one ``[1, N]`` input with per-token position ids: the
+embeddings, projections, MLP and LM head see no padding at all. Attention (``smartspec.runtime.attention``)
+groups rows of equal new-token count and similar context, and pads only the key side within a group.
 
 A row's new tokens are a chain (each follows the one before) or a token tree (each names its parent
-among the row's tokens): either way token j is written at column start + j of the row's KV, attends to
-the row's history, its ancestors and itself, and sits at position start + depth. A chain is simply the
-tree whose parents are -1, 0, 1, ..., so both go through one mask.
+among the row's tokens): either way token j is written at position start + j of the row's KV, attends
+to the row's history, its ancestors and itself, and sits at position start + depth. A chain is the
+tree whose parents are -1, 0, 1, ..., so both go through one layout. See docs/engine.md.
 """
 
 from __future__ import annotations
@@ -16,9 +20,38 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from smartspec.runtime.kv_pool import SlotKVPool
+from smartspec.runtime.attention import RAGGED, AttentionGroup, RaggedStep
+from smartspec.runtime.kv_pool import BLOCK_SIZE, PagedKVCache
 from smartspec.tree import depths, parents_problem
+
+# A group may pad its key side by at most this fraction of the keys it really attends to.
+GROUP_PADDING = 0.25
+
+# Model types whose every transform is served exactly: decoder layers that call transformers' attention
+# interface with the new tokens' keys, and a causal LM head whose only post-processing, if any, is
+# final_logit_softcapping (applied here).
+SUPPORTED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3_text"}
+)
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Refuses, with a message that says why, a model the runner cannot serve exactly."""
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not served: the runner is exact for decoder-only families "
+            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a model's KV cache, from its config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
 @dataclass
@@ -35,11 +68,12 @@ class StepRow:
     # Offsets of the tokens whose logits are returned, in this order (overrides all_logits).
     logits_at: list[int] | None = None
 
-    def picked(self) -> list[int] | slice:
+    def picked(self) -> list[int]:
         """The offsets whose logits this row returns."""
         if self.logits_at is not None:
             return self.logits_at
-        return slice(0, len(self.tokens)) if self.all_logits else slice(len(self.tokens) - 1, len(self.tokens))
+        n = len(self.tokens)
+        return list(range(n)) if self.all_logits else [n - 1]
 
 
 def ancestry(parents: list[int] | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,35 +92,46 @@ def ancestry(parents: list[int] | None, count: int) -> tuple[torch.Tensor, torch
     return sees, torch.tensor(depths(parents)) - 1  # a child of the history sits at offset 0
 
 
-def step_layout(starts: list[int], rows: list[StepRow], view_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where one batched step writes, which positions it uses and what each query sees.
+def group_layout(starts: list[int], rows: list[StepRow], kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask of one attention group: rows of equal new-token count n, row b's
+    tokens written at columns starts[b] .. starts[b] + n - 1 of its own key row.
 
-    Returns columns [batch, n_max] (token j of row b is written at starts[b] + j), position ids
-    [batch, n_max] (starts[b] + depth) and the attention mask [batch, n_max, view_len]: a query sees
-    its row's history (columns < starts[b]) and, among the new columns, its ancestors and itself.
-    Padding queries (past a row's count) see causally, so no query sees nothing; their outputs are
-    discarded.
+    Returns position ids [rows, n] (start + depth) and the mask [rows, n, kv_len]: a query sees its
+    row's history (columns < start) and, among the new columns, its ancestors and itself; columns past
+    the row's end (key padding) are seen by nobody.
     """
-    counts = [len(r.tokens) for r in rows]
-    n_max = max(counts)
-    offsets = torch.arange(n_max)  # [n_max]
-    start = torch.tensor(starts)  # [batch]
-    columns = start[:, None] + offsets[None, :]  # [batch, n_max]
-    if all(row.parents is None for row in rows):  # chains only (the usual step): plain causal, ~5x cheaper
-        mask = torch.arange(view_len)[None, None, :] <= columns[:, :, None]  # [batch, n_max, view_len]
-        return columns, columns, mask
-    block = torch.ones(len(rows), n_max, n_max, dtype=torch.bool).tril()  # [batch, n_max, n_max]: new token sees new token
-    positions = columns.clone()  # [batch, n_max]
-    for b, row in enumerate(rows):
-        if row.parents is not None:
-            sees, depth = ancestry(row.parents, counts[b])
-            block[b, : counts[b], : counts[b]] = sees
-            positions[b, : counts[b]] = starts[b] + depth
-    relative = torch.arange(view_len)[None, None, :] - start[:, None, None]  # [batch, 1, view_len]: column - start
-    new = (relative >= 0) & (relative < n_max)  # [batch, 1, view_len]
-    index = relative.clamp(0, n_max - 1).expand(len(rows), n_max, view_len)  # [batch, n_max, view_len]
-    mask = (relative < 0) | (new & block.gather(2, index))  # [batch, n_max, view_len]
-    return columns, positions, mask
+    n = len(rows[0].tokens)
+    sees, depth = zip(*(ancestry(row.parents, n) for row in rows))
+    start = torch.tensor(starts)  # [rows]
+    rel = torch.arange(kv_len)[None, :] - start[:, None]  # [rows, kv_len]: column - start
+    new = (rel >= 0) & (rel < n)
+    index = rel.clamp(0, n - 1)[:, None, :].expand(len(rows), n, kv_len)  # [rows, n, kv_len]
+    mask = (rel < 0)[:, None, :] | (new[:, None, :] & torch.stack(sees).gather(2, index))
+    return start[:, None] + torch.stack(depth), mask
+
+
+def group_rows(rows: list[tuple[int, int]], padding: float = GROUP_PADDING) -> list[list[int]]:
+    """Splits rows, given as (new tokens, attended length), into attention groups: equal new-token
+    counts, and lengths close enough that padding every row to the group's longest costs at most
+    `padding` of the keys really attended. Returns row indices per group, longest first."""
+    by_count: dict[int, list[int]] = {}
+    for i, (count, _) in enumerate(rows):
+        by_count.setdefault(count, []).append(i)
+    groups: list[list[int]] = []
+    for members in by_count.values():
+        members.sort(key=lambda i: rows[i][1], reverse=True)
+        current: list[int] = []
+        attended = 0
+        for i in members:
+            length = rows[i][1]
+            longest = rows[current[0]][1] if current else length
+            if current and longest * (len(current) + 1) > (1 + padding) * (attended + length):
+                groups.append(current)
+                current, attended = [], 0
+            current.append(i)
+            attended += length
+        groups.append(current)
+    return groups
 
 
 @dataclass
@@ -101,170 +146,164 @@ class StepResult:
 
 
 class BatchedRunner:
-    """Runs a Hugging Face causal LM (a decoder whose logits are ``lm_head(hidden)``, e.g. Llama, Qwen2,
-    Mistral) over ragged batches with per-row positions, attention masks and KV rows."""
+    """Runs a Hugging Face causal LM over ragged steps (flat new tokens, per-token positions) with a
+    paged KV cache of `kv_cache_tokens` tokens (default: room for every sequence at the context limit)."""
 
-    def __init__(self, model: torch.nn.Module, max_sequences: int, max_context: int, step_slack: int = 64) -> None:
+    def __init__(self, model: torch.nn.Module, max_sequences: int, max_context: int, kv_cache_tokens: int | None = None) -> None:
+        check_supported(model)
         config = model.config
+        model.set_attn_implementation(RAGGED)
         self.model = model
         self.max_sequences = max_sequences
         self.max_context = max_context
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
-        self._device = next(model.parameters()).device
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        # Padded rows write a few positions past their own end: leave room beyond the context limit.
-        self.pool = SlotKVPool(
-            num_layers=config.num_hidden_layers,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            max_slots=max_sequences,
-            max_len=max_context + step_slack,
-            dtype=next(model.parameters()).dtype,
-            device=self._device,
-        )
-        self._slot_of: dict[str, int] = {}
-        self._length: dict[str, int] = {}
-        self._slot_owner: list[str] = []  # slot -> seq_id; live slots are always 0..live-1
+        self._final_softcap = getattr(config, "final_logit_softcapping", None)
+        param = next(model.parameters())
+        self._device = param.device
+        layers, kv_heads, head_dim = kv_shape(config)
+        tokens = kv_cache_tokens if kv_cache_tokens is not None else max_sequences * (max_context + BLOCK_SIZE)
+        self.cache = PagedKVCache(layers, kv_heads, head_dim, max(1, -(-tokens // BLOCK_SIZE)), param.dtype, self._device)
 
     # --- sequence bookkeeping -------------------------------------------------------------------
     def __contains__(self, seq_id: str) -> bool:
-        return seq_id in self._slot_of
+        return seq_id in self.cache
 
     @property
     def live(self) -> int:
-        return len(self._slot_owner)
+        return len(self.cache)
 
     @property
     def used_tokens(self) -> int:
-        return sum(self._length.values())
+        return self.cache.used_tokens
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.cache.capacity_tokens
 
     def length(self, seq_id: str) -> int:
         """Tokens of `seq_id` held in the KV cache."""
-        return self._length[seq_id]
+        return self.cache.length(seq_id)
 
     def admit(self, seq_id: str) -> None:
-        """Gives a new sequence an empty KV row."""
-        if seq_id in self._slot_of:
-            raise KeyError(f"sequence {seq_id!r} is already live")
+        """Starts a new, empty sequence."""
         if self.live >= self.max_sequences:
             raise OverflowError(f"all {self.max_sequences} sequence slots are in use")
-        slot = self.live
-        self.pool.ensure(slot + 1, self.pool.allocated_len)
-        self._slot_owner.append(seq_id)
-        self._slot_of[seq_id] = slot
-        self._length[seq_id] = 0
+        self.cache.admit(seq_id)
 
     def release(self, seq_id: str) -> bool:
-        """Frees a sequence's row; returns whether it was live. The last slot moves into the hole."""
-        slot = self._slot_of.pop(seq_id, None)
-        if slot is None:
-            return False
-        del self._length[seq_id]
-        last_owner = self._slot_owner.pop()
-        if last_owner != seq_id:
-            self.pool.move(len(self._slot_owner), slot, self._length[last_owner])
-            self._slot_owner[slot] = last_owner
-            self._slot_of[last_owner] = slot
-        return True
+        """Frees a sequence's blocks; returns whether it was live."""
+        return self.cache.release(seq_id)
 
     def truncate(self, seq_id: str, length: int) -> None:
         """Cuts a sequence's cache back to its first `length` tokens (rollback after a rejection)."""
-        if not 0 <= length <= self._length[seq_id]:
-            raise ValueError(f"cannot truncate {seq_id!r} from {self._length[seq_id]} to {length}")
-        self._length[seq_id] = length
+        if not 0 <= length <= self.cache.length(seq_id):
+            raise ValueError(f"cannot truncate {seq_id!r} from {self.cache.length(seq_id)} to {length}")
+        self.cache.set_length(seq_id, length)
 
     def keep(self, seq_id: str, start: int, offsets: list[int]) -> None:
         """Keeps, of the tokens fed at `start` by the last step, those at `offsets` (increasing: an
         accepted tree path, root first), moved to positions start, start + 1, ... in sequence order;
         the rest is cut. For a chain's accepted prefix (offsets 0..n-1) this is a plain truncate."""
-        fed = self._length[seq_id] - start
+        fed = self.cache.length(seq_id) - start
         if any(not 0 <= o < fed for o in offsets) or any(a >= b for a, b in zip(offsets, offsets[1:])):
             raise ValueError(f"cannot keep offsets {offsets} of the {fed} tokens {seq_id!r} was fed at {start}")
         if offsets != list(range(len(offsets))):
-            self.pool.gather(self._slot_of[seq_id], [start + o for o in offsets], start)
+            self.cache.copy_positions(seq_id, [start + o for o in offsets], start)
         self.truncate(seq_id, start + len(offsets))
 
-    # --- the batched step -----------------------------------------------------------------------
+    def fits(self, growth: dict[str, int]) -> bool:
+        """Whether the cache has the blocks for each sequence to grow by `growth[seq]` tokens."""
+        need = sum(self.cache.extra_blocks(seq, self.cache.length(seq) + n) for seq, n in growth.items())
+        return need <= self.cache.free_blocks
+
+    # --- the step -------------------------------------------------------------------------------
     def step(self, rows: list[StepRow]) -> StepResult:
-        """Appends each row's tokens to its sequence and returns the requested logits, in one forward
-        unless the rows' padded shape would not fit the KV pool (see ``_fit_groups``)."""
+        """Appends each row's tokens to its sequence and returns the requested logits, in one forward.
+        Raises KVCacheFull (nothing changed) when the cache cannot hold the new tokens."""
         if not rows:
             return StepResult([], 0.0, 0, 0, 0)
         if min(len(r.tokens) for r in rows) < 1:
             raise ValueError("every row of a step needs at least one token")
+        if len({r.seq_id for r in rows}) != len(rows):
+            raise ValueError("a sequence appears twice in one step")
         for row in rows:
             if row.logits_at is not None and any(not 0 <= o < len(row.tokens) for o in row.logits_at):
                 raise ValueError(f"row {row.seq_id!r}: logits asked at {row.logits_at} but it has {len(row.tokens)} tokens")
-        logits: dict[str, torch.Tensor] = {}
-        total = StepResult([], 0.0, 0, 0, 0)
-        for group in self._fit_groups(rows):
-            part = self._forward(group)
-            logits.update((row.seq_id, out) for row, out in zip(group, part.logits))
-            total.forward_s += part.forward_s
-            total.new_tokens += part.new_tokens
-            total.context_tokens += part.context_tokens
-            total.num_forwards += 1
-        total.logits = [logits[row.seq_id] for row in rows]
-        return total
+        starts = [self.cache.length(r.seq_id) for r in rows]
+        for row, start in zip(rows, starts):  # positions count a tree's depth; its KV takes all its nodes
+            end = start + (max(depths(row.parents)) if row.parents is not None else len(row.tokens))
+            if end > self.max_context:
+                raise ValueError(f"row {row.seq_id!r} would reach position {end}, over the context limit {self.max_context}")
+        self.cache.reserve({r.seq_id: s + len(r.tokens) for r, s in zip(rows, starts)})
+        try:
+            return self._forward(rows, starts)
+        except BaseException:
+            for row, start in zip(rows, starts):
+                self.cache.set_length(row.seq_id, start)
+            raise
 
-    def _fit_groups(self, rows: list[StepRow]) -> list[list[StepRow]]:
-        """Splits rows so that no forward's padded view passes the KV pool's length limit.
-
-        A forward pads every row to the longest one and attends over max(start) + that many positions,
-        so a long new prompt beside a long-running sequence can overflow the pool although each fits on
-        its own. Almost always one group.
-        """
-        limit = self.pool.max_len
-        groups: list[tuple[int, int, list[StepRow]]] = []  # (max start, max count, rows)
-        for row in sorted(rows, key=lambda r: len(r.tokens), reverse=True):
-            start = self._length[row.seq_id]
-            for g, (g_start, g_count, members) in enumerate(groups):
-                if max(g_start, start) + g_count <= limit:
-                    groups[g] = (max(g_start, start), g_count, members + [row])
-                    break
-            else:
-                groups.append((start, len(row.tokens), [row]))
-        return [members for _, _, members in groups]
+    def _layout(self, rows: list[StepRow], starts: list[int]) -> tuple[list[int], RaggedStep, torch.Tensor, torch.Tensor, list[list[int]]]:
+        """The flat order of rows (grouped for attention), the attention plan, input ids [N], position
+        ids [N] and, per row in flat order, the flat indices of the tokens whose logits it returns."""
+        counts = [len(r.tokens) for r in rows]
+        groups = group_rows([(n, s + n) for n, s in zip(counts, starts)])
+        order = [i for group in groups for i in group]
+        device = self._device
+        ids, positions, writes, picks = [], [], [], []
+        plans: list[AttentionGroup] = []
+        flat = 0
+        for group in groups:
+            n = counts[group[0]]
+            kv_len = max(starts[i] + n for i in group)
+            members, member_starts = [rows[i] for i in group], [starts[i] for i in group]
+            query_pos, mask = group_layout(member_starts, members, kv_len)  # [rows, n], [rows, n, kv_len]
+            slots = [self.cache.slots(row.seq_id, 0, start + n) for row, start in zip(members, member_starts)]
+            for row, start, row_slots, row_pos in zip(members, member_starts, slots, query_pos):
+                ids.append(torch.tensor(row.tokens, dtype=torch.long))
+                positions.append(row_pos)
+                writes.append(row_slots[start:])
+                picks.append([flat + o for o in row.picked()])
+                flat += n
+            key_pos = [torch.cat([torch.arange(start), pos]) for start, pos in zip(member_starts, query_pos)]
+            # a lone row without history is plain causal attention; single queries over equal lengths see everything
+            causal = len(group) == 1 and member_starts[0] == 0 and members[0].parents is None
+            unmasked = causal or (n == 1 and all(start + 1 == kv_len for start in member_starts))
+            plans.append(
+                AttentionGroup(
+                    token_start=flat - n * len(group), rows=len(group), queries=n, kv_len=kv_len,
+                    gather=pad_sequence(slots, batch_first=True).reshape(-1).to(device),  # key padding reads slot 0, masked
+                    mask=None if unmasked else mask[:, None].to(device),  # [rows, 1, n, kv_len]
+                    causal=causal,
+                    query_positions=query_pos.to(device),
+                    key_positions=pad_sequence(key_pos, batch_first=True, padding_value=1 << 40).to(device),
+                )
+            )
+        step = RaggedStep(self.cache, torch.cat(writes).to(device), plans, flat)
+        return order, step, torch.cat(ids), torch.cat(positions), picks
 
     @torch.inference_mode()
-    def _forward(self, rows: list[StepRow]) -> StepResult:
-        """One batched forward over rows whose padded view fits the pool."""
-        order = sorted(range(len(rows)), key=lambda i: self._slot_of[rows[i].seq_id])
-        batch = [rows[i] for i in order]
-        starts = [self._length[r.seq_id] for r in batch]
-        counts = [len(r.tokens) for r in batch]
-        n_max = max(counts)
-        view_len = max(starts) + n_max
-        self.pool.ensure(self.live, view_len)
-
+    def _forward(self, rows: list[StepRow], starts: list[int]) -> StepResult:
+        order, plan, input_ids, positions, picks = self._layout(rows, starts)
         device = self._device
-        input_ids = torch.zeros(len(batch), n_max, dtype=torch.long)  # [batch, n_max], padded with id 0
-        for b, row in enumerate(batch):
-            input_ids[b, : counts[b]] = torch.tensor(row.tokens, dtype=torch.long)
-        # Padded queries see finite stale entries; their outputs are discarded.
-        columns, positions, mask = step_layout(starts, batch, view_len)  # [batch, n_max] x2, [batch, n_max, view_len]
-        cache = self.pool.step_cache([self._slot_of[r.seq_id] for r in batch], columns, view_len)
-
         started = time.perf_counter()
         hidden = self._decoder(
-            input_ids=input_ids.to(device),
-            attention_mask=mask[:, None].to(device),  # [batch, 1, n_max, view_len]
-            position_ids=positions.to(device),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state  # [batch, n_max, hidden]
-        picked = [hidden[b, row.picked()] for b, row in enumerate(batch)]  # [n_picked, hidden] per row
-        logits = self._head(torch.cat(picked)).float()  # [sum of picked, vocab]
+            input_ids=input_ids[None].to(device),  # [1, N]
+            position_ids=positions[None].to(device),  # [1, N]
+            use_cache=False,
+            ragged_step=plan,
+        ).last_hidden_state[0]  # [N, hidden]
+        flat_picks = [p for row_picks in picks for p in row_picks]
+        logits = self._head(hidden[torch.tensor(flat_picks, device=device)]).float()  # [picked, vocab]
+        if self._final_softcap is not None:
+            logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         forward_s = time.perf_counter() - started
-
-        per_row = list(torch.split(logits, [p.shape[0] for p in picked]))
-        for row, start, count in zip(batch, starts, counts):
-            self._length[row.seq_id] = start + count
-        result = [torch.empty(0)] * len(rows)
-        for b, original in enumerate(order):
-            result[original] = per_row[b]
-        return StepResult(result, forward_s, sum(counts), sum(starts))
+        per_row = torch.split(logits, [len(p) for p in picks])
+        result: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for i, out in zip(order, per_row):
+            result[i] = out
+        for row, start in zip(rows, starts):
+            self.cache.set_length(row.seq_id, start + len(row.tokens))
+        return StepResult(result, forward_s, plan.num_tokens, sum(starts))

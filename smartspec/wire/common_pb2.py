@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsmartspec/wire/common.proto\x12\x13smartspec.common.v1\"\x92\x01\n\tStepStats\x12\x11\n\tforward_s\x18\x01 \x01(\x01\x12\x11\n\thandler_s\x18\x02 \x01(\x01\x12\x15\n\rnum_sequences\x18\x03 \x01(\r\x12\x16\n\x0enum_new_tokens\x18\x04 \x01(\r\x12\x1a\n\x12num_context_tokens\x18\x05 \x01(\x04\x12\x14\n\x0cnum_forwards\x18\x06 \x01(\r\"y\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"N\n\x12\x44raftDistributions\x12\x16\n\x0esupport_counts\x18\x01 \x03(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05probs\x18\x03 \x03(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsmartspec/wire/common.proto\x12\x13smartspec.common.v1\"\x92\x01\n\tStepStats\x12\x11\n\tforward_s\x18\x01 \x01(\x01\x12\x11\n\thandler_s\x18\x02 \x01(\x01\x12\x15\n\rnum_sequences\x18\x03 \x01(\r\x12\x16\n\x0enum_new_tokens\x18\x04 \x01(\r\x12\x1a\n\x12num_context_tokens\x18\x05 \x01(\x04\x12\x14\n\x0cnum_forwards\x18\x06 \x01(\r\"\x8e\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x13\n\x0b\x64\x65vice_name\x18\x07 \x01(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"N\n\x12\x44raftDistributions\x12\x16\n\x0esupport_counts\x18\x01 \x03(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05probs\x18\x03 \x03(\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STEPSTATS']._serialized_start=53
   _globals['_STEPSTATS']._serialized_end=199
-  _globals['_MODELINFO']._serialized_start=201
-  _globals['_MODELINFO']._serialized_end=322
-  _globals['_SAMPLINGPARAMS']._serialized_start=324
-  _globals['_SAMPLINGPARAMS']._serialized_end=405
-  _globals['_DRAFTDISTRIBUTIONS']._serialized_start=407
-  _globals['_DRAFTDISTRIBUTIONS']._serialized_end=485
+  _globals['_MODELINFO']._serialized_start=202
+  _globals['_MODELINFO']._serialized_end=344
+  _globals['_SAMPLINGPARAMS']._serialized_start=346
+  _globals['_SAMPLINGPARAMS']._serialized_end=427
+  _globals['_DRAFTDISTRIBUTIONS']._serialized_start=429
+  _globals['_DRAFTDISTRIBUTIONS']._serialized_end=507
 # @@protoc_insertion_point(module_scope)

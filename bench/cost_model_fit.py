@@ -1,0 +1,88 @@
+"""Does the startup profile alone predict the verifier's step times? The router's cost-profile sweep,
+then held-out steps of shapes the sweep never ran, predicted by the fitted model with no online refit.
+
+    python bench/cost_model_fit.py [--steps 80] [--out bench/results/cost_model_fit.json]
+
+Starts `smartspec serve verifier` (embedded target, float32) as its own process. The sweep is the one
+the router runs at start-up (router/controller/profile.py: uniform and mixed k per request at three
+contexts and four batch sizes), timed as a whole. The held-out steps draw, per step, a batch of 1-16
+requests whose contexts differ (16 to 1,500 tokens) and a k of 0-7 per request. Reported: the sweep's
+duration and the mean absolute percentage error of the predicted RPC time on the held-out steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import grpc
+
+from router.controller.cost_model import new_verify_model
+from router.controller.profile import K_MAX, measure, step_features
+from smartspec.bench.verifier_process import VerifierProcess
+from smartspec.serving import CHANNEL_OPTIONS
+from smartspec.wire import verifier_pb2, verifier_pb2_grpc
+
+VOCAB = 49152
+
+
+async def profile(address: str, info) -> tuple[list, list[float], float]:
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        started = time.perf_counter()
+        rows, seconds = await measure(verifier_pb2_grpc.VerifierServiceStub(channel), info)
+        return rows, seconds, time.perf_counter() - started
+
+
+def held_out(stub, steps: int, rng: random.Random) -> tuple[list, list[float], list[dict]]:
+    ids = [f"h{i}" for i in range(16)]
+    lengths = {i: rng.randint(16, 1500) for i in ids}
+    stub.Prefill(verifier_pb2.PrefillRequest(items=[verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, VOCAB) for _ in range(n)]) for i, n in lengths.items()]))
+    rows, seconds, shapes = [], [], []
+    for n in range(steps + 2):
+        batch = rng.sample(ids, rng.randint(1, 16))
+        ks = [rng.randint(0, K_MAX) for _ in batch]
+        drafts = [rng.randrange(3, VOCAB) for _ in range(sum(ks))]
+        started = time.perf_counter()
+        reply = stub.Verify(verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts))
+        elapsed = time.perf_counter() - started
+        if n >= 2:
+            rows.append(step_features([lengths[i] for i in batch], ks))
+            seconds.append(elapsed)
+            shapes.append(dict(batch=len(batch), ks=ks, contexts=[lengths[i] for i in batch]))
+        for i, accepted in zip(batch, reply.accepted_counts):
+            lengths[i] += accepted + 1
+    stub.Release(verifier_pb2.ReleaseRequest(request_ids=ids))
+    return rows, seconds, shapes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--out", default="bench/results/cost_model_fit.json")
+    args = parser.parse_args()
+    with VerifierProcess(["--max-sequences", "32"]) as verifier:
+        rows, seconds, sweep_s = asyncio.run(profile(verifier.address, verifier.info))
+        model = new_verify_model()
+        model.fit_batch(rows, seconds)
+        test_rows, test_seconds, shapes = held_out(verifier.stub, args.steps, random.Random(1))
+        info = verifier.info
+    predicted = [model.predict(x) for x in test_rows]
+    errors = [abs(p - s) / s for p, s in zip(predicted, test_seconds)]
+    mape = statistics.mean(errors)
+    print(f"profile sweep: {len(rows)} steps in {sweep_s:.1f} s; coefficients {model.as_dict()}")
+    print(f"held-out: {len(errors)} steps, MAPE {100 * mape:.1f}% (median {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%)")
+    meta = dict(model=info.model.model, device_name=info.model.device_name, dtype=info.model.dtype, machine=platform.machine())
+    result = dict(meta=meta, sweep_steps=len(rows), sweep_s=sweep_s, coefficients=model.as_dict(), held_out_mape=mape,
+                  held_out=[dict(shape, measured_s=s, predicted_s=p) for shape, s, p in zip(shapes, test_seconds, predicted)])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
