@@ -35,6 +35,7 @@ class Params:
     policy: SpeculationPolicy
     benchmark: router_pb2.BenchmarkOptions | None = None  # inputs of the "controlled" drafter only
     sampling: SamplingParams = GREEDY  # temperature 0: greedy; else seeded (the router picks a seed if the client gave none)
+    ignore_eos: bool = False  # end-of-sequence tokens do not finish the request (fixed-length benchmarks)
 
 
 @dataclass
@@ -102,7 +103,7 @@ class RequestState:
     # --- progress -----------------------------------------------------------------------------
     def commit(self, emitted: Sequence[int]) -> Chunk:
         """Appends the tokens the verifier emitted, one at a time, stopping at the first finish rule:
-        a stop string (its text dropped), an end-of-sequence token (kept) or max_tokens."""
+        a stop string (its text dropped), an end-of-sequence token (kept; unless ignore_eos) or max_tokens."""
         now = time.perf_counter()
         if self.first_token is None:
             self.first_token = now
@@ -115,7 +116,7 @@ class RequestState:
             text.append(released)
             if stopped:
                 self.finish_reason = STOP
-            elif token in self.eos_ids:
+            elif token in self.eos_ids and not self.params.ignore_eos:
                 self.finish_reason = EOS
             elif self.generated >= self.params.max_tokens:
                 self.finish_reason = LENGTH

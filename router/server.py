@@ -101,7 +101,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             controller.reset()
         return reply
 
-    def _submit(self, request: router_pb2.GenerateRequest) -> RequestState:
+    # --- the request path every front end shares (gRPC here, HTTP in router/http) ---------------------
+    def submit(self, request: router_pb2.GenerateRequest) -> RequestState:
+        """Validates and queues a request; a RequestError (invalid, overloaded, shutting down) is raised
+        before anything is queued, and counted."""
         try:
             prompt_ids, params = self.validate(request)
             state = RequestState(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_ids=self.eos_ids)
@@ -112,7 +115,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.scheduler.telemetry.arrived(state)
         return state
 
-    async def _chunks(self, state: RequestState) -> AsyncIterator[Chunk]:
+    async def chunks(self, state: RequestState) -> AsyncIterator[Chunk]:
         """The request's chunks until the last; cancels the request if the caller stops listening."""
         item = None
         try:
@@ -128,12 +131,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 self.scheduler.cancel(state)
             self.scheduler.telemetry.finished(state, item)
 
-    @rpc_errors
-    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
-        state = self._submit(request)
+    async def complete(self, state: RequestState) -> router_pb2.GenerateResponse:
+        """The whole output of a submitted request; cancelling the caller cancels the request."""
         token_ids: list[int] = []
         text: list[str] = []
-        async with contextlib.aclosing(self._chunks(state)) as chunks:  # ends the request (and reports it) before replying
+        async with contextlib.aclosing(self.chunks(state)) as chunks:  # ends the request (and reports it) before replying
             async for chunk in chunks:
                 token_ids.extend(chunk.token_ids)
                 text.append(chunk.text)
@@ -144,9 +146,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         raise RequestError("INTERNAL", "generation ended without a finish reason")
 
     @rpc_errors
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
+        return await self.complete(self.submit(request))
+
+    @rpc_errors
     async def GenerateStream(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        state = self._submit(request)
-        async with contextlib.aclosing(self._chunks(state)) as chunks:  # a client that leaves ends the request now, not at GC
+        state = self.submit(request)
+        async with contextlib.aclosing(self.chunks(state)) as chunks:  # a client that leaves ends the request now, not at GC
             async for chunk in chunks:
                 yield router_pb2.GenerateStreamResponse(
                     token_ids=chunk.token_ids, text=chunk.text, finish_reason=chunk.finish_reason, stats=chunk.stats

@@ -98,7 +98,9 @@ class RequestValidator:
                 )
             max_tokens = min(self.defaults.max_tokens, room)
         benchmark = self._benchmark(request) if drafter == "controlled" else None
-        return prompt_ids, Params(max_tokens=max_tokens, stop=stop, drafter=drafter, policy=policy, benchmark=benchmark, sampling=sampling)
+        return prompt_ids, Params(
+            max_tokens=max_tokens, stop=stop, drafter=drafter, policy=policy, benchmark=benchmark, sampling=sampling, ignore_eos=request.ignore_eos
+        )
 
     @staticmethod
     def _sampling(request: router_pb2.GenerateRequest) -> SamplingParams:

@@ -123,16 +123,19 @@ class Client:
         top_p: float | None = None,
         top_k: int = 0,
         seed: int | None = None,
+        ignore_eos: bool = False,
     ) -> router_pb2.GenerateRequest:
         """The wire request; nothing is checked here (the router validates and explains).
 
         temperature 0 (the default) is greedy; above 0 the request samples, optionally within top_p and
         top_k. A seed makes a sampling run reproducible (same drafter, policy "none" or "fixed:K"); the
-        seed used comes back in ``stats["seed"]``.
+        seed used comes back in ``stats["seed"]``. ignore_eos keeps generating past end-of-sequence
+        tokens, up to max_tokens or a stop sequence.
         """
         try:
             message = router_pb2.GenerateRequest(
-                prompt=prompt or "", stop=list(stop), drafter=drafter or "", policy=policy or "", temperature=temperature, top_k=top_k
+                prompt=prompt or "", stop=list(stop), drafter=drafter or "", policy=policy or "", temperature=temperature, top_k=top_k,
+                ignore_eos=ignore_eos,
             )
             for turn in messages or ():
                 message.messages.add(role=turn["role"], content=turn["content"])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsmartspec/wire/router.proto\x12\x13smartspec.router.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc4\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .smartspec.router.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x0f\n\x07\x64rafter\x18\x05 \x01(\t\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x38\n\tbenchmark\x18\x07 \x01(\x0b\x32%.smartspec.router.v1.BenchmarkOptions\x12\x13\n\x0btemperature\x18\x08 \x01(\x02\x12\x12\n\x05top_p\x18\t \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\n \x01(\x05\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x02\x88\x01\x01\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\\\n\x10\x42\x65nchmarkOptions\x12\x1b\n\x13reference_token_ids\x18\x01 \x03(\r\x12\x1d\n\x15\x63ontrolled_acceptance\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x9b\x01\n\x0fGenerationStats\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x10\n\x08proposed\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\xa2\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.smartspec.router.v1.FinishReason\x12\x33\n\x05stats\x18\x04 \x01(\x0b\x32$.smartspec.router.v1.GenerationStats\"\xa8\x01\n\x16GenerateStreamResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.smartspec.router.v1.FinishReason\x12\x33\n\x05stats\x18\x04 \x01(\x0b\x32$.smartspec.router.v1.GenerationStats\"\x1d\n\x0cStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"y\n\x0c\x44rafterStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x02 \x01(\x01\x12\x10\n\x08proposed\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x04\x12\x1e\n\x16\x61\x63\x63\x65ptance_by_position\x18\x05 \x03(\x01\"\x95\x02\n\rStatsResponse\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x02 \x01(\x01\x12\x16\n\x0estep_time_mape\x18\x03 \x01(\x01\x12\x13\n\x0bk_histogram\x18\x04 \x03(\x04\x12\x33\n\x08\x64rafters\x18\x05 \x03(\x0b\x32!.smartspec.router.v1.DrafterStats\x12G\n\x0bverify_cost\x18\x06 \x03(\x0b\x32\x32.smartspec.router.v1.StatsResponse.VerifyCostEntry\x1a\x31\n\x0fVerifyCostEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x9f\x02\n\rRouterService\x12W\n\x08Generate\x12$.smartspec.router.v1.GenerateRequest\x1a%.smartspec.router.v1.GenerateResponse\x12\x65\n\x0eGenerateStream\x12$.smartspec.router.v1.GenerateRequest\x1a+.smartspec.router.v1.GenerateStreamResponse0\x01\x12N\n\x05Stats\x12!.smartspec.router.v1.StatsRequest\x1a\".smartspec.router.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsmartspec/wire/router.proto\x12\x13smartspec.router.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd8\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x32\n\x08messages\x18\x02 \x03(\x0b\x32 .smartspec.router.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x0f\n\x07\x64rafter\x18\x05 \x01(\t\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x38\n\tbenchmark\x18\x07 \x01(\x0b\x32%.smartspec.router.v1.BenchmarkOptions\x12\x13\n\x0btemperature\x18\x08 \x01(\x02\x12\x12\n\x05top_p\x18\t \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\n \x01(\x05\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\\\n\x10\x42\x65nchmarkOptions\x12\x1b\n\x13reference_token_ids\x18\x01 \x03(\r\x12\x1d\n\x15\x63ontrolled_acceptance\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x9b\x01\n\x0fGenerationStats\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x10\n\x08proposed\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\xa2\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.smartspec.router.v1.FinishReason\x12\x33\n\x05stats\x18\x04 \x01(\x0b\x32$.smartspec.router.v1.GenerationStats\"\xa8\x01\n\x16GenerateStreamResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.smartspec.router.v1.FinishReason\x12\x33\n\x05stats\x18\x04 \x01(\x0b\x32$.smartspec.router.v1.GenerationStats\"\x1d\n\x0cStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"y\n\x0c\x44rafterStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x02 \x01(\x01\x12\x10\n\x08proposed\x18\x03 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x04\x12\x1e\n\x16\x61\x63\x63\x65ptance_by_position\x18\x05 \x03(\x01\"\x95\x02\n\rStatsResponse\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x17\n\x0fmean_batch_size\x18\x02 \x01(\x01\x12\x16\n\x0estep_time_mape\x18\x03 \x01(\x01\x12\x13\n\x0bk_histogram\x18\x04 \x03(\x04\x12\x33\n\x08\x64rafters\x18\x05 \x03(\x0b\x32!.smartspec.router.v1.DrafterStats\x12G\n\x0bverify_cost\x18\x06 \x03(\x0b\x32\x32.smartspec.router.v1.StatsResponse.VerifyCostEntry\x1a\x31\n\x0fVerifyCostEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x9f\x02\n\rRouterService\x12W\n\x08Generate\x12$.smartspec.router.v1.GenerateRequest\x1a%.smartspec.router.v1.GenerateResponse\x12\x65\n\x0eGenerateStream\x12$.smartspec.router.v1.GenerateRequest\x1a+.smartspec.router.v1.GenerateStreamResponse0\x01\x12N\n\x05Stats\x12!.smartspec.router.v1.StatsRequest\x1a\".smartspec.router.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSRESPONSE_VERIFYCOSTENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_VERIFYCOSTENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1447
-  _globals['_FINISHREASON']._serialized_end=1565
+  _globals['_FINISHREASON']._serialized_start=1467
+  _globals['_FINISHREASON']._serialized_end=1585
   _globals['_CHATMESSAGE']._serialized_start=52
   _globals['_CHATMESSAGE']._serialized_end=96
   _globals['_GENERATEREQUEST']._serialized_start=99
-  _globals['_GENERATEREQUEST']._serialized_end=423
-  _globals['_BENCHMARKOPTIONS']._serialized_start=425
-  _globals['_BENCHMARKOPTIONS']._serialized_end=517
-  _globals['_GENERATIONSTATS']._serialized_start=520
-  _globals['_GENERATIONSTATS']._serialized_end=675
-  _globals['_GENERATERESPONSE']._serialized_start=678
-  _globals['_GENERATERESPONSE']._serialized_end=840
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=843
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1011
-  _globals['_STATSREQUEST']._serialized_start=1013
-  _globals['_STATSREQUEST']._serialized_end=1042
-  _globals['_DRAFTERSTATS']._serialized_start=1044
-  _globals['_DRAFTERSTATS']._serialized_end=1165
-  _globals['_STATSRESPONSE']._serialized_start=1168
-  _globals['_STATSRESPONSE']._serialized_end=1445
-  _globals['_STATSRESPONSE_VERIFYCOSTENTRY']._serialized_start=1396
-  _globals['_STATSRESPONSE_VERIFYCOSTENTRY']._serialized_end=1445
-  _globals['_ROUTERSERVICE']._serialized_start=1568
-  _globals['_ROUTERSERVICE']._serialized_end=1855
+  _globals['_GENERATEREQUEST']._serialized_end=443
+  _globals['_BENCHMARKOPTIONS']._serialized_start=445
+  _globals['_BENCHMARKOPTIONS']._serialized_end=537
+  _globals['_GENERATIONSTATS']._serialized_start=540
+  _globals['_GENERATIONSTATS']._serialized_end=695
+  _globals['_GENERATERESPONSE']._serialized_start=698
+  _globals['_GENERATERESPONSE']._serialized_end=860
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=863
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1031
+  _globals['_STATSREQUEST']._serialized_start=1033
+  _globals['_STATSREQUEST']._serialized_end=1062
+  _globals['_DRAFTERSTATS']._serialized_start=1064
+  _globals['_DRAFTERSTATS']._serialized_end=1185
+  _globals['_STATSRESPONSE']._serialized_start=1188
+  _globals['_STATSRESPONSE']._serialized_end=1465
+  _globals['_STATSRESPONSE_VERIFYCOSTENTRY']._serialized_start=1416
+  _globals['_STATSRESPONSE_VERIFYCOSTENTRY']._serialized_end=1465
+  _globals['_ROUTERSERVICE']._serialized_start=1588
+  _globals['_ROUTERSERVICE']._serialized_end=1875
 # @@protoc_insertion_point(module_scope)
