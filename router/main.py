@@ -36,7 +36,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--redis-url", default="", help="Redis that router replicas share acceptance statistics and cost profiles through, "
              "e.g. redis://127.0.0.1:6379/0; empty: local state only (also the fallback while Redis is unreachable)")
     add_flag(parser, "--redis-namespace", default="smartspec", help="prefix of this fleet's Redis keys (separate fleets sharing one Redis use different ones)")
+    add_flag(parser, "--http-port", type=int, default=-1,
+             help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) on HOST:PORT (HOST: --host; "
+             "TLS and token as for gRPC); 0 picks a free one (shown on the listening line as http=HOST:PORT); -1: off")
+    add_flag(parser, "--http-max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest HTTP request body accepted; larger ones get 413")
+    add_flag(parser, "--served-model-name", default="", help="the model id of the HTTP API (/v1/models, a request's model field); "
+             "empty: the target model folder's name")
     add_security_flags(parser)
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    """--served-model-name, else the target folder's name (the embedded model's without converting it)."""
+    from pathlib import Path
+
+    from smartspec.models import TARGET_NAME
+
+    if args.served_model_name:
+        return args.served_model_name
+    return TARGET_NAME if args.target_model == "embedded" else Path(args.target_model).resolve().name
 
 
 def load_tokenizer(spec: str):
@@ -68,22 +85,38 @@ async def serve(args: argparse.Namespace) -> None:
         redis_namespace=args.redis_namespace,
     )
     drafters = parse_drafters(args.drafter_address)
+    security = ServerSecurity.from_args(args)
+    http = None
+    if args.http_port >= 0:  # bound first: it answers 503 while the router loads
+        from router.http import Backend, HttpFrontend
+
+        http = HttpFrontend(Backend(served_model_name(args)), args.host, args.http_port, security, args.http_max_body_bytes,
+                            access_log=args.log_level.upper() == "DEBUG")
 
     async def load() -> LoadedService:
         tokenizer = await asyncio.to_thread(load_tokenizer, args.target_model)
         # The verifier binds before loading its model: wait for SERVING, not just for a connection.
         await asyncio.gather(*(wait_serving(address, args.startup_timeout_s) for address in args.verifier))
         servicer = await build_router(tokenizer, args.verifier, drafters, settings, startup_timeout_s=args.startup_timeout_s, telemetry=telemetry)
+        if http is not None:
+            http.backend.attach(servicer, root=str(tokenizer.name_or_path))
 
         async def drain() -> None:
-            await servicer.drain(args.grace_s)
+            await servicer.drain(args.grace_s)  # HTTP requests too: their streams end with them
+            if http is not None:
+                await http.stop()
 
         return LoadedService(lambda server: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server), on_stop=drain)
 
     telemetry = telemetry_from_args(args)
     try:
-        await run_service("router", [SERVICE_NAME], args.host, args.port, args.grace_s, load, telemetry.tracing, ServerSecurity.from_args(args))
+        if http is not None:
+            await http.start()
+        endpoints = {"http": http.address} if http is not None else None
+        await run_service("router", [SERVICE_NAME], args.host, args.port, args.grace_s, load, telemetry.tracing, security, endpoints)
     finally:
+        if http is not None:
+            await http.stop()
         telemetry.close()  # ends spans still open and stops the metrics endpoint
 
 

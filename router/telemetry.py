@@ -204,12 +204,14 @@ class RouterTelemetry:
 
 def telemetry_from_args(args: argparse.Namespace) -> RouterTelemetry:
     """The router's telemetry from its flags (--trace-exporter, --otlp-endpoint, --metrics-port);
-    starts the metrics endpoint on the router's --host when a port is given."""
+    starts the metrics endpoint on the router's --host when a port is given. Metrics are also kept when
+    the HTTP API is on (--http-port), which serves them at /metrics."""
     tracing = tracing_from_args(args, SERVICE_NAME, new_traces=True)
     metrics = None
-    if args.metrics_port:
+    if args.metrics_port or getattr(args, "http_port", -1) >= 0:
         from router.metrics import RouterMetrics
 
         metrics = RouterMetrics(SERVICE_NAME)
-        metrics.serve(args.host, args.metrics_port)
+        if args.metrics_port:
+            metrics.serve(args.host, args.metrics_port)
     return RouterTelemetry(tracing, metrics)

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -246,9 +246,11 @@ async def start_server(
     return running
 
 
-def announce(role: str, running: RunningServer) -> None:
-    """Prints the one line a parent process (``smartspec up``) waits for: ``listening ROLE=HOST:PORT``."""
-    print(f"listening {role}={running.address}", flush=True)
+def announce(role: str, running: RunningServer, endpoints: Mapping[str, str] | None = None) -> None:
+    """Prints the one line a parent process (``smartspec up``) waits for: ``listening ROLE=HOST:PORT``,
+    followed by the service's other endpoints, e.g. the router's ``http=HOST:PORT``."""
+    extra = "".join(f" {name}={address}" for name, address in (endpoints or {}).items())
+    print(f"listening {role}={running.address}{extra}", flush=True)
 
 
 def stop_event() -> asyncio.Event:
@@ -291,16 +293,17 @@ class LoadedService:
 
 async def run_service(
     role: str, service_names: Sequence[str], host: str, port: int, grace_s: float, load: Callable[[], Awaitable[LoadedService]],
-    tracing: Tracing | None = None, security: ServerSecurity | None = None,
+    tracing: Tracing | None = None, security: ServerSecurity | None = None, endpoints: Mapping[str, str] | None = None,
 ) -> None:
     """The lifecycle every `smartspec serve ROLE` shares. Binds and prints the listening line at once,
     reporting NOT_SERVING and refusing calls with UNAVAILABLE while `load` runs (it must not block the
     event loop: load models with ``await ModelThread.run``); then SERVING until SIGTERM/SIGINT; then
     NOT_SERVING while in-flight calls drain for up to `grace_s`. A signal during loading stops at once
-    (the process exits when the load step in progress returns); a failed load stops and raises."""
+    (the process exits when the load step in progress returns); a failed load stops and raises.
+    `endpoints` (name -> HOST:PORT) are other servers the service runs, shown on its listening line."""
     stop = stop_event()
     running = await start_server(None, service_names, host, port, tracing, security)
-    announce(role, running)
+    announce(role, running, endpoints)
     loading = asyncio.ensure_future(load())
     stopping = asyncio.ensure_future(stop.wait())
     try:

@@ -21,7 +21,7 @@ from smartspec.client import Client
 from tests.support import reference_greedy
 
 READY = re.compile(
-    r"^ready router=(127\.0\.0\.1:\d+) verifier=(127\.0\.0\.1:\d+) draft_model=(127\.0\.0\.1:\d+) prompt_lookup=(127\.0\.0\.1:\d+) tree=(127\.0\.0\.1:\d+)$"
+    r"^ready router=(127\.0\.0\.1:\d+) http=(127\.0\.0\.1:\d+) verifier=(127\.0\.0\.1:\d+) draft_model=(127\.0\.0\.1:\d+) prompt_lookup=(127\.0\.0\.1:\d+) tree=(127\.0\.0\.1:\d+)$"
 )
 PROMPT = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -76,7 +76,7 @@ def up(tiny_target, tiny_draft, tmp_path):
     log = open(tmp_path / "up.log", "w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "smartspec.cli", "up", "--port", "0", "--target-model", str(tiny_target), "--draft-model", str(tiny_draft),
-         "--grace-s", "20"],
+         "--grace-s", "20", "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=log, text=True, env=_env(),
     )
     try:
@@ -102,7 +102,7 @@ def test_up_prints_ready_serves_exactly_survives_a_dead_child_and_stops_on_sigte
     line = _read_line(process, timeout=180)
     match = READY.match(line.rstrip("\n"))
     assert match, f"no ready line (got {line!r}); log:\n{log.read_text()[-3000:]}"
-    router, verifier, draft_model, prompt_lookup, tree = match.groups()
+    router, http_address, verifier, draft_model, prompt_lookup, tree = match.groups()
     addresses = [router, verifier, draft_model, prompt_lookup, tree]
     assert all(_serving(address) for address in addresses)
     assert _read_line(process, timeout=0.5) == ""  # exactly one line on stdout
@@ -116,6 +116,13 @@ def test_up_prints_ready_serves_exactly_survives_a_dead_child_and_stops_on_sigte
             done = client.generate(PROMPT, max_tokens=16, drafter=drafter)
             assert done.token_ids == ref, drafter
         assert client.generate(PROMPT, max_tokens=16, drafter="draft_model", policy="fixed:3").stats["proposed"] > 0
+        # the same router through its OpenAI-compatible HTTP API, as the `openai` client calls it
+        import openai
+
+        api = openai.OpenAI(base_url=f"http://{http_address}/v1", api_key="unused", max_retries=0, timeout=60)
+        (model,) = api.models.list().data
+        completion = api.completions.create(model=model.id, prompt=PROMPT, max_tokens=16, temperature=0)
+        assert completion.choices[0].text == done.text and completion.usage.completion_tokens == 16
 
         # a child that dies is logged; the others keep running and its requests lose only speculation
         children = _children(process.pid)

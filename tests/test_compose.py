@@ -132,11 +132,11 @@ def test_healthchecks_call_smartspec_health_on_the_port_the_service_binds(monkey
         assert health.address == f"127.0.0.1:{parse(spec, monkeypatch).port}", name
 
 
-def test_router_and_metrics_ports_are_published(monkeypatch):
+def test_router_http_api_and_metrics_ports_are_published(monkeypatch):
     router = parse(SERVICES["router"], monkeypatch)
-    assert router.metrics_port > 0
+    assert router.metrics_port > 0 and router.http_port > 0
     published = {str(entry).rsplit(":", 1)[-1] for entry in SERVICES["router"]["ports"]}
-    assert {str(router.port), str(router.metrics_port)} <= published
+    assert {str(router.port), str(router.metrics_port), str(router.http_port)} <= published
 
 
 def test_tracing_goes_to_the_optional_collector(monkeypatch):

@@ -149,7 +149,7 @@ async def _bench(args: argparse.Namespace, config, out: Path, meta: dict) -> lis
     options = stack_options(
         port=0, host="127.0.0.1", drafters=",".join(services), target_model=args.target_model, draft_model=args.draft_model,
         device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue,
-        startup_timeout_s=args.startup_timeout_s, grace_s=2.0, log_level=args.log_level,
+        startup_timeout_s=args.startup_timeout_s, grace_s=2.0, log_level=args.log_level, http_port=-1,
     )
     started = time.monotonic()
     print(f"smartspec bench: starting the stack (verifier, {', '.join(services) or 'no drafter services'}, router)", file=sys.stderr, flush=True)

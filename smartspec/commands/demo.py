@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _start_stack(timeout_s: float) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "smartspec.cli", "up", "--port", "0"]
+    command = [sys.executable, "-m", "smartspec.cli", "up", "--port", "0", "--http-port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
     print("starting the stack (first run: converts the embedded model and profiles the verifier, ~1 min) ...", flush=True)
     deadline = time.monotonic() + timeout_s

@@ -5,7 +5,9 @@ report their address on stdout (`listening ROLE=HOST:PORT`) as soon as they are 
 their models; the router is started once it knows them. When every service's health check reports
 SERVING (every model loaded), one line goes to stdout:
 
-    ready router=HOST:PORT verifier=HOST:PORT draft_model=HOST:PORT prompt_lookup=HOST:PORT tree=HOST:PORT
+    ready router=HOST:PORT http=HOST:PORT verifier=HOST:PORT draft_model=HOST:PORT prompt_lookup=HOST:PORT tree=HOST:PORT
+
+(`http=` is the router's OpenAI-compatible HTTP API, --http-port; absent with --http-port -1.)
 
 With `--verifiers N` there are N verifier replicas (`verifier`, `verifier2`, ...); the router spreads
 requests over them and moves the requests of one that dies to the others.
@@ -57,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--log-level", default="INFO", help="logging level (also passed to the services)")
     add_flag(parser, "--redis-url", default="", help="router: Redis shared with other router replicas, e.g. redis://127.0.0.1:6379/0 (empty: local state only)")
     add_flag(parser, "--metrics-port", type=int, default=0, help="router: serve Prometheus metrics on http://HOST:PORT/metrics (0: no metrics)")
+    add_flag(parser, "--http-port", type=int, default=8000,
+             help="router: OpenAI-compatible HTTP API port (0 picks a free one; the ready line shows it as http=HOST:PORT; -1: off)")
     add_trace_flags(parser)  # passed to every service
 
 
@@ -68,6 +72,7 @@ class Child:
     argv: list[str]
     process: asyncio.subprocess.Process
     address: str | None = None
+    endpoints: dict[str, str] = field(default_factory=dict)  # its other servers, e.g. the router's {'http': HOST:PORT}
     pumps: list[asyncio.Task] = field(default_factory=list)
 
 
@@ -99,6 +104,7 @@ def router_argv(args: argparse.Namespace, target: str, addresses: dict[str, str]
         argv += ["--redis-url", args.redis_url]
     if args.metrics_port:
         argv += ["--metrics-port", str(args.metrics_port)]
+    argv += ["--http-port", str(args.http_port)]  # always: -1 must not be overridden by a variable the router inherits
     return [*argv, *trace_argv(args)]
 
 
@@ -141,7 +147,9 @@ class Stack:
                 raise RuntimeError(f"{child.role} exited with code {code} before it was listening (see its log above)")
             text = line.decode(errors="replace").strip()
             if text.startswith("listening ") and "=" in text:
-                child.address = text.split("=", 1)[1]
+                # listening ROLE=HOST:PORT [NAME=HOST:PORT ...]: its address, then its other servers
+                (_, child.address), *others = (part.split("=", 1) for part in text.split()[1:] if "=" in part)
+                child.endpoints = dict(others)
                 break
             print(f"[{child.role}] {text}", file=sys.stderr, flush=True)
         child.pumps = [asyncio.create_task(self._forward(child)), asyncio.create_task(self._watch(child))]
@@ -205,7 +213,7 @@ async def _start(stack: Stack, args: argparse.Namespace, target: str, draft: str
     services = [await stack.spawn(role, argv) for role, argv in service_argvs(args, target, draft).items()]
     addresses = dict(zip([c.role for c in services], await _all_or_first_error(stack.wait_listening(c) for c in services)))
     router = await stack.spawn("router", router_argv(args, target, addresses))
-    addresses = {"router": await stack.wait_listening(router), **addresses}
+    addresses = {"router": await stack.wait_listening(router), **router.endpoints, **addresses}
     await _all_or_first_error(stack.wait_serving(child) for child in stack.children.values())
     return addresses
 
@@ -270,7 +278,7 @@ async def up(args: argparse.Namespace) -> int:
     code = 0
     if starting.done() and starting.exception() is None:
         addresses = starting.result()
-        line = " ".join(f"{role}={addresses[role]}" for role in ("router", *verifier_roles(args), *DRAFTER_KINDS) if role in addresses)
+        line = " ".join(f"{role}={addresses[role]}" for role in ("router", "http", *verifier_roles(args), *DRAFTER_KINDS) if role in addresses)
         print(f"ready {line}", flush=True)
         await stopper
         log.info("stopping the stack")
