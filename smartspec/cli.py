@@ -13,6 +13,7 @@ COMMANDS = {
     "up": ("smartspec.commands.up", "start verifier, drafters and router on loopback and wait"),
     "generate": ("smartspec.commands.generate", "send one prompt to a running router"),
     "bench": ("smartspec.commands.bench", "compare speculation policies under Poisson load, side by side"),
+    "simulate": ("smartspec.commands.simulate", "simulate the router's step loop on a virtual clock: every policy on the same world"),
     "models": ("smartspec.commands.models", "print (and build on first use) the embedded default model folders"),
     "health": ("smartspec.commands.health", "check a service's gRPC health (exit 0 when SERVING), e.g. for container healthchecks"),
     "serve": (None, "run one service of the stack: smartspec serve ROLE ..."),

@@ -138,7 +138,10 @@ def plot(rows: Sequence[Mapping], path: Path) -> None:
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(rates, [f"{r:g}" for r in rates])
         ax.set_title(group_label(workload, drafter, controlled), fontsize=10)
-        ax.set_xlabel("rate (requests/s)" + (", trace mean" if group[0].get("trace") else ""))
+        if group[0].get("concurrency") is not None:  # closed-loop rows carry their concurrency on the rate axis
+            ax.set_xlabel("concurrency (requests in the system)")
+        else:
+            ax.set_xlabel("rate (requests/s)" + (", trace mean" if group[0].get("trace") else ""))
         ax.set_ylabel("mean latency (s)")
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(groups):]:
@@ -149,8 +152,10 @@ def plot(rows: Sequence[Mapping], path: Path) -> None:
             legend.setdefault(label, handle)
     labels = sorted(legend, key=_policy_order)
     handles = [legend[label] for label in labels]
+    ncol = max(1, min(len(labels), 4 * cols))  # a narrow figure wraps its legend instead of cutting it
+    legend_rows = math.ceil(len(labels) / ncol)
     if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+        fig.legend(handles, labels, loc="upper center", ncol=ncol, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 * max(legend_rows, 1) / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,60 @@
+"""What arrives: each request's prompt and output lengths, and when it arrives.
+
+Lengths come from the shipped prompt sets (``smartspec/bench/prompts.json``, chat and copy; their
+``max_tokens`` is the output length, and the prompt's length in tokens is estimated from its text) unless
+``--prompt-tokens`` / ``--output-tokens`` fix them. Poisson arrivals reuse the benchmark's seeded
+schedule; closed-loop arrivals are made by the step loop (each completion sends the next request).
+Either way they depend only on the seed and the load, never on the policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smartspec.bench.workload import Prompt, load_prompts, poisson_schedule
+
+PROMPT_SETS = ("chat", "copy")
+# Prompt length estimate: English text is about 4 characters per token, and the chat template adds
+# about 30 tokens (system prompt and role markers).
+CHARS_PER_TOKEN = 4.0
+TEMPLATE_TOKENS = 30
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request of a cell: its place in the schedule, lengths and (Poisson) arrival time."""
+
+    index: int
+    prompt_index: int
+    prompt_tokens: int
+    output_tokens: int
+    arrival_s: float | None = None  # None: closed loop (sent when a slot frees up)
+
+
+def prompt_tokens(prompt: Prompt) -> int:
+    return TEMPLATE_TOKENS + round(sum(len(text) for _, text in prompt.messages) / CHARS_PER_TOKEN)
+
+
+def shipped_prompts() -> list[Prompt]:
+    return [p for name in PROMPT_SETS for p in load_prompts(name)]
+
+
+def cell_requests(
+    count: int, seed: int, rate: float | None = None, prompt_len: int | None = None, output_len: int | None = None
+) -> list[RequestSpec]:
+    """`count` requests: Poisson at `rate` requests/s, or closed loop when `rate` is None."""
+    prompts = shipped_prompts()
+    if rate is not None:
+        schedule = [(a.at_s, a.index) for a in poisson_schedule(prompts, rate, count, seed)]
+    else:
+        schedule = [(None, (i + seed) % len(prompts)) for i in range(count)]
+    return [
+        RequestSpec(
+            index=i,
+            prompt_index=index,
+            prompt_tokens=prompt_len or prompt_tokens(prompts[index]),
+            output_tokens=output_len or prompts[index].max_tokens,
+            arrival_s=at,
+        )
+        for i, (at, index) in enumerate(schedule)
+    ]

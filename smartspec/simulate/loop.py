@@ -1,0 +1,218 @@
+"""The router's step loop on a virtual clock, driving the real policies and controller.
+
+One iteration mirrors ``router.scheduler.Scheduler.iterate``: admit waiting requests with one Prefill
+(the loop waits for it), then one step: ``choose`` per policy, the drafter proposes, ``refine``,
+``controller.record``, one Verify, then ``controller.observe_request`` per request,
+``controller.observe_step`` and the policy's ``observe``; finished requests are forgotten by both. The
+clock advances by the world's (noisy) times; the controller and the policies see only what the router
+would show them: views, proposal lengths, accepted counts and measured seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from router.controller.controller import Slot, SpeculationController
+from router.controller.cost_model import verify_features
+from router.controller.policies import controller_policies
+from router.controller.profile import BATCHES, CONTEXTS, UNIFORM_KS
+from router.policy import PolicyRegistry, RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
+from smartspec.bench.metrics import RequestRecord
+from smartspec.simulate.load import RequestSpec
+from smartspec.simulate.oracle import NAME as CLAIRVOYANT
+from smartspec.simulate.oracle import ClairvoyantPolicy
+from smartspec.simulate.world import AcceptanceModel, Noise, RequestTruth, StepCosts
+
+
+@dataclass
+class SimRequest:
+    """A request in flight, as the router holds it."""
+
+    spec: RequestSpec
+    truth: RequestTruth
+    arrival_s: float
+    generated: int = 0
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    first_token_s: float | None = None
+    done_s: float | None = None
+
+    @property
+    def id(self) -> str:
+        return f"r{self.spec.index}"
+
+    @property
+    def context(self) -> int:
+        return self.spec.prompt_tokens + self.generated
+
+    @property
+    def done(self) -> bool:
+        return self.generated >= self.spec.output_tokens
+
+    def record(self) -> RequestRecord:
+        return RequestRecord(
+            index=self.spec.index, prompt_index=self.spec.prompt_index, due_s=self.arrival_s, sent_s=self.arrival_s,
+            first_token_s=self.first_token_s, done_s=self.done_s, token_ids=[0] * self.generated, finish_reason="length",
+            steps=self.steps, proposed=self.proposed, accepted=self.accepted,
+        )
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What every policy of a cell shares: the world, the requests and the load."""
+
+    costs: StepCosts
+    acceptance: AcceptanceModel
+    requests: tuple[RequestSpec, ...]
+    drafter: str
+    max_batch: int
+    concurrency: int | None  # closed loop; None: the requests' Poisson arrival times
+    seed: int
+    noise_sigma: float
+
+
+def startup_profile(controller: SpeculationController, costs: StepCosts, noise: Noise) -> None:
+    """What the router does at start (router/controller/profile.py): a sweep of Verify steps over
+    batch x k x context, fitted into the verify model's prior; here the steps are the world's."""
+    rows, seconds = [], []
+    for batch in BATCHES:
+        for context in CONTEXTS:
+            for k in UNIFORM_KS:
+                new, total = batch * (k + 1), batch * context
+                rows.append(verify_features(batch, new, total, k > 0, attended_tokens=(k + 1) * total))
+                seconds.append(noise(costs.verify_s(batch, new, total, (k + 1) * total)))
+    controller.verify_cost.fit_batch(rows, seconds)
+
+
+def make_policy(spec: str, controller: SpeculationController, costs: StepCosts, truths: dict[str, RequestTruth]) -> SpeculationPolicy:
+    """The router's registry (fixed policies, plus the controller's 'goodput' and 'uniform'), and the
+    simulator's own reference 'clairvoyant'."""
+    registry = PolicyRegistry(controller_policies(controller))
+    registry.register(CLAIRVOYANT, ClairvoyantPolicy(costs, truths, controller.k_max))
+    return registry.get(spec)
+
+
+def simulate(cell: Cell, policy_spec: str) -> tuple[list[RequestRecord], dict]:
+    """Runs every request of the cell under one policy; returns the per-request records and the
+    controller's Stats (k histogram, step-time error, batch size) as the router reports them."""
+    noise = Noise(cell.noise_sigma, cell.seed)
+    controller = SpeculationController()
+    startup_profile(controller, cell.costs, Noise(cell.noise_sigma, cell.seed, tag=1))  # the same profile for every policy
+    truths: dict[str, RequestTruth] = {}
+    policy = make_policy(policy_spec, controller, cell.costs, truths)
+    loop = _Loop(cell, policy, controller, noise, truths)
+    loop.run()
+    steps = controller.steps
+    error = controller.step_error()
+    stats = {
+        "k_histogram": list(controller.k_histogram),
+        "step_time_mape": error if math.isfinite(error) else None,
+        "mean_batch_size": controller.batch_sizes / steps if steps else None,
+        "steps": steps,
+    }
+    return [r.record() for r in loop.finished], stats
+
+
+class _Loop:
+    def __init__(self, cell: Cell, policy: SpeculationPolicy, controller: SpeculationController, noise: Noise, truths: dict[str, RequestTruth]) -> None:
+        self.cell, self.policy, self.controller, self.noise, self.truths = cell, policy, controller, noise, truths
+        self.now = 0.0
+        self.pending = collections.deque(sorted(cell.requests, key=lambda r: (r.arrival_s or 0.0, r.index)))
+        self.waiting: collections.deque[SimRequest] = collections.deque()
+        self.running: list[SimRequest] = []
+        self.finished: list[SimRequest] = []
+        if cell.concurrency is not None:
+            for _ in range(min(cell.concurrency, len(self.pending))):
+                self._send(self.pending.popleft(), 0.0)
+
+    def _send(self, spec: RequestSpec, at: float) -> None:
+        positions = spec.output_tokens + 64  # room for the deepest draft past the last token
+        request = SimRequest(spec, RequestTruth(self.cell.acceptance, self.cell.seed, spec.index, positions), at)
+        self.truths[request.id] = request.truth
+        self.waiting.append(request)
+
+    def run(self) -> None:
+        while self.pending or self.waiting or self.running:
+            if self.cell.concurrency is None:
+                while self.pending and self.pending[0].arrival_s <= self.now:
+                    spec = self.pending.popleft()
+                    self._send(spec, spec.arrival_s)
+            if not self.waiting and not self.running:
+                self.now = self.pending[0].arrival_s  # idle until the next arrival
+                continue
+            self._admit()
+            self._reap()
+            if self.running:
+                self._step()
+                self._reap()
+
+    def _admit(self) -> None:
+        room = self.cell.max_batch - len(self.running)
+        batch = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        if not batch:
+            return
+        self.now += self.noise(self.cell.costs.prefill_s([r.spec.prompt_tokens for r in batch]))
+        for request in batch:
+            request.first_token_s = self.now
+            request.generated = 1  # the Prefill's token
+        self.running.extend(batch)
+
+    def _views(self) -> list[RequestView]:
+        max_context = self.cell.costs.max_context
+        drafter = self.cell.drafter
+        return [
+            RequestView(
+                request_id=r.id, drafter=drafter, context_tokens=r.context, generated=r.generated,
+                max_k=max(0, min(r.spec.output_tokens - r.generated - 1, max_context - r.context)) if drafter != "none" else 0,
+                steps=r.steps, proposed=r.proposed, accepted=r.accepted,
+            )
+            for r in self.running
+        ]
+
+    def _step(self) -> None:
+        batch, views, drafter = list(self.running), self._views(), self.cell.drafter
+        asked = [clamp_k(k, v.max_k) for k, v in zip(self.policy.choose(views), views)]
+        lengths = asked  # the synthetic drafter always has a proposal of the length asked
+        refined = self.policy.refine(views, asked, lengths)
+        final = [clamp_k(k, min(a, n)) for k, a, n in zip(refined, asked, lengths)]
+        self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
+
+        draft_s = self.noise(self.cell.costs.draft_s(drafter, asked)) if any(asked) else 0.0
+        drafts = {drafter: (tuple(k for k in asked if k > 0), draft_s)} if any(asked) else {}
+        new_tokens = sum(k + 1 for k in final)
+        context = sum(v.context_tokens for v in views)
+        attended = sum((k + 1) * v.context_tokens for k, v in zip(final, views))
+        step_s = draft_s + self.noise(self.cell.costs.verify_s(len(batch), new_tokens, context, attended))
+        self.now += step_s
+
+        accepted = [r.truth.accepted(r.generated, k) for r, k in zip(batch, final)]
+        for request, k, n in zip(batch, final, accepted):
+            request.steps += 1
+            request.proposed += k
+            request.accepted += n
+            request.generated = min(request.generated + n + 1, request.spec.output_tokens)
+        for view, k, a, n in zip(views, final, asked, accepted):
+            self.controller.observe_request(view.request_id, view.drafter, k, n, asked=a)
+        self.controller.observe_step(len(batch), new_tokens, context, drafts, step_s, attended_tokens=attended)
+        self.policy.observe(StepOutcome(
+            requests=tuple(RequestOutcome(v.request_id, v.drafter, a, k, n, v.context_tokens) for v, a, k, n in zip(views, asked, final, accepted)),
+            num_sequences=len(batch), new_tokens=new_tokens, context_tokens=context, verify_s=step_s - draft_s, step_s=step_s, drafts=drafts,
+        ))
+
+    def _reap(self) -> None:
+        done = [r for r in self.running if r.done]
+        if not done:
+            return
+        self.running = [r for r in self.running if not r.done]
+        for request in done:
+            request.done_s = self.now
+            self.policy.forget(request.id)
+            self.controller.forget(request.id)
+            self.truths.pop(request.id, None)
+            self.finished.append(request)
+            if self.cell.concurrency is not None and self.pending:
+                self._send(self.pending.popleft(), self.now)  # closed loop: the next request takes the slot

@@ -1,0 +1,52 @@
+"""The `clairvoyant` reference: the controller's own allocator, fed what the controller can only guess.
+
+Each request's true chance of acceptance at each coming draft position (its gain curve, from the world)
+and the world's true step costs, linearised around the current batch into the allocator's StepCost form.
+It shows how much of the gap to the best possible a better estimate could close; it is a reference
+column, never a policy the router could run.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from router.controller.allocator import Candidate, StepCost, allocate_goodput
+from router.policy import RequestView, SpeculationPolicy
+from smartspec.simulate.world import RequestTruth, StepCosts
+
+NAME = "clairvoyant"
+
+
+class ClairvoyantPolicy(SpeculationPolicy):
+    """allocate_goodput over true gains and true (noiseless) costs."""
+
+    def __init__(self, costs: StepCosts, truths: Mapping[str, RequestTruth], k_max: int) -> None:
+        self.costs = costs
+        self.truths = truths  # request id -> its truth; filled by the step loop as requests arrive
+        self.k_max = k_max
+
+    @property
+    def name(self) -> str:
+        return NAME
+
+    def choose(self, batch: Sequence[RequestView]) -> list[int]:
+        candidates = []
+        for view in batch:
+            truth = self.truths[view.request_id]
+            cap = min(view.max_k, self.k_max)
+            candidates.append(Candidate(truth.base, cap, view.drafter, truth.gains(view.generated, cap) if cap else None))
+        return allocate_goodput(candidates, self.step_cost(batch))
+
+    def step_cost(self, batch: Sequence[RequestView]) -> StepCost:
+        """The true verify time around this batch: base at k = 0, the jump of the first speculative
+        token, and the cost per draft token from k = 1 to k = 4 for everyone."""
+        n = len(batch)
+        context = sum(v.context_tokens for v in batch)
+
+        def verify(per_seq_k: int) -> float:
+            return self.costs.verify_s(n, n * (per_seq_k + 1), context, (per_seq_k + 1) * context)
+
+        base, one, four = verify(0), verify(1), verify(4)
+        token_s = max((four - one) / (3 * n), 1e-9)
+        jump_s = max(one - base - token_s * n, 0.0)
+        return StepCost(base_s=base, token_s=token_s, jump_s=jump_s, drafters=dict(self.costs.drafters))

@@ -1,0 +1,189 @@
+"""The simulated world: what steps really cost and which drafts are really accepted.
+
+This is the truth the policies are judged against, and on purpose it is *not* the controller's model:
+
+- step time comes from a cost profile (``profiles/*.json``): a measured step table, interpolated, or an
+  analytic roofline, with multiplicative lognormal noise; the controller's linear cost model must learn
+  it from the times it is shown, as in the router;
+- acceptance is drawn per request from a Beta, decays with draft position and switches between phases
+  within a request, where the controller assumes one independent rate per request.
+
+Every random draw that a policy could change the order of is keyed by (seed, request, output position),
+so all policies of a cell see the same arrivals, lengths and acceptance (common random numbers).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from router.controller.allocator import DrafterCost
+
+# Streams of the seeded generators, so that no two kinds of draw share one.
+ACCEPTANCE_STREAM = 1
+NOISE_STREAM = 2
+# In an "off" phase (a passage the drafter cannot guess) a request's rate is this share of its own.
+OFF_PHASE_SCALE = 0.2
+
+
+# --- costs ---------------------------------------------------------------------------------------
+def profile_names() -> list[str]:
+    """The shipped cost profiles."""
+    folder = resources.files("smartspec.simulate").joinpath("profiles")
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_profile(name_or_file: str) -> dict:
+    """A shipped profile by name, or a profile JSON file."""
+    path = Path(name_or_file)
+    if path.suffix == ".json" or path.exists():
+        return json.loads(path.read_text())
+    if name_or_file not in profile_names():
+        raise ValueError(f"unknown cost profile {name_or_file!r}; shipped: {', '.join(profile_names())}, or a JSON file")
+    return json.loads(resources.files("smartspec.simulate").joinpath("profiles").joinpath(f"{name_or_file}.json").read_text())
+
+
+def interpolate(axes: Sequence[Sequence[float]], values: Mapping[tuple[int, ...], float], point: Sequence[float]) -> float:
+    """Multilinear interpolation on a grid (sorted axes, not necessarily evenly spaced; values by grid
+    index), extrapolated linearly past its edges: a table measured at a few sizes still answers for
+    batches of 256. Plain Python: it runs once per simulated step."""
+    weights: list[tuple[int, float]] = []
+    for axis, x in zip(axes, point):
+        if len(axis) == 1:
+            weights.append((0, 0.0))
+            continue
+        i = min(max(bisect.bisect_left(axis, x) - 1, 0), len(axis) - 2)
+        weights.append((i, (x - axis[i]) / (axis[i + 1] - axis[i])))
+    total = 0.0
+    for corner in itertools.product(*((0, 1) if len(a) > 1 else (0,) for a in axes)):
+        w, index = 1.0, []
+        for bit, (i, frac) in zip(corner, weights):
+            w *= frac if bit else 1.0 - frac
+            index.append(i + bit)
+        total += w * values[tuple(index)]
+    return total
+
+
+class StepCosts:
+    """True, noiseless seconds of a Verify, a Prefill and a drafter's Propose, from a cost profile."""
+
+    def __init__(self, profile: Mapping) -> None:
+        self.profile = profile
+        self.name = str(profile.get("name", "custom"))
+        self.kind = profile["kind"]
+        self.max_context = int(profile.get("max_context", 8192))
+        self.noise_sigma = float(profile.get("noise_sigma", 0.0))
+        if self.kind == "table":
+            axes = profile["verify"]["axes"]
+            self._axes = [[float(x) for x in axes[name]] for name in ("batch", "new_tokens_per_seq", "context_per_seq")]
+            table = np.asarray(profile["verify"]["seconds"], dtype=float)  # [batch, new per seq, context per seq]
+            self._table = {index: float(table[index]) for index in np.ndindex(*table.shape)}
+            self._floor = float(table.min()) / 2
+        elif self.kind != "roofline":
+            raise ValueError(f"cost profile {self.name}: kind must be 'table' or 'roofline', not {self.kind!r}")
+        self.drafters = {name: DrafterCost(d.get("any_s", 0.0), d.get("position_s", 0.0), d.get("token_s", 0.0)) for name, d in profile["drafters"].items()}
+
+    def verify_s(self, sequences: int, new_tokens: int, context_tokens: int, attended_tokens: float) -> float:
+        """One Verify of `sequences` requests processing `new_tokens` in all over `context_tokens` of KV."""
+        if self.kind == "table":
+            point = (sequences, new_tokens / sequences, context_tokens / sequences)
+            return max(interpolate(self._axes, self._table, point), self._floor)
+        return self._roofline(new_tokens, context_tokens, attended_tokens)
+
+    def prefill_s(self, prompt_tokens: Sequence[int]) -> float:
+        """One Prefill of the admitted prompts (the step loop waits for it)."""
+        if self.kind == "roofline":
+            attended = sum(n * (n + 1) / 2 for n in prompt_tokens)  # causal attention within each prompt
+            return self._roofline(sum(prompt_tokens), 0, attended)
+        prefill = self.profile["prefill"]
+        return prefill["base_s"] + prefill["token_s"] * sum(prompt_tokens)
+
+    def draft_s(self, drafter: str, ks: Sequence[int]) -> float:
+        """One Propose call of `drafter` for requests asking `ks` tokens."""
+        cost = self.drafters.get(drafter, DrafterCost())
+        return cost.any_s * any(ks) + cost.position_s * max(ks, default=0) + cost.token_s * sum(ks)
+
+    def _roofline(self, new_tokens: int, context_tokens: int, attended_tokens: float) -> float:
+        r = self.profile["roofline"]
+        kv_bytes_per_token = 2 * r["layers"] * r["kv_heads"] * r["head_dim"] * r["bytes_per_parameter"]  # K and V, every layer
+        memory_s = (r["parameters"] * r["bytes_per_parameter"] + kv_bytes_per_token * context_tokens) / r["hbm_bytes_per_s"]
+        attention_flops = 4 * r["layers"] * r["attention_heads"] * r["head_dim"]  # QK^T and PV per (query, key) pair
+        compute_s = (2 * r["parameters"] * new_tokens + attention_flops * attended_tokens) / r["peak_flops"]
+        return max(memory_s, compute_s) + r["step_overhead_s"]
+
+
+class Noise:
+    """Multiplicative lognormal noise on measured times (median 1). Every policy of a cell gets the same
+    stream (`tag` 0: its steps; 1: the startup profile), so the n-th step's noise is the same for all."""
+
+    def __init__(self, sigma: float, seed: int, tag: int = 0) -> None:
+        self.sigma = sigma
+        self._rng = np.random.default_rng([seed, NOISE_STREAM, tag])
+
+    def __call__(self, seconds: float) -> float:
+        return seconds * float(np.exp(self.sigma * self._rng.standard_normal())) if self.sigma > 0 else seconds
+
+
+# --- acceptance ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AcceptanceModel:
+    """Synthetic acceptance: a rate per request from Beta(mean, std), decaying with draft position
+    (the j-th draft of a verify is accepted with the rate times decay^(j - 1)), switching between an
+    'on' and an 'off' phase (mean phase length `phase_tokens` output tokens; 0: one phase)."""
+
+    mean: float
+    std: float
+    position_decay: float = 1.0
+    phase_tokens: float = 0.0
+
+    def base_rate(self, rng: np.random.Generator) -> float:
+        if self.std <= 0 or self.mean <= 0 or self.mean >= 1:
+            return float(np.clip(self.mean, 0.0, 1.0))
+        spread = self.mean * (1 - self.mean) / self.std**2 - 1
+        if spread <= 0:
+            raise ValueError(f"acceptance std {self.std} is too large for mean {self.mean} (a Beta needs std^2 < mean (1 - mean))")
+        return float(rng.beta(self.mean * spread, (1 - self.mean) * spread))
+
+
+class RequestTruth:
+    """One request's true acceptance at each output position, and the uniforms that decide it."""
+
+    def __init__(self, model: AcceptanceModel, seed: int, index: int, positions: int) -> None:
+        rng = np.random.default_rng([seed, ACCEPTANCE_STREAM, index])
+        self.base = model.base_rate(rng)
+        self.decay = model.position_decay
+        rate = np.full(positions, self.base)  # [positions]
+        if model.phase_tokens > 0:
+            switch = rng.random(positions) < 1.0 / model.phase_tokens  # [positions]
+            on = (np.cumsum(switch) + int(rng.random() < 0.5)) % 2 == 0
+            rate = np.where(on, rate, rate * OFF_PHASE_SCALE)
+        self.rate = rate
+        self.uniform = rng.random(positions)  # [positions]: the draw for the draft at each output position
+
+    def chance(self, position: int, depth: int) -> float:
+        """Probability that a draft at output `position`, the `depth`-th (1-based) of its verify, is accepted."""
+        return float(self.rate[min(position, len(self.rate) - 1)]) * self.decay ** (depth - 1)
+
+    def accepted(self, generated: int, k: int) -> int:
+        """Drafts accepted from a verify of k drafts after `generated` output tokens: the leading run of
+        drafts whose position's uniform falls under their chance."""
+        for j in range(1, k + 1):
+            position = generated + j - 1
+            if self.uniform[min(position, len(self.uniform) - 1)] >= self.chance(position, j):
+                return j - 1
+        return k
+
+    def gains(self, generated: int, k: int) -> tuple[float, ...]:
+        """True expected gain of each of the next k drafts: the chance that all drafts up to it are accepted."""
+        out, alive = [], 1.0
+        for j in range(1, k + 1):
+            alive *= self.chance(generated + j - 1, j)
+            out.append(alive)
+        return tuple(out)

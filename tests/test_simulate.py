@@ -1,0 +1,165 @@
+"""`smartspec simulate`: a deterministic world shared by every policy, the real controller in the loop,
+and the outcomes the world's costs imply. Small cells only: each test takes a few seconds at most."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from smartspec import cli
+from smartspec.simulate import loop as sim_loop
+from smartspec.simulate.loop import simulate
+from smartspec.simulate.sweep import BEST_FIXED, SweepConfig, best_fixed, cell_of, run_sweep
+from smartspec.simulate.world import AcceptanceModel, RequestTruth, StepCosts, interpolate, load_profile, profile_names
+
+CPU = "cpu-smollm2"
+GPU = "gpu-analytic-llama3-8b-h100"
+
+
+def config(profile: str = CPU, mean: float = 0.7, std: float = 0.15, decay: float = 0.95, phases: float = 32.0, **kwargs) -> SweepConfig:
+    kwargs.setdefault("requests", 12)
+    kwargs.setdefault("output_tokens", 24)
+    return SweepConfig(costs=StepCosts(load_profile(profile)), acceptance=AcceptanceModel(mean, std, decay, phases), **kwargs)
+
+
+def latency(rows, policy: str) -> float:
+    return next(r["mean_latency_s"] for r in rows if r["policy"] == policy)
+
+
+def test_profiles_ship_and_name_their_sources():
+    assert {CPU, GPU} <= set(profile_names())
+    cpu, gpu = load_profile(CPU), load_profile(GPU)
+    assert "bench/results/verify_cost.json" in cpu["source"]
+    assert gpu["source"].startswith("analytic") and "3.35 TB/s" in gpu["roofline"]["hbm_source"] and "989" in gpu["roofline"]["flops_source"]
+
+
+def test_table_interpolates_exactly_on_the_grid_and_extrapolates_linearly():
+    axes = [[1.0, 3.0], [0.0, 10.0]]
+    values = {(0, 0): 1.0, (0, 1): 2.0, (1, 0): 3.0, (1, 1): 4.0}
+    assert interpolate(axes, values, (1, 0)) == pytest.approx(1.0)
+    assert interpolate(axes, values, (2, 5)) == pytest.approx(2.5)
+    assert interpolate(axes, values, (5, 0)) == pytest.approx(5.0)  # past the edge, the same slope
+    cpu = StepCosts(load_profile(CPU))
+    assert cpu.verify_s(8, 40, 8192, 40 * 1024) == pytest.approx(0.15415, rel=1e-3)  # a measured point
+
+
+def test_gpu_roofline_is_memory_bound_in_decode_and_compute_bound_at_large_steps():
+    gpu = StepCosts(load_profile(GPU))
+    one = gpu.verify_s(1, 1, 512, 512)
+    assert one == pytest.approx(16.06e9 / 3.35e12 + 131072 * 512 / 3.35e12 + 0.003, rel=1e-3)
+    assert gpu.verify_s(1, 8, 512, 8 * 512) == pytest.approx(one)  # a few more tokens are free when memory bound
+    assert gpu.verify_s(256, 256 * 8, 256 * 512, 256 * 8 * 512) > 2 * gpu.verify_s(256, 256, 256 * 512, 256 * 512)
+
+
+def test_beta_rates_have_the_asked_mean_and_std():
+    model = AcceptanceModel(0.6, 0.1)
+    rates = [RequestTruth(model, seed=3, index=i, positions=4).base for i in range(3000)]
+    assert np.mean(rates) == pytest.approx(0.6, abs=0.01)
+    assert np.std(rates) == pytest.approx(0.1, abs=0.01)
+
+
+def test_deterministic_for_a_seed():
+    cfg = config(policies=["none", "goodput"], concurrency=[2], rates=[3.0])
+    first, second = run_sweep(cfg), run_sweep(cfg)
+    assert first == second
+    other = run_sweep(config(policies=["none", "goodput"], concurrency=[2], rates=[3.0], seed=1))
+    assert [r["mean_latency_s"] for r in other] != [r["mean_latency_s"] for r in first]
+
+
+def test_every_policy_sees_the_same_arrivals_and_acceptance_draws(monkeypatch):
+    seen: dict[str, dict[int, tuple]] = {}
+    current = {"policy": ""}
+
+    class Spy(RequestTruth):
+        def __init__(self, model, seed, index, positions):
+            super().__init__(model, seed, index, positions)
+            seen.setdefault(current["policy"], {})[index] = (self.base, self.rate.tobytes(), self.uniform.tobytes())
+
+    monkeypatch.setattr(sim_loop, "RequestTruth", Spy)
+    cell = cell_of(config(rates=[4.0]), "rate", 4.0)
+    arrivals = {}
+    for policy in ("fixed:1", "goodput"):
+        current["policy"] = policy
+        records, _ = simulate(cell, policy)
+        arrivals[policy] = sorted((r.index, r.due_s, r.prompt_index, r.tokens) for r in records)
+    assert arrivals["fixed:1"] == arrivals["goodput"]
+    assert seen["fixed:1"] == seen["goodput"] and len(seen["goodput"]) == 12
+
+
+def test_no_speculation_wins_when_nothing_is_accepted():
+    rows = run_sweep(config(CPU, mean=0.01, std=0.0, policies=["none", "fixed:7"], concurrency=[4]))
+    assert latency(rows, "none") < latency(rows, "fixed:7")
+
+
+def test_deep_speculation_wins_alone_on_a_gpu_when_drafts_land():
+    rows = run_sweep(config(GPU, mean=0.95, std=0.0, decay=1.0, phases=0.0, policies=["none", "fixed:7"], concurrency=[1], requests=4))
+    assert latency(rows, "fixed:7") < 0.5 * latency(rows, "none")
+
+
+def test_the_controller_never_sees_the_truth_except_clairvoyant(monkeypatch):
+    calls = {"gains": 0}
+    gains = RequestTruth.gains
+
+    def counted(self, generated, k):
+        calls["gains"] += 1
+        return gains(self, generated, k)
+
+    monkeypatch.setattr(RequestTruth, "gains", counted)
+    observed = []
+    original = sim_loop.SpeculationController.observe_request
+
+    def spy(self, request_id, drafter, proposed, accepted, asked=None, accepted_nodes=None):
+        observed.append((type(request_id), type(drafter), type(proposed), type(accepted), proposed >= accepted))
+        return original(self, request_id, drafter, proposed, accepted, asked=asked, accepted_nodes=accepted_nodes)
+
+    monkeypatch.setattr(sim_loop.SpeculationController, "observe_request", spy)
+    cell = cell_of(config(), "concurrency", 3)
+    for policy in ("goodput", "uniform", "fixed:3"):
+        simulate(cell, policy)
+    assert calls["gains"] == 0  # only what the router has: views, proposal lengths, counts and seconds
+    assert observed and set(observed) == {(str, str, int, int, True)}
+    simulate(cell, "clairvoyant")
+    assert calls["gains"] > 0
+
+
+def test_best_fixed_is_the_fastest_fixed_row():
+    rows = [{"policy": "fixed:1", "mean_latency_s": 2.0}, {"policy": "fixed:3", "mean_latency_s": 1.5}, {"policy": "none", "mean_latency_s": 1.0}]
+    best = best_fixed(rows)
+    assert best["policy"] == BEST_FIXED and best["best_fixed_policy"] == "fixed:3" and best["mean_latency_s"] == 1.5
+    assert best_fixed([{"policy": "none", "mean_latency_s": 1.0}]) is None
+
+
+def test_help_works(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["simulate", "--help"])
+    assert exit_.value.code == 0
+    assert "--cost-profile" in capsys.readouterr().out
+
+
+def test_cli_writes_bench_shaped_outputs(tmp_path, capsys):
+    out = tmp_path / "sim"
+    code = cli.main([
+        "simulate", "--out", str(out), "--requests", "6", "--output-tokens", "16", "--concurrency", "2", "--rates", "5",
+        "--policies", "none", "fixed:1", "fixed:3", "goodput", "clairvoyant",
+    ])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 2 * 6  # 5 policies and best-fixed, at two loads
+    for row in rows:
+        for field in ("policy", "rate", "concurrency", "mean_latency_s", "p50_latency_s", "p99_latency_s", "ttft_s", "tpot_s", "throughput_tok_s"):
+            assert field in row
+        assert (row["rate"] is None) != (row["concurrency"] is None)
+        assert row["completed"] == 6
+    entries = json.loads((out / "headline.json").read_text())
+    assert len(entries) == 2 and all(e["vs_best_fixed"] is not None and e["vs_clairvoyant"] is not None for e in entries)
+    assert (out / "latency_vs_load.png").stat().st_size > 0
+    assert "vs best-fixed" in capsys.readouterr().out
+
+
+def test_bad_flags_exit_2(capsys):
+    assert cli.main(["simulate", "--concurrency", "300"]) == 2
+    assert cli.main(["simulate", "--policies", "bogus"]) == 2
+    assert cli.main(["simulate", "--cost-profile", "nope"]) == 2
+    assert "simulate:" in capsys.readouterr().err
