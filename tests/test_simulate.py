@@ -124,6 +124,14 @@ def test_the_controller_never_sees_the_truth_except_clairvoyant(monkeypatch):
     assert calls["gains"] > 0
 
 
+def test_a_trace_load_runs_its_low_high_low_phases():
+    rows = run_sweep(config(policies=["none"], trace_rates=[4.0]))
+    row = rows[0]
+    assert row["workload"] == "synthetic-trace" and row["trace"] and row["rate"] == 4.0
+    low, high, last = row["phase_rates"]
+    assert high == pytest.approx(4 * low) and last == pytest.approx(low)
+
+
 def test_best_fixed_is_the_fastest_fixed_row():
     rows = [{"policy": "fixed:1", "mean_latency_s": 2.0}, {"policy": "fixed:3", "mean_latency_s": 1.5}, {"policy": "none", "mean_latency_s": 1.0}]
     best = best_fixed(rows)
@@ -141,19 +149,19 @@ def test_help_works(capsys):
 def test_cli_writes_bench_shaped_outputs(tmp_path, capsys):
     out = tmp_path / "sim"
     code = cli.main([
-        "simulate", "--out", str(out), "--requests", "6", "--output-tokens", "16", "--concurrency", "2", "--rates", "5",
+        "simulate", "--out", str(out), "--requests", "6", "--output-tokens", "16", "--concurrency", "2", "--rates", "5", "--trace-rates", "5",
         "--policies", "none", "fixed:1", "fixed:3", "goodput", "clairvoyant",
     ])
     assert code == 0
     rows = json.loads((out / "results.json").read_text())
-    assert len(rows) == 2 * 6  # 5 policies and best-fixed, at two loads
+    assert len(rows) == 3 * 6  # 5 policies and best-fixed, at three loads
     for row in rows:
         for field in ("policy", "rate", "concurrency", "mean_latency_s", "p50_latency_s", "p99_latency_s", "ttft_s", "tpot_s", "throughput_tok_s"):
             assert field in row
         assert (row["rate"] is None) != (row["concurrency"] is None)
         assert row["completed"] == 6
     entries = json.loads((out / "headline.json").read_text())
-    assert len(entries) == 2 and all(e["vs_best_fixed"] is not None and e["vs_clairvoyant"] is not None for e in entries)
+    assert len(entries) == 3 and all(e["vs_best_fixed"] is not None and e["vs_clairvoyant"] is not None for e in entries)
     assert (out / "latency_vs_load.png").stat().st_size > 0
     assert "vs best-fixed" in capsys.readouterr().out
 

@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--phases", type=float, default=32.0,
              help="mean length in output tokens of a request's on / off phases (off: a fifth of its rate); 0: one phase")
     add_flag(parser, "--rates", nargs="+", default=None, metavar="R", help="Poisson arrival rates, requests/s")
+    add_flag(parser, "--trace-rates", nargs="+", default=None, metavar="R",
+             help="mean rates of a time-varying load: three phases of equal arrivals at rates 1 : 4 : 1 (workload synthetic-trace)")
     add_flag(parser, "--concurrency", nargs="+", default=None, metavar="N",
-             help=f"closed-loop levels: N requests always in the system, 1 to {MAX_LOAD} (default {' '.join(map(str, DEFAULT_CONCURRENCY))} when no --rates)")
+             help=f"closed-loop levels: N requests always in the system, 1 to {MAX_LOAD} (default {' '.join(map(str, DEFAULT_CONCURRENCY))} when no rate is given)")
     add_flag(parser, "--policies", nargs="+", default=None, metavar="P",
              help="none, fixed:K, uniform, goodput, and the reference clairvoyant (default: all of these with K = 1, 3, 5, 7); "
                   "the reference best-fixed is added whenever fixed ks run")
@@ -56,9 +58,10 @@ def build_config(args: argparse.Namespace):
     from smartspec.simulate.world import AcceptanceModel, StepCosts, load_profile
 
     rates = _numbers(args.rates, "--rates") or []
-    concurrency = [int(c) for c in (_numbers(args.concurrency, "--concurrency") or ([] if rates else DEFAULT_CONCURRENCY))]
-    if any(r <= 0 for r in rates):
-        raise ValueError("--rates must be positive")
+    traces = _numbers(args.trace_rates, "--trace-rates") or []
+    concurrency = [int(c) for c in (_numbers(args.concurrency, "--concurrency") or ([] if rates or traces else DEFAULT_CONCURRENCY))]
+    if any(r <= 0 for r in rates + traces):
+        raise ValueError("--rates and --trace-rates must be positive")
     if any(not 1 <= c <= MAX_LOAD for c in concurrency):
         raise ValueError(f"--concurrency levels go from 1 to {MAX_LOAD}")
     if not 1 <= args.max_batch <= MAX_LOAD:
@@ -79,7 +82,7 @@ def build_config(args: argparse.Namespace):
         except RequestError as err:
             raise ValueError(err.message) from None
     return SweepConfig(
-        costs=costs, acceptance=acceptance, policies=policies, rates=rates, concurrency=concurrency,
+        costs=costs, acceptance=acceptance, policies=policies, rates=rates, trace_rates=traces, concurrency=concurrency,
         requests=args.requests, seed=args.seed, drafter=args.drafter, max_batch=args.max_batch,
         prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, noise_sigma=args.noise_sigma,
     )
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         nonlocal done
         if row.get("policy") != "best-fixed":
             done += 1
-        load = f"rate {row['rate']:g}/s" if row["rate"] is not None else f"concurrency {row['concurrency']}"
+        load = f"{row['workload']} rate {row['rate']:g}/s" if row["rate"] is not None else f"concurrency {row['concurrency']}"
         print(f"[{done}/{total}] {load} {row['policy']}: mean {row['mean_latency_s']:.3f}s ({time.monotonic() - started:.0f}s)", file=sys.stderr, flush=True)
 
     rows = run_sweep(config, on_row=progress)
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "cost_profile": config.costs.name, "cost_profile_source": config.costs.profile.get("source"),
         "workload": args.workload, "acceptance": {"mean": a.mean, "std": a.std, "position_decay": a.position_decay, "phase_tokens": a.phase_tokens},
-        "policies": list(config.policies), "rates": list(config.rates), "concurrency": list(config.concurrency), "requests": config.requests,
+        "policies": list(config.policies), "rates": list(config.rates), "trace_rates": list(config.trace_rates), "concurrency": list(config.concurrency), "requests": config.requests,
         "seed": config.seed, "drafter": config.drafter, "max_batch": config.max_batch, "prompt_tokens": config.prompt_tokens,
         "output_tokens": config.output_tokens, "noise_sigma": config.noise_sigma if config.noise_sigma is not None else config.costs.noise_sigma,
         "elapsed_s": round(time.monotonic() - started, 1),

@@ -2,8 +2,8 @@
 
 Lengths come from the shipped prompt sets (``smartspec/bench/prompts.json``, chat and copy; their
 ``max_tokens`` is the output length, and the prompt's length in tokens is estimated from its text) unless
-``--prompt-tokens`` / ``--output-tokens`` fix them. Poisson arrivals reuse the benchmark's seeded
-schedule; closed-loop arrivals are made by the step loop (each completion sends the next request).
+``--prompt-tokens`` / ``--output-tokens`` fix them. Poisson arrivals and the 1:4:1 trace reuse the
+benchmark's seeded schedules; closed-loop arrivals are made by the step loop (each completion sends the next request).
 Either way they depend only on the seed and the load, never on the policy.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smartspec.bench.workload import Prompt, load_prompts, poisson_schedule
+from smartspec.bench.workload import TRACE_SHAPE, Prompt, load_prompts, phase_counts, poisson_schedule, trace_rates, trace_schedule_counts
 
 PROMPT_SETS = ("chat", "copy")
 # Prompt length estimate: English text is about 4 characters per token, and the chat template adds
@@ -40,11 +40,15 @@ def shipped_prompts() -> list[Prompt]:
 
 
 def cell_requests(
-    count: int, seed: int, rate: float | None = None, prompt_len: int | None = None, output_len: int | None = None
+    count: int, seed: int, rate: float | None = None, prompt_len: int | None = None, output_len: int | None = None, trace: bool = False
 ) -> list[RequestSpec]:
-    """`count` requests: Poisson at `rate` requests/s, or closed loop when `rate` is None."""
+    """`count` requests: Poisson at `rate` requests/s (with `trace`: the benchmark's low-high-low phases
+    of mean rate `rate`), or closed loop when `rate` is None."""
     prompts = shipped_prompts()
-    if rate is not None:
+    if trace:
+        arrivals = trace_schedule_counts(prompts, trace_rates(rate), phase_counts(count, len(TRACE_SHAPE)), seed)
+        schedule = [(a.at_s, a.index) for a in arrivals]
+    elif rate is not None:
         schedule = [(a.at_s, a.index) for a in poisson_schedule(prompts, rate, count, seed)]
     else:
         schedule = [(None, (i + seed) % len(prompts)) for i in range(count)]

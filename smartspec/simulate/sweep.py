@@ -1,6 +1,6 @@
 """A simulation sweep: every policy in every cell (one load), as rows shaped like `smartspec bench`'s.
 
-A cell is one load (a Poisson rate or a closed-loop concurrency) of one world; every policy of a cell
+A cell is one load (a Poisson rate, a 1:4:1 trace's mean rate, or a closed-loop concurrency) of one world; every policy of a cell
 replays the same requests and acceptance draws. Beside the policies, the reference `best-fixed` is the
 fixed k with the lowest mean latency in the cell, in hindsight (a copy of that row, naming it), and
 `clairvoyant` (oracle.py) runs like a policy; both are marked `reference: true`.
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from smartspec.bench.metrics import summarize
+from smartspec.bench.workload import TRACE_SUFFIX, trace_rates
 from smartspec.simulate.load import cell_requests
 from smartspec.simulate.loop import Cell, simulate
 from smartspec.simulate.world import AcceptanceModel, StepCosts
@@ -28,6 +29,7 @@ class SweepConfig:
     policies: Sequence[str] = POLICIES
     rates: Sequence[float] = ()
     concurrency: Sequence[int] = ()
+    trace_rates: Sequence[float] = ()  # mean rates of the low-high-low trace
     requests: int = 1000
     seed: int = 0
     drafter: str = "prompt_lookup"
@@ -38,12 +40,13 @@ class SweepConfig:
     loads: list[tuple[str, float]] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "loads", [("rate", float(r)) for r in self.rates] + [("concurrency", int(c)) for c in self.concurrency])
+        loads = [("rate", float(r)) for r in self.rates] + [("trace", float(r)) for r in self.trace_rates]
+        object.__setattr__(self, "loads", loads + [("concurrency", int(c)) for c in self.concurrency])
 
 
 def cell_of(config: SweepConfig, kind: str, load: float) -> Cell:
-    rate = load if kind == "rate" else None
-    requests = cell_requests(config.requests, config.seed, rate, config.prompt_tokens, config.output_tokens)
+    rate = None if kind == "concurrency" else load
+    requests = cell_requests(config.requests, config.seed, rate, config.prompt_tokens, config.output_tokens, trace=kind == "trace")
     return Cell(
         costs=config.costs, acceptance=config.acceptance, requests=tuple(requests), drafter=config.drafter,
         max_batch=config.max_batch, concurrency=int(load) if kind == "concurrency" else None, seed=config.seed,
@@ -75,8 +78,9 @@ def run_sweep(config: SweepConfig, on_row: Callable[[dict], None] | None = None)
 def key_of(config: SweepConfig, policy: str, kind: str, load: float) -> dict:
     a = config.acceptance
     return {
-        "workload": WORKLOAD, "drafter": config.drafter, "policy": policy,
-        "rate": load if kind == "rate" else None, "concurrency": int(load) if kind == "concurrency" else None,
+        "workload": WORKLOAD + (TRACE_SUFFIX if kind == "trace" else ""), "drafter": config.drafter, "policy": policy,
+        "rate": None if kind == "concurrency" else load, "concurrency": int(load) if kind == "concurrency" else None,
+        "trace": kind == "trace", "phase_rates": trace_rates(load) if kind == "trace" else None,
         "controlled": False, "cost_profile": config.costs.name, "acceptance_mean": a.mean, "acceptance_std": a.std,
         "position_decay": a.position_decay, "phase_tokens": a.phase_tokens, "max_batch": config.max_batch, "seed": config.seed,
     }
