@@ -18,10 +18,13 @@ CPU = "cpu-smollm2"
 GPU = "gpu-analytic-llama3-8b-h100"
 
 
-def config(profile: str = CPU, mean: float = 0.7, std: float = 0.15, decay: float = 0.95, phases: float = 32.0, **kwargs) -> SweepConfig:
+def config(
+    profile: str = CPU, mean: float = 0.7, std: float = 0.15, decay: float = 0.95, phases: float = 32.0, proposal_rate: float = 1.0, **kwargs
+) -> SweepConfig:
     kwargs.setdefault("requests", 12)
     kwargs.setdefault("output_tokens", 24)
-    return SweepConfig(costs=StepCosts(load_profile(profile)), acceptance=AcceptanceModel(mean, std, decay, phases), **kwargs)
+    acceptance = AcceptanceModel(mean, std, decay, phases, proposal_rate)
+    return SweepConfig(costs=StepCosts(load_profile(profile)), acceptance=acceptance, **kwargs)
 
 
 def latency(rows, policy: str) -> float:
@@ -96,6 +99,13 @@ def test_no_speculation_wins_when_nothing_is_accepted():
 def test_deep_speculation_wins_alone_on_a_gpu_when_drafts_land():
     rows = run_sweep(config(GPU, mean=0.95, std=0.0, decay=1.0, phases=0.0, policies=["none", "fixed:7"], concurrency=[1], requests=4))
     assert latency(rows, "fixed:7") < 0.5 * latency(rows, "none")
+
+
+def test_a_drafter_without_proposals_verifies_nothing():
+    rows = run_sweep(config(proposal_rate=0.0, policies=["fixed:3", "goodput"], concurrency=[2]))
+    assert all(r["proposed"] == 0 for r in rows)
+    some = run_sweep(config(proposal_rate=0.5, policies=["fixed:3"], concurrency=[2]))
+    assert 0 < some[0]["mean_k"] < 3
 
 
 def test_the_controller_never_sees_the_truth_except_clairvoyant(monkeypatch):

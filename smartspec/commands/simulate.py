@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help="the j-th draft of a verify is accepted with the request's rate times this^(j-1) (1: no decay)")
     add_flag(parser, "--phases", type=float, default=32.0,
              help="mean length in output tokens of a request's on / off phases (off: a fifth of its rate); 0: one phase")
+    add_flag(parser, "--proposal-rate", type=float, default=1.0,
+             help="chance that the drafter has a proposal at a step (prompt lookup finds no match otherwise)")
     add_flag(parser, "--rates", nargs="+", default=None, metavar="R", help="Poisson arrival rates, requests/s")
     add_flag(parser, "--trace-rates", nargs="+", default=None, metavar="R",
              help="mean rates of a time-varying load: three phases of equal arrivals at rates 1 : 4 : 1 (workload synthetic-trace)")
@@ -68,12 +70,12 @@ def build_config(args: argparse.Namespace):
         raise ValueError(f"--max-batch goes from 1 to {MAX_LOAD}")
     if args.requests < 1:
         raise ValueError("--requests must be at least 1")
-    if not 0 <= args.acceptance_mean <= 1 or args.acceptance_std < 0 or not 0 < args.position_decay <= 1 or args.phases < 0:
-        raise ValueError("--acceptance-mean in 0..1, --acceptance-std >= 0, --position-decay in (0, 1], --phases >= 0")
+    if not 0 <= args.acceptance_mean <= 1 or args.acceptance_std < 0 or not 0 < args.position_decay <= 1 or args.phases < 0 or not 0 <= args.proposal_rate <= 1:
+        raise ValueError("--acceptance-mean in 0..1, --acceptance-std >= 0, --position-decay in (0, 1], --phases >= 0, --proposal-rate in 0..1")
     costs = StepCosts(load_profile(args.cost_profile))
     if args.drafter not in costs.drafters:
         raise ValueError(f"--drafter {args.drafter}: the profile {costs.name} prices {', '.join(sorted(costs.drafters))}")
-    acceptance = AcceptanceModel(args.acceptance_mean, args.acceptance_std, args.position_decay, args.phases)
+    acceptance = AcceptanceModel(args.acceptance_mean, args.acceptance_std, args.position_decay, args.phases, args.proposal_rate)
     acceptance.base_rate(np.random.default_rng(0))  # checks that the Beta exists
     policies = _words(args.policies) or list(POLICIES)
     for policy in policies:  # a policy the router's registry does not know fails here, not mid-sweep
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     a = config.acceptance
     meta = {
         "cost_profile": config.costs.name, "cost_profile_source": config.costs.profile.get("source"),
-        "workload": args.workload, "acceptance": {"mean": a.mean, "std": a.std, "position_decay": a.position_decay, "phase_tokens": a.phase_tokens},
+        "workload": args.workload, "acceptance": {"mean": a.mean, "std": a.std, "position_decay": a.position_decay, "phase_tokens": a.phase_tokens, "proposal_rate": a.proposal_rate},
         "policies": list(config.policies), "rates": list(config.rates), "trace_rates": list(config.trace_rates), "concurrency": list(config.concurrency), "requests": config.requests,
         "seed": config.seed, "drafter": config.drafter, "max_batch": config.max_batch, "prompt_tokens": config.prompt_tokens,
         "output_tokens": config.output_tokens, "noise_sigma": config.noise_sigma if config.noise_sigma is not None else config.costs.noise_sigma,

@@ -176,7 +176,7 @@ class _Loop:
     def _step(self) -> None:
         batch, views, drafter = list(self.running), self._views(), self.cell.drafter
         asked = [clamp_k(k, v.max_k) for k, v in zip(self.policy.choose(views), views)]
-        lengths = asked  # the synthetic drafter always has a proposal of the length asked
+        lengths = [r.truth.proposal(r.generated, a) for r, a in zip(batch, asked)]
         refined = self.policy.refine(views, asked, lengths)
         final = [clamp_k(k, min(a, n)) for k, a, n in zip(refined, asked, lengths)]
         self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)

@@ -82,7 +82,7 @@ def key_of(config: SweepConfig, policy: str, kind: str, load: float) -> dict:
         "rate": None if kind == "concurrency" else load, "concurrency": int(load) if kind == "concurrency" else None,
         "trace": kind == "trace", "phase_rates": trace_rates(load) if kind == "trace" else None,
         "controlled": False, "cost_profile": config.costs.name, "acceptance_mean": a.mean, "acceptance_std": a.std,
-        "position_decay": a.position_decay, "phase_tokens": a.phase_tokens, "max_batch": config.max_batch, "seed": config.seed,
+        "position_decay": a.position_decay, "phase_tokens": a.phase_tokens, "proposal_rate": a.proposal_rate, "max_batch": config.max_batch, "seed": config.seed,
     }
 
 

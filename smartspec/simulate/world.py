@@ -136,12 +136,15 @@ class Noise:
 class AcceptanceModel:
     """Synthetic acceptance: a rate per request from Beta(mean, std), decaying with draft position
     (the j-th draft of a verify is accepted with the rate times decay^(j - 1)), switching between an
-    'on' and an 'off' phase (mean phase length `phase_tokens` output tokens; 0: one phase)."""
+    'on' and an 'off' phase (mean phase length `phase_tokens` output tokens; 0: one phase). The drafter
+    has a proposal at an output position with probability `proposal_rate` (prompt lookup finds no
+    match otherwise)."""
 
     mean: float
     std: float
     position_decay: float = 1.0
     phase_tokens: float = 0.0
+    proposal_rate: float = 1.0
 
     def base_rate(self, rng: np.random.Generator) -> float:
         if self.std <= 0 or self.mean <= 0 or self.mean >= 1:
@@ -166,10 +169,15 @@ class RequestTruth:
             rate = np.where(on, rate, rate * OFF_PHASE_SCALE)
         self.rate = rate
         self.uniform = rng.random(positions)  # [positions]: the draw for the draft at each output position
+        self.proposes = rng.random(positions) < model.proposal_rate  # [positions]: the drafter has something to propose
 
     def chance(self, position: int, depth: int) -> float:
         """Probability that a draft at output `position`, the `depth`-th (1-based) of its verify, is accepted."""
         return float(self.rate[min(position, len(self.rate) - 1)]) * self.decay ** (depth - 1)
+
+    def proposal(self, generated: int, asked: int) -> int:
+        """Draft tokens the drafter returns when asked for `asked` after `generated` output tokens."""
+        return asked if self.proposes[min(generated, len(self.proposes) - 1)] else 0
 
     def accepted(self, generated: int, k: int) -> int:
         """Drafts accepted from a verify of k drafts after `generated` output tokens: the leading run of
