@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from smartspec.config import add_flag, add_server_flags, env_name
+from smartspec.threads import add_threads_flag, configure_threads
 
 if TYPE_CHECKING:
     from drafter_svc.base import Drafter
@@ -27,6 +28,7 @@ DEFAULT_KIND = "prompt_lookup"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_flags(parser)
+    add_threads_flag(parser)
     add_flag(
         parser,
         "--kind",
@@ -112,4 +114,5 @@ def run(args: argparse.Namespace) -> None:
     from smartspec.serving import setup_logging
 
     setup_logging(args.log_level)
+    configure_threads(args.threads)
     asyncio.run(serve(args))

@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from smartspec.config import add_model_flags, add_server_flags
+from smartspec.threads import add_threads_flag, configure_threads
 
 if TYPE_CHECKING:
     from smartspec.serving import ModelThread
@@ -19,6 +20,7 @@ log = logging.getLogger("smartspec.verifier")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_flags(parser)
     add_model_flags(parser, "target")
+    add_threads_flag(parser)
 
 
 def build_servicer(model_path: str, device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0) -> "VerifierServicer":
@@ -46,6 +48,7 @@ async def serve(args: argparse.Namespace) -> None:
     from verifier_svc.server import SERVICE_NAME
 
     setup_logging(args.log_level)
+    configure_threads(args.threads)  # before torch loads: its OpenMP runtime reads the variables then
     thread = ModelThread("verifier-model")
 
     async def load() -> LoadedService:

@@ -16,6 +16,7 @@ import sys
 import time
 
 from smartspec.config import add_flag
+from smartspec.lifeline import child_env
 
 PROMPTS = (
     "Repeat the following text exactly, word for word:\n\nThe museum opens at nine in the morning and closes at six in the "
@@ -32,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _start_stack(timeout_s: float) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "smartspec.cli", "up", "--port", "0", "--http-port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    # Its own session (a terminal's Ctrl-C reaches only the demo, which stops it); the stdin pipe, never
+    # written, closes when the demo exits however it ends, and `up` then stops the stack.
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True, env=child_env(os.environ))
     print("starting the stack (first run: converts the embedded model and profiles the verifier, ~1 min) ...", flush=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -14,7 +14,11 @@ requests over them and moves the requests of one that dies to the others.
 
 After that a child that dies is logged and the others keep running. On SIGINT/SIGTERM/SIGHUP the
 router is stopped first (it drains its requests), then the rest. Children run in their own process
-groups, so a terminal's Ctrl-C reaches only `up`, which orders the shutdown.
+groups, so a terminal's Ctrl-C reaches only `up`, which orders the shutdown; each child also watches
+`up` through a pipe on its stdin (smartspec.lifeline), so none outlives it, even a SIGKILLed `up`.
+
+Each torch process gets a thread count from the cores `up` may use (smartspec.threads.plan_threads),
+and every child runs with OMP_WAIT_POLICY=PASSIVE, unless the user set those variables.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from smartspec.config import add_flag
+from smartspec.lifeline import child_env
 from smartspec.telemetry import add_trace_flags, trace_argv
+from smartspec.threads import MODEL_DRAFTERS, available_cores, plan_threads, quiet_env, user_sized
 
 log = logging.getLogger("smartspec.up")
 
 DRAFTER_KINDS = ("draft_model", "prompt_lookup", "tree")
-# The drafters that run the draft model (--draft-model).
-MODEL_DRAFTERS = ("draft_model", "tree")
 # Flags `up` always sets on a child's command line; their variables are dropped from the child's
 # environment so that an append flag (the router's --drafter) does not also pick them up.
 _EXPLICIT_ENV = ("SMARTSPEC_HOST", "SMARTSPEC_PORT", "SMARTSPEC_KIND", "SMARTSPEC_VERIFIER", "SMARTSPEC_DRAFTER_ADDRESS")
@@ -50,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--draft-model", default="embedded", help="draft model folder for the draft_model and tree drafters, or 'embedded'")
     add_flag(parser, "--device", default="cpu", help="torch device of the verifier and the draft model")
     add_flag(parser, "--dtype", default="float32", help="dtype of the verifier and the draft model")
+    add_flag(parser, "--cores", type=int, default=0,
+             help="CPU cores the services' torch threads share (0: the cores this process may run on); "
+                  "ignored when OMP_NUM_THREADS, MKL_NUM_THREADS or SMARTSPEC_THREADS is set")
     add_flag(parser, "--verifiers", type=int, default=1, help="verifier replicas to start (the router fails requests over between them)")
     add_flag(parser, "--drafters", default=",".join(DRAFTER_KINDS), help="drafter services to start, comma-separated (empty: none)")
     add_flag(parser, "--max-batch", type=int, default=16, help="router: most requests in the running batch")
@@ -89,6 +96,10 @@ def service_argvs(args: argparse.Namespace, target: str, draft: str) -> dict[str
     for kind in _drafter_kinds(args):
         extra = ["--draft-model", draft, *model] if kind in MODEL_DRAFTERS else []
         argvs[kind] = ["serve", "drafter", "--kind", kind, *common, *extra]
+    if not user_sized(os.environ):
+        threads = plan_threads(args.cores or available_cores(), verifier_roles(args), _drafter_kinds(args))
+        for role, argv in argvs.items():
+            argv += ["--threads", str(threads[role])]
     return argvs
 
 
@@ -126,13 +137,16 @@ class Stack:
         self.children: dict[str, Child] = {}
         self.stopping = False
         self._log_level = log_level
-        self._env = {k: v for k, v in os.environ.items() if k not in _EXPLICIT_ENV}
+        self._env = quiet_env({k: v for k, v in os.environ.items() if k not in _EXPLICIT_ENV})
 
     async def spawn(self, role: str, argv: list[str]) -> Child:
         full = [*smartspec_command(), *argv]
         log.info("starting %s: smartspec %s", role, " ".join(argv))
         # Own process group: a terminal's Ctrl-C reaches only `up`, which then stops the router first.
-        process = await asyncio.create_subprocess_exec(*full, stdout=asyncio.subprocess.PIPE, env=self._env, process_group=0)
+        # The stdin pipe stays open, unwritten, while we live: the child stops when it closes.
+        process = await asyncio.create_subprocess_exec(
+            *full, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=child_env(self._env), process_group=0
+        )
         child = self.children[role] = Child(role, full, process)
         return child
 
