@@ -88,6 +88,9 @@ class Scheduler:
         # (a single request was refused) until one of ours leaves.
         self._admit_cap: int | None = None
         self._blocked = False
+        # A Stats(reset=true) that arrived while a step was in flight: applied when the step ends.
+        self._stepping = False
+        self._reset_pending = False
 
     # --- called by RPC handlers -----------------------------------------------------------------
     def submit(self, request: RequestState) -> None:
@@ -101,6 +104,14 @@ class Scheduler:
             )
         self.waiting.append(request)
         self._wake.set()
+
+    def reset_controller(self) -> None:
+        """Forgets what the controller learned (Stats(reset=true)), between steps only: a step in
+        flight reads the controller's record of its own decision when its Verify returns."""
+        if self._stepping:
+            self._reset_pending = True
+        else:
+            self.controller.reset()
 
     def cancel(self, request: RequestState) -> None:
         """The client went away: drop a waiting request now, a running one at the next step boundary."""
@@ -171,7 +182,14 @@ class Scheduler:
         await self._admit()
         await self._reap()
         if self.running:
-            await self._step()
+            self._stepping = True
+            try:
+                await self._step()
+            finally:
+                self._stepping = False
+                if self._reset_pending:  # the step boundary: a reset asked for meanwhile applies now
+                    self._reset_pending = False
+                    self.controller.reset()
             await self._reap()
 
     # --- admission ------------------------------------------------------------------------------

@@ -97,8 +97,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 accepted=rates.accepted_total,
                 acceptance_by_position=[a / p for a, p in zip(rates.position_accepted, rates.position_proposed) if p],
             )
-        if request.reset:
-            controller.reset()
+        if request.reset:  # only an authenticated caller gets here when the router has a token (BearerToken)
+            self.scheduler.reset_controller()
         return reply
 
     # --- the request path every front end shares (gRPC here, HTTP in router/http) ---------------------
