@@ -1,7 +1,7 @@
 """The router's side of one drafter service: keeping its per-request state in sync, asking for
 proposals under a deadline, and backing off when it fails.
 
-A drafter's failure must cost only speculation (DESIGN.md section 7): ``propose`` never raises; the
+A drafter's failure must cost only speculation (docs/design.md section 7): ``propose`` never raises; the
 requests it could not serve get no proposal this step and send their full context next time, and the
 drafter is skipped for a backoff period that doubles on each consecutive failure.
 """

@@ -3,7 +3,7 @@ requests whose replica stopped answering.
 
 A request's KV cache lives on one replica. When that replica stops answering (UNAVAILABLE,
 DEADLINE_EXCEEDED) or does not hold the request as expected (NOT_FOUND: it restarted; ALREADY_EXISTS: an
-old copy), the scheduler re-admits the request elsewhere by a Prefill of its committed tokens (DESIGN.md
+old copy), the scheduler re-admits the request elsewhere by a Prefill of its committed tokens (docs/design.md
 section 7). The router owns those tokens, so nothing is lost: greedy output is exactly the same, and a
 sampling request keeps its distribution. (Its exact tokens stay the same too without drafts, since
 draws are keyed by (seed, position); with drafts, the re-prefill samples the next token directly where

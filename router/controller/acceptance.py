@@ -1,6 +1,6 @@
 """Acceptance-rate estimates: a Beta posterior per request, with a prior from its drafter's recent rate.
 
-Model (DESIGN.md section 3): each proposed token is accepted independently with probability a, and
+Model (docs/design.md section 3): each proposed token is accepted independently with probability a, and
 verification stops at the first rejection, so a verify that proposed k and accepted n observed n
 successes and, if n < k, one failure. The maximum-likelihood estimate of a over many verifies is
 successes / (successes + failures); the expected tokens per step at speculation length k is

@@ -1,4 +1,4 @@
-"""Choosing speculation lengths by maximising predicted goodput (DESIGN.md sections 2 and 3).
+"""Choosing speculation lengths by maximising predicted goodput (docs/design.md sections 2 and 3).
 
 For one step over batch B with speculation lengths k_i:
 

@@ -16,7 +16,7 @@ def slots_of(views: Sequence[RequestView], caps: Sequence[int]) -> list[Slot]:
 
 
 class ControllerPolicy(SpeculationPolicy):
-    """Decides k from predicted goodput (DESIGN.md section 3).
+    """Decides k from predicted goodput (docs/design.md section 3).
 
     Propose-then-truncate: a model-free drafter (prompt lookup) is asked for everything the request may
     verify, since proposing costs next to nothing, and ``refine`` then picks what to verify once it is
