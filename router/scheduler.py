@@ -77,6 +77,7 @@ class Scheduler:
         self.waiting: collections.deque[RequestState] = collections.deque()
         self.running: list[RequestState] = []
         self.steps = 0
+        self.preemptions = 0  # requests sent back to the queue because the verifier's KV cache was full
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
@@ -311,7 +312,8 @@ class Scheduler:
             nodes = draft.accepted_nodes(tokens[:accepted]) if draft.parents else None  # which tree nodes: calibrates the drafter
             self.controller.observe_request(view.request_id, view.drafter, len(draft), accepted, asked=k, accepted_nodes=nodes)
         self.controller.observe_step(
-            len(batch), sum(len(d) + 1 for d in drafts), sum(v.context_tokens for v in views), draft_times, finished - started
+            len(batch), sum(len(d) + 1 for d in drafts), sum(v.context_tokens for v in views), draft_times, finished - started,
+            attended_tokens=sum((len(d) + 1) * v.context_tokens for d, v in zip(drafts, views)),
         )
         self.telemetry.step_finished(batch, views, asked, drafts, accepted_counts, draft_times, self.controller.last.predicted_s, finished - started)
         for policy, members in self._groups(batch).items():
@@ -359,7 +361,10 @@ class Scheduler:
         try:
             reply = await replica.stub.Verify(verify_message(batch, drafts), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch))
         except grpc.RpcError as err:
-            await self._verifier_failed(replica, batch, "verify", err)
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(batch) > 1:
+                await self._preempt(replica, batch, err)
+            else:
+                await self._verifier_failed(replica, batch, "verify", err)
             return None
         self._answered(replica)
         return reply
@@ -401,6 +406,19 @@ class Scheduler:
             else:
                 request.failovers += 1
                 self.waiting.appendleft(request)
+        self._wake.set()
+
+    async def _preempt(self, replica: VerifierReplica, batch: list[RequestState], err: grpc.RpcError) -> None:
+        """The replica's KV cache cannot hold this step (nothing was changed there): the newest request
+        leaves it and waits at the front of the queue; it is re-admitted from its committed tokens, token
+        for token, once there is room. The others step again next iteration without it."""
+        newest = max(batch, key=lambda r: r.admitted or 0.0)
+        self.preemptions += 1
+        log.info("verifier %s: %s; preempting request %s (%d tokens)", replica.address, err.details(), newest.id, len(newest.tokens))
+        self.running = [r for r in self.running if r is not newest]
+        await self.verifiers.release(replica, [newest.id], self.verifier_timeout_s)
+        self.verifiers.forget([newest])
+        self.waiting.appendleft(newest)
         self._wake.set()
 
     def _answered(self, replica: VerifierReplica) -> None:

@@ -23,21 +23,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_flag(parser)
 
 
-def build_servicer(model_path: str, device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0) -> "VerifierServicer":
+def build_servicer(
+    model_path: str, device: str = "cpu", dtype: str = "float32", max_sequences: int = 32, max_context: int = 0, kv_cache_gb: float = 1.0
+) -> "VerifierServicer":
     """Loads the target and returns a ready VerifierServicer (also used in-process by tests)."""
     from smartspec.serving import ModelThread
 
     thread = ModelThread("verifier-model")
-    return thread.call(_load_servicer, thread, model_path, device, dtype, max_sequences, max_context)
+    return thread.call(_load_servicer, thread, model_path, device, dtype, max_sequences, max_context, kv_cache_gb)
 
 
-def _load_servicer(thread: "ModelThread", model_path: str, device: str, dtype: str, max_sequences: int, max_context: int) -> "VerifierServicer":
+def _load_servicer(
+    thread: "ModelThread", model_path: str, device: str, dtype: str, max_sequences: int, max_context: int, kv_cache_gb: float
+) -> "VerifierServicer":
     """Runs on `thread`, the model thread (see smartspec.serving.ModelThread)."""
     from smartspec.runtime.loading import load_runner
     from verifier_svc.engine import VerifierEngine
     from verifier_svc.server import VerifierServicer
 
-    runner, info = load_runner(model_path, "target", device, dtype, max_sequences, max_context)
+    runner, info = load_runner(model_path, "target", device, dtype, max_sequences, max_context, kv_cache_gb)
     return VerifierServicer(VerifierEngine(runner, vocab_size=info.vocab_size), info, thread)
 
 
@@ -52,7 +56,9 @@ async def serve(args: argparse.Namespace) -> None:
     thread = ModelThread("verifier-model")
 
     async def load() -> LoadedService:
-        servicer = await thread.run(_load_servicer, thread, args.target_model, args.device, args.dtype, args.max_sequences, args.max_context)
+        servicer = await thread.run(
+            _load_servicer, thread, args.target_model, args.device, args.dtype, args.max_sequences, args.max_context, args.kv_cache_gb
+        )
         log.info("verifier loaded %s", servicer.model_info.model)
         return LoadedService(lambda server: verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, server))
 

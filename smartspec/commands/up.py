@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--draft-model", default="embedded", help="draft model folder for the draft_model and tree drafters, or 'embedded'")
     add_flag(parser, "--device", default="cpu", help="torch device of the verifier and the draft model")
     add_flag(parser, "--dtype", default="float32", help="dtype of the verifier and the draft model")
+    add_flag(parser, "--kv-cache-gb", type=float, default=1.0,
+             help="KV cache budget of the verifier and of each model drafter, in GiB, allocated at start-up")
     add_flag(parser, "--cores", type=int, default=0,
              help="CPU cores the services' torch threads share (0: the cores this process may run on); "
                   "ignored when OMP_NUM_THREADS, MKL_NUM_THREADS or SMARTSPEC_THREADS is set")
@@ -91,7 +93,7 @@ def smartspec_command() -> list[str]:
 def service_argvs(args: argparse.Namespace, target: str, draft: str) -> dict[str, list[str]]:
     """Command lines of the verifier and drafters (the router's comes later: it needs their addresses)."""
     common = ["--host", args.host, "--port", "0", "--log-level", args.log_level, "--grace-s", str(args.grace_s), *trace_argv(args)]
-    model = ["--device", args.device, "--dtype", args.dtype]
+    model = ["--device", args.device, "--dtype", args.dtype, "--kv-cache-gb", str(args.kv_cache_gb)]
     argvs = {role: ["serve", "verifier", *common, "--target-model", target, *model] for role in verifier_roles(args)}
     for kind in _drafter_kinds(args):
         extra = ["--draft-model", draft, *model] if kind in MODEL_DRAFTERS else []
