@@ -6,8 +6,9 @@ then held-out steps of shapes the sweep never ran, predicted by the fitted model
 Starts `smartspec serve verifier` (embedded target, float32) as its own process. The sweep is the one
 the router runs at start-up (router/controller/profile.py: uniform and mixed k per request at three
 contexts and four batch sizes), timed as a whole. The held-out steps draw, per step, a batch of 1-16
-requests whose contexts differ (16 to 1,500 tokens) and a k of 0-7 per request. Reported: the sweep's
-duration and the mean absolute percentage error of the predicted RPC time on the held-out steps.
+requests whose contexts differ (16 to 1,500 tokens) and a k of 0-7 per request, each timed as the median
+of 3 runs. Reported: the sweep's duration and the mean absolute percentage error of the predicted RPC
+time on the held-out steps.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from smartspec.serving import CHANNEL_OPTIONS
 from smartspec.wire import verifier_pb2, verifier_pb2_grpc
 
 VOCAB = 49152
+REPEATS = 3
 
 
 async def profile(address: str, info) -> tuple[list, list[float], float]:
@@ -47,23 +49,26 @@ def held_out(stub, steps: int, rng: random.Random) -> tuple[list, list[float], l
     for n in range(steps + 2):
         batch = rng.sample(ids, rng.randint(1, 16))
         ks = [rng.randint(0, K_MAX) for _ in batch]
-        drafts = [rng.randrange(3, VOCAB) for _ in range(sum(ks))]
-        started = time.perf_counter()
-        reply = stub.Verify(verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts))
-        elapsed = time.perf_counter() - started
+        contexts = [lengths[i] for i in batch]
+        times = []
+        for _ in range(REPEATS):  # the median of a few runs of the shape: one step's own noise is large here
+            drafts = [rng.randrange(3, VOCAB) for _ in range(sum(ks))]
+            started = time.perf_counter()
+            reply = stub.Verify(verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts))
+            times.append(time.perf_counter() - started)
+            for i, accepted in zip(batch, reply.accepted_counts):
+                lengths[i] += accepted + 1
         if n >= 2:
-            rows.append(step_features([lengths[i] for i in batch], ks))
-            seconds.append(elapsed)
-            shapes.append(dict(batch=len(batch), ks=ks, contexts=[lengths[i] for i in batch]))
-        for i, accepted in zip(batch, reply.accepted_counts):
-            lengths[i] += accepted + 1
+            rows.append(step_features(contexts, ks))
+            seconds.append(statistics.median(times))
+            shapes.append(dict(batch=len(batch), ks=ks, contexts=contexts))
     stub.Release(verifier_pb2.ReleaseRequest(request_ids=ids))
     return rows, seconds, shapes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default="bench/results/cost_model_fit.json")
     args = parser.parse_args()
     with VerifierProcess(["--max-sequences", "32"]) as verifier:

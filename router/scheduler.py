@@ -361,7 +361,7 @@ class Scheduler:
         try:
             reply = await replica.stub.Verify(verify_message(batch, drafts), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch))
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(batch) > 1:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 await self._preempt(replica, batch, err)
             else:
                 await self._verifier_failed(replica, batch, "verify", err)
@@ -412,8 +412,9 @@ class Scheduler:
         """The replica's KV cache cannot hold this step (nothing was changed there): the newest request
         leaves it and waits at the front of the queue; it is re-admitted from its committed tokens, token
         for token, once there is room. The others step again next iteration without it."""
-        newest = max(batch, key=lambda r: r.admitted or 0.0)
+        newest = max(batch, key=lambda r: (r.admitted if r.admitted is not None else float("inf"), r.id))
         self.preemptions += 1
+        self._blocked = True  # it waits for one of ours to leave: re-admitted at once, it would be preempted again
         log.info("verifier %s: %s; preempting request %s (%d tokens)", replica.address, err.details(), newest.id, len(newest.tokens))
         self.running = [r for r in self.running if r is not newest]
         await self.verifiers.release(replica, [newest.id], self.verifier_timeout_s)

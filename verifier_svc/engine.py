@@ -26,6 +26,9 @@ from smartspec.sampling import EMIT, GREEDY, DraftDistribution, SamplingParams, 
 from smartspec.tree import chain_parents, depths, is_chain, parents_problem
 from verifier_svc import acceptance
 
+# Free KV blocks kept per live sequence when admitting: room for its next verify of up to 31 drafts.
+DECODE_ROOM_BLOCKS = 2
+
 # A request to admit: its id, context tokens and, unless greedy, its sampling parameters.
 PrefillItem = tuple[str, Sequence[int]] | tuple[str, Sequence[int], SamplingParams]
 
@@ -110,10 +113,10 @@ class VerifierEngine:
         return next_tokens, step
 
     def _check_kv_room(self, lengths: list[int]) -> None:
-        """Admits contexts only while the KV cache keeps a block of room per live sequence besides them,
-        so the running requests can go on decoding; the router queues what is refused and retries."""
+        """Admits contexts only while the KV cache keeps DECODE_ROOM_BLOCKS of room per live sequence
+        besides them, so the running requests can go on verifying; the router queues what is refused."""
         cache = self.runner.cache
-        need = sum(cache.blocks_for(n) for n in lengths) + self.runner.live + len(lengths)
+        need = sum(cache.blocks_for(n) for n in lengths) + DECODE_ROOM_BLOCKS * (self.runner.live + len(lengths))
         if need > cache.free_blocks:
             raise RequestError(
                 "RESOURCE_EXHAUSTED",
@@ -164,6 +167,13 @@ class VerifierEngine:
                 raise RequestError(
                     "OUT_OF_RANGE",
                     f"request {request_id!r}: verifying {len(draft)} drafts would reach {end} tokens, over the context limit {self.max_context}",
+                )
+            cache = self.runner.cache
+            if cache.blocks_for(self.runner.length(request_id) + 1 + len(draft)) > cache.num_blocks:
+                raise RequestError(
+                    "OUT_OF_RANGE",
+                    f"request {request_id!r}: verifying {len(draft)} drafts needs more KV cache than the whole cache holds "
+                    f"({cache.capacity_tokens} tokens)",
                 )
             self._check_distributions(request_id, draft, draft_dists)
         starts = [self.runner.length(request_id) for request_id in ids]

@@ -119,10 +119,13 @@ class LinearCostModel:
         return FitError(float(np.mean(errors)) if errors else float("nan"), len(errors))
 
     def fit_batch(self, rows: Sequence[np.ndarray], measured: Sequence[float]) -> None:
-        """Plain least squares over a profile sweep; the result becomes the prior."""
+        """Least squares of the relative error over a profile sweep (each step weighted by 1 / its time,
+        so a batch-1 step counts as much as a batch-16 one: the controller compares steps by ratio);
+        the result becomes the prior."""
         x, y = np.stack(rows), np.asarray(measured, dtype=float)
+        weight = 1.0 / np.maximum(y, 1e-6)
         scale = np.maximum(np.abs(x).max(axis=0), 1e-9)
-        coef, *_ = np.linalg.lstsq(x / scale, y, rcond=None)
+        coef, *_ = np.linalg.lstsq((x / scale) * weight[:, None], y * weight, rcond=None)
         self.reset_prior(np.maximum(coef / scale, 0.0))
 
     def as_dict(self) -> dict[str, float]:

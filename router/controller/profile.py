@@ -26,7 +26,7 @@ log = logging.getLogger("smartspec.router.profile")
 
 PROFILE_VERSION = 4
 BATCHES = (1, 4, 8, 16)
-CONTEXTS = (16, 384, 1024)
+CONTEXTS = (16, 640)  # the cost is linear in context: two lengths fix its terms, and prefill is what the sweep waits for
 K_MAX = 7
 # Per (context, batch): these ks for every request, then requests of mixed k (the controller's usual
 # step: each request its own k), then one request at K_MAX beside requests verifying none.

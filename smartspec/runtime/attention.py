@@ -41,6 +41,7 @@ class AttentionGroup:
     causal: bool  # one row without history: plain causal attention, no mask needed
     query_positions: torch.Tensor  # [rows, queries]
     key_positions: torch.Tensor  # [rows, kv_len]: position of each key column (padding: far in the future)
+    last_position: int  # the largest query position: no device sync to learn it per layer
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -49,7 +50,7 @@ class AttentionGroup:
 
     def mask_for(self, sliding_window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal) for a layer with this sliding window (None: full attention)."""
-        if sliding_window is None or int(self.query_positions.max()) < sliding_window:
+        if sliding_window is None or self.last_position < sliding_window:
             return self.mask, self.causal
         if sliding_window not in self._windowed:
             # transformers' rule: a query at position q sees keys at positions k with q - k < window.

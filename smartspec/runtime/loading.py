@@ -30,14 +30,11 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32"
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from smartspec.runtime.attention import RAGGED
-    from smartspec.runtime.runner import SUPPORTED_MODEL_TYPES
+    from smartspec.runtime.runner import serving_problem
 
-    model_type = getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{path}: model type {model_type!r} is not served: the runner is exact for decoder-only families "
-            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
+    problem = serving_problem(AutoConfig.from_pretrained(str(path), local_files_only=True))
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}")
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=resolve_dtype(dtype), attn_implementation=RAGGED, local_files_only=True
     )

@@ -37,14 +37,31 @@ SUPPORTED_MODEL_TYPES = frozenset(
 )
 
 
+# RoPE variants whose frequencies depend on the longest position in the forward: in a flat step that is
+# another request's, so a request's output would depend on what it is batched with.
+BATCH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+
+
+def serving_problem(config) -> str | None:
+    """Why the runner cannot serve a model of this config exactly (None: it can)."""
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return (f"model type {model_type!r} is not served: the runner is exact for decoder-only families "
+                f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = [rope.get("rope_type")] + [v.get("rope_type") for v in rope.values() if isinstance(v, dict)]
+    odd = sorted({k for k in kinds if k in BATCH_DEPENDENT_ROPE})
+    if odd:
+        return (f"model type {model_type!r} with rope_type {odd[0]!r} is not served: its rotary frequencies depend on "
+                "the longest position in a forward, so a request's output would depend on what it is batched with")
+    return None
+
+
 def check_supported(model: torch.nn.Module) -> None:
     """Refuses, with a message that says why, a model the runner cannot serve exactly."""
-    model_type = getattr(model.config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model type {model_type!r} is not served: the runner is exact for decoder-only families "
-            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
+    problem = serving_problem(model.config)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -276,6 +293,7 @@ class BatchedRunner:
                     mask=None if unmasked else mask[:, None].to(device),  # [rows, 1, n, kv_len]
                     causal=causal,
                     query_positions=query_pos.to(device),
+                    last_position=int(query_pos.max()),
                     key_positions=pad_sequence(key_pos, batch_first=True, padding_value=1 << 40).to(device),
                 )
             )
