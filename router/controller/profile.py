@@ -24,7 +24,7 @@ from smartspec.wire import verifier_pb2
 
 log = logging.getLogger("smartspec.router.profile")
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 BATCHES = (1, 4, 8, 16)
 CONTEXTS = (16, 640)  # the cost is linear in context: two lengths fix its terms, and prefill is what the sweep waits for
 K_MAX = 7
