@@ -99,7 +99,7 @@ def test_a_step_the_cache_cannot_hold_changes_nothing(tiny_target):
     context = tokens(rng, 40)
     runner.step([StepRow("a", context, all_logits=False)])  # 3 of 4 blocks
     free = runner.cache.free_blocks
-    assert not runner.fits({"b": 20})
+    assert free == 1  # "b" needs 2 blocks for 20 tokens
     with pytest.raises(KVCacheFull, match="free"):
         runner.step([StepRow("a", tokens(rng, 2)), StepRow("b", tokens(rng, 20))])
     assert runner.cache.free_blocks == free and runner.length("a") == 40 and runner.length("b") == 0

@@ -40,7 +40,7 @@ class AttentionGroup:
     mask: torch.Tensor | None  # [rows, 1, queries, kv_len] bool; None: every query sees every column
     causal: bool  # one row without history: plain causal attention, no mask needed
     query_positions: torch.Tensor  # [rows, queries]
-    key_positions: torch.Tensor  # [rows, kv_len]: position of each key column (padding: far in the future)
+    starts: torch.Tensor  # [rows]: cached length of each row (its new tokens sit at columns start..)
     last_position: int  # the largest query position: no device sync to learn it per layer
     _windowed: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -54,10 +54,19 @@ class AttentionGroup:
             return self.mask, self.causal
         if sliding_window not in self._windowed:
             # transformers' rule: a query at position q sees keys at positions k with q - k < window.
-            near = (self.query_positions[:, :, None] - self.key_positions[:, None, :]) < sliding_window  # [rows, queries, kv_len]
+            near = (self.query_positions[:, :, None] - self._key_positions()[:, None, :]) < sliding_window  # [rows, queries, kv_len]
             base = self.mask if self.mask is not None else self._causal_mask()
             self._windowed[sliding_window] = base & near[:, None]
         return self._windowed[sliding_window], False
+
+    def _key_positions(self) -> torch.Tensor:
+        """[rows, kv_len]: the position of each key column: its column in the history, the new token's
+        own position among the new columns, far in the future for key padding. Built only for layers
+        with a sliding window that a query can reach past."""
+        columns = torch.arange(self.kv_len, device=self.starts.device)[None, :]  # [1, kv_len]
+        rel = columns - self.starts[:, None]  # [rows, kv_len]
+        new = self.query_positions.gather(1, rel.clamp(0, self.queries - 1))
+        return torch.where(rel < 0, columns, new).masked_fill(rel >= self.queries, 1 << 40)
 
     def _causal_mask(self) -> torch.Tensor:
         full = torch.ones(self.queries, self.kv_len, dtype=torch.bool, device=self.gather.device)

@@ -32,11 +32,12 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: str = "float32"
     from smartspec.runtime.attention import RAGGED
     from smartspec.runtime.runner import serving_problem
 
-    problem = serving_problem(AutoConfig.from_pretrained(str(path), local_files_only=True))
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    problem = serving_problem(config)
     if problem is not None:
         raise ValueError(f"{path}: {problem}")
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=resolve_dtype(dtype), attn_implementation=RAGGED, local_files_only=True
+        str(path), config=config, dtype=resolve_dtype(dtype), attn_implementation=RAGGED, local_files_only=True
     )
     return model.to(resolve_device(device)).eval()
 

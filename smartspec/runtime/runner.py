@@ -118,7 +118,11 @@ def group_layout(starts: list[int], rows: list[StepRow], kv_len: int) -> tuple[t
     the row's end (key padding) are seen by nobody.
     """
     n = len(rows[0].tokens)
-    sees, depth = zip(*(ancestry(row.parents, n) for row in rows))
+    if all(row.parents is None for row in rows):  # chains (the usual step): one causal block shared by all
+        chain_sees, chain_depth = ancestry(None, n)
+        sees, depth = [chain_sees] * len(rows), [chain_depth] * len(rows)
+    else:
+        sees, depth = zip(*(ancestry(row.parents, n) for row in rows))
     start = torch.tensor(starts)  # [rows]
     rel = torch.arange(kv_len)[None, :] - start[:, None]  # [rows, kv_len]: column - start
     new = (rel >= 0) & (rel < n)
@@ -229,11 +233,6 @@ class BatchedRunner:
             self.cache.copy_positions(seq_id, [start + o for o in offsets], start)
         self.truncate(seq_id, start + len(offsets))
 
-    def fits(self, growth: dict[str, int]) -> bool:
-        """Whether the cache has the blocks for each sequence to grow by `growth[seq]` tokens."""
-        need = sum(self.cache.extra_blocks(seq, self.cache.length(seq) + n) for seq, n in growth.items())
-        return need <= self.cache.free_blocks
-
     # --- the step -------------------------------------------------------------------------------
     def step(self, rows: list[StepRow]) -> StepResult:
         """Appends each row's tokens to its sequence and returns the requested logits, in one forward.
@@ -282,7 +281,6 @@ class BatchedRunner:
                 writes.append(row_slots[start:])
                 picks.append([flat + o for o in row.picked()])
                 flat += n
-            key_pos = [torch.cat([torch.arange(start), pos]) for start, pos in zip(member_starts, query_pos)]
             # a lone row without history is plain causal attention; single queries over equal lengths see everything
             causal = len(group) == 1 and member_starts[0] == 0 and members[0].parents is None
             unmasked = causal or (n == 1 and all(start + 1 == kv_len for start in member_starts))
@@ -294,7 +292,7 @@ class BatchedRunner:
                     causal=causal,
                     query_positions=query_pos.to(device),
                     last_position=int(query_pos.max()),
-                    key_positions=pad_sequence(key_pos, batch_first=True, padding_value=1 << 40).to(device),
+                    starts=torch.tensor(member_starts, device=device),
                 )
             )
         step = RaggedStep(self.cache, torch.cat(writes).to(device), plans, flat)
