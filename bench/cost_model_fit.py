@@ -84,7 +84,9 @@ def main() -> None:
     print(f"held-out: {len(errors)} steps, MAPE {100 * mape:.1f}% (median {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%)")
     meta = dict(model=info.model.model, device_name=info.model.device_name, dtype=info.model.dtype, machine=platform.machine())
     result = dict(meta=meta, sweep_steps=len(rows), sweep_s=sweep_s, coefficients=model.as_dict(), held_out_mape=mape,
-                  held_out=[dict(shape, measured_s=s, predicted_s=p) for shape, s, p in zip(shapes, test_seconds, predicted)])
+                  held_out=[dict(shape, features=x.tolist(), measured_s=s, predicted_s=p)
+                            for shape, x, s, p in zip(shapes, test_rows, test_seconds, predicted)],
+                  sweep=[dict(features=x.tolist(), measured_s=s) for x, s in zip(rows, seconds)])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -261,7 +261,7 @@ def measure(args: argparse.Namespace) -> dict:
     num_prompts = min(args.num_prompts or 10**9, write_dataset(dataset))
     loads = [Load.parse(spec) for spec in args.loads]
     version = "(dry run)" if args.dry_run else vllm_env.install(args.vllm_venv)
-    meta = {"vllm": version, "smartspec_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    meta = {"vllm": version, "smartspec_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cores_used": sorted(os.sched_getaffinity(0))},
             "model": MODEL_NAME, "model_folder": model.name, "backend": args.backend, "num_prompts": num_prompts,
             "loads": [load.label for load in loads], "repetitions": args.repetitions, "warmups": args.warmups, "temperature": 0,
             "ignore_eos": args.ignore_eos, "servers": {}}
@@ -365,8 +365,9 @@ def main() -> None:
                         help="openai-chat: messages, templated by the server; openai: /v1/completions with the template applied by the client")
     parser.add_argument("--systems", nargs="*", default=[], help=f"a subset of: {', '.join(repr(v.label) for v in VARIANTS)}")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of whichever server runs")
-    parser.add_argument("--threads-bind", default=f"0-{(os.cpu_count() or 1) - 1}",
-                        help="vLLM's VLLM_CPU_OMP_THREADS_BIND: the cores its model runs on (default: all, as smartspec's services share them)")
+    parser.add_argument("--threads-bind", default=",".join(map(str, sorted(os.sched_getaffinity(0)))),
+                        help="vLLM's VLLM_CPU_OMP_THREADS_BIND: the cores its model runs on (default: every core this process may use, "
+                             "as smartspec's services share them; under `taskset -c 0` both systems get core 0 alone)")
     parser.add_argument("--kv-space-gb", type=int, default=2, help="vLLM's VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--ignore-eos", action="store_true", help="every request generates exactly its output length")
     parser.add_argument("--seed", type=int, default=0)
