@@ -97,6 +97,7 @@ class SharedState:
         self._published: dict[str, tuple[DrafterRates, dict[str, int]]] = {}
         self.fleet: dict[str, dict[str, float]] = {}  # the other replicas' faded counts per drafter
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,9 +107,12 @@ class SharedState:
     async def close(self) -> None:
         """Stops the loop, publishes the last evidence if Redis is up (bounded by the timeout), closes."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # A cancellation can be swallowed (asyncio.wait_for's race when the awaited call completes
+            # at the same moment, or a client library's cleanup): cancel until the task is done.
+            self._stopping = True
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.1)
             self._task = None
         if self.available:
             with contextlib.suppress(*UNAVAILABLE_ERRORS):
@@ -118,7 +122,7 @@ class SharedState:
 
     async def _run(self) -> None:
         backoff = self.interval_s
-        while True:
+        while not self._stopping:
             try:
                 await asyncio.wait_for(self.sync_once(), 3 * self.timeout_s)
                 backoff = self.interval_s

@@ -75,6 +75,43 @@ def test_refit_with_a_constant_feature_stays_near_the_prior():
     assert all(c >= 0 for c in model.coef)
 
 
+def test_profile_fit_keeps_coefficients_non_negative_and_refits_the_rest():
+    """A true cost with no context term, measured with noise: a free fit can give that term a small
+    negative value; the profile's fit must give 0 and still predict the steps it measured."""
+    true = np.array([0.05, 0.004, 0.0, 0.0, 0.003, 0.02])
+    rng = np.random.default_rng(1)
+    rows, seconds = [], []
+    for _ in range(60):
+        b = int(rng.integers(1, 17))
+        ks = rng.integers(0, 8, size=b)
+        x = verify_features(b, int(b + ks.sum()), int(rng.integers(16, 1400)) * b, bool(ks.any()))
+        rows.append(x)
+        seconds.append(float(x @ true) * float(rng.normal(1.0, 0.05)))
+    model = LinearCostModel(VERIFY_FEATURES, prior=[0.0] * len(VERIFY_FEATURES))
+    model.fit_batch(rows, seconds)
+    assert (model.coef >= 0).all() and (model.prior == model.coef).all()
+    errors = [abs(model.predict(x) - y) / y for x, y in zip(rows, seconds)]
+    assert np.mean(errors) < 0.06
+
+
+def test_sweep_plan_varies_batch_context_and_k_independently():
+    from router.controller.profile import BATCHES, CONTEXT_RANGE, K_MAX, sweep_plan
+
+    plan = sweep_plan(16, 1200, random.Random(0))
+    assert plan.contexts[0] == CONTEXT_RANGE[0] and plan.contexts[-1] == 1200 and plan.contexts == sorted(plan.contexts)
+    assert {len(ks) for _, ks in plan.steps} == set(BATCHES)
+    assert all(len(set(picked)) == len(picked) == len(ks) and 0 <= min(ks) and max(ks) <= K_MAX for picked, ks in plan.steps)
+    # at one batch size, the mean context of the steps differs: context is not tied to batch size
+    singles = [plan.contexts[picked[0]] for picked, ks in plan.steps if len(ks) == 1]
+    assert max(singles) - min(singles) > 400
+    # steps of every batch size are spread over the sweep, not run one size after the other
+    first_half = {len(ks) for _, ks in plan.steps[: len(plan.steps) // 2]}
+    assert first_half == set(BATCHES)
+    assert sweep_plan(16, 1200, random.Random(0)) == plan  # reproducible
+    small = sweep_plan(3, 10, random.Random(0))  # a tiny model's context, a small cache
+    assert max(small.contexts) == 10 and {len(ks) for _, ks in small.steps} == {1}
+
+
 def controller_with(step_cost: tuple[float, ...], initial_rate: float = 0.5) -> SpeculationController:
     controller = SpeculationController(k_max=8, initial_rate=initial_rate)
     controller.verify_cost.reset_prior(step_cost)

@@ -4,7 +4,9 @@ evidence between two replicas, a router whose Redis dies and comes back mid-run,
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import socket
 import subprocess
 import time
@@ -281,3 +283,36 @@ def test_cost_profile_measured_by_one_router_is_found_by_another(namespace, tiny
         assert len(messages(caplog, "redis unavailable")) == 1
 
     run(scenario(), timeout_s=60)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_a_stale_cached_profile_is_rescaled_by_live_steps_and_replaced_everywhere(scale, namespace, tiny_target, tmp_path, monkeypatch):
+    """A profile cached while the machine was busier (2x) or quieter (0.5x) than now: the router's
+    live steps rescale it, and the rescaled profile replaces the cached one in the file and in Redis."""
+    monkeypatch.setenv("SMARTSPEC_CACHE_DIR", str(tmp_path))
+    verifier = verifier_for(str(tiny_target))
+    tokenizer = tokenizer_for(str(tiny_target))
+    settings = dict(drafter="none", redis_url=REDIS_URL, redis_namespace=namespace)
+    router = RouterThread(tokenizer, verifier.address, {}, cost_profile="refresh", **settings)
+    router.stop()
+    [path] = (tmp_path / "profiles").glob("*.json")
+    measured = json.loads(path.read_text())["coefficients"]
+    stale = {name: value * scale for name, value in measured.items()}
+    path.write_text(json.dumps({"coefficients": stale}))
+    with redis.Redis.from_url(REDIS_URL) as client:
+        [key] = client.keys(f"{namespace}:profile:*")
+        client.delete(key)  # the replica finds the stale file and publishes it, as a restarted fleet would
+
+    router = RouterThread(tokenizer, verifier.address, {}, cost_profile="auto", **settings)
+    try:
+        assert router.servicer.scheduler.controller.verify_cost.prior.tolist() == pytest.approx(list(stale.values()))
+        generate_many(router.stub, [router_pb2.GenerateRequest(prompt=f"count {i}:", max_tokens=40, policy="none", ignore_eos=True) for i in range(2)])
+        replaced = json.loads(path.read_text())
+        assert replaced["recalibrations"] >= 1
+        # the cached profile moved from the stale one back towards what the live steps cost
+        ratio = replaced["coefficients"]["const"] / measured["const"]
+        assert abs(math.log(ratio)) < abs(math.log(scale)) - 0.15, (ratio, scale)
+        with redis.Redis.from_url(REDIS_URL) as client:
+            assert wait_until(lambda: json.loads(client.get(key))["coefficients"] == replaced["coefficients"])
+    finally:
+        router.stop()

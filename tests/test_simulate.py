@@ -181,3 +181,26 @@ def test_bad_flags_exit_2(capsys):
     assert cli.main(["simulate", "--policies", "bogus"]) == 2
     assert cli.main(["simulate", "--cost-profile", "nope"]) == 2
     assert "simulate:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_a_stale_startup_profile_is_corrected_within_50_steps(scale, monkeypatch):
+    """A cached profile 2x too slow or too fast for the machine: live steps pull the step-time
+    prediction to the truth (error under 15%) within 50 steps."""
+    from router.controller.controller import SpeculationController
+
+    controllers = []
+
+    class Recorded(SpeculationController):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            controllers.append(self)
+
+    monkeypatch.setattr(sim_loop, "SpeculationController", Recorded)
+    cell = cell_of(config(profile_scale=scale, requests=40, output_tokens=48, concurrency=[8]), "concurrency", 8)
+    simulate(cell, "goodput")
+    errors = list(controllers[-1]._step_errors)  # every step's |predicted - true| / true, in order
+    assert 100 <= len(errors) < controllers[-1]._step_errors.maxlen
+    assert np.mean(errors[:10]) > 0.3  # the stale profile was wrong at first
+    assert np.mean(errors[50:]) < 0.15
+    assert controllers[-1].verify_cost.recalibrations >= 1

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from scipy.optimize import nnls
 
 VERIFY_FEATURES = ("const", "new_tokens", "context_tokens", "attended_tokens", "sequences", "any_speculation")
 DRAFT_FEATURES = ("any_speculation", "max_k", "sum_k")
@@ -54,8 +55,16 @@ class FitError:
     samples: int
 
 
+STALE_STEPS = 16  # live steps compared with the prior before it is judged
+STALE_MARGIN = 1.25  # a prior whose median prediction is off by more than this factor is rescaled
+
+
 class LinearCostModel:
-    """y ~ features . coef, refitted every `refit_every` observations over the last `window` ones."""
+    """y ~ features . coef, refitted every `refit_every` observations over the last `window` ones.
+
+    The prior (a startup profile) is itself checked against live steps: a profile measured while the
+    machine was busy, or on another machine, is rescaled to them (and `on_recalibrate` is told, so the
+    cached copy can be replaced), rather than holding the refit back for good."""
 
     def __init__(
         self,
@@ -76,6 +85,9 @@ class LinearCostModel:
         self._refit_every = refit_every
         self._prior_weight = prior_weight
         self._since_fit = 0
+        self._prior_ratios: deque[float] = deque(maxlen=STALE_STEPS)  # measured / the prior's prediction
+        self.recalibrations = 0
+        self.on_recalibrate: Callable[[np.ndarray], None] | None = None
 
     def predict(self, features: np.ndarray) -> float:
         return float(features @ self.coef)
@@ -85,11 +97,33 @@ class LinearCostModel:
         predicted = self.predict(features)
         if measured_s > 0:
             self._errors.append(abs(predicted - measured_s) / measured_s)
+        by_prior = float(features @ self.prior)
+        if measured_s > 0 and by_prior > 0:
+            self._prior_ratios.append(measured_s / by_prior)
         self._x.append(np.asarray(features, dtype=float))
         self._y.append(float(measured_s))
         self._since_fit += 1
-        if self._since_fit >= self._refit_every:
+        if len(self._prior_ratios) == STALE_STEPS:
+            self._check_prior()
+        elif self._since_fit >= self._refit_every:
             self.refit()
+
+    def _check_prior(self) -> None:
+        """Replaces a prior that the last STALE_STEPS live steps contradict by more than STALE_MARGIN:
+        by the refit towards the prior rescaled by their median ratio (so features the window never
+        varied keep the profile's proportions). The replacement survives `reset_prior` of the same
+        prior (benchmarks reset between runs) and is what `on_recalibrate` publishes."""
+        bias = float(np.median(self._prior_ratios))
+        self._prior_ratios.clear()
+        if 1 / STALE_MARGIN <= bias <= STALE_MARGIN:
+            self.refit()
+            return
+        self.prior = self.prior * bias
+        self.recalibrations += 1
+        self.refit()
+        self.prior = self.coef.copy()  # the refit towards the rescaled prior: live shapes where the window has them
+        if self.on_recalibrate is not None:
+            self.on_recalibrate(self.prior)
 
     def refit(self) -> None:
         """Ridge least squares towards the prior, with columns scaled so the pull is comparable across
@@ -100,11 +134,10 @@ class LinearCostModel:
         x = np.stack(self._x)  # [window, features]
         y = np.asarray(self._y)  # [window]
         scale = np.maximum(np.abs(x).max(axis=0), 1e-9)  # [features]
-        xs = x / scale
-        weight = self._prior_weight * np.ones(len(self.names))
-        lhs = xs.T @ xs + np.diag(weight)
-        rhs = xs.T @ y + weight * (self.prior * scale)
-        self.coef = np.maximum(np.linalg.solve(lhs, rhs) / scale, 0.0)
+        pull = np.sqrt(self._prior_weight) * np.eye(len(self.names))  # [features, features]: the ridge as extra rows
+        lhs = np.vstack([x / scale, pull])
+        rhs = np.concatenate([y, pull @ (self.prior * scale)])
+        self.coef = nnls(lhs, rhs)[0] / scale
 
     def reset_prior(self, prior: Sequence[float]) -> None:
         """Adopts a new prior (e.g. a fresh startup profile) and forgets the window."""
@@ -113,6 +146,7 @@ class LinearCostModel:
         self._x.clear()
         self._y.clear()
         self._errors.clear()
+        self._prior_ratios.clear()
 
     def error(self) -> FitError:
         errors = list(self._errors)
@@ -120,13 +154,13 @@ class LinearCostModel:
 
     def fit_batch(self, rows: Sequence[np.ndarray], measured: Sequence[float]) -> None:
         """Least squares of the relative error over a profile sweep (each step weighted by 1 / its time,
-        so a batch-1 step counts as much as a batch-16 one: the controller compares steps by ratio);
-        the result becomes the prior."""
+        so a batch-1 step counts as much as a batch-16 one: the controller compares steps by ratio),
+        coefficients >= 0 (non-negative least squares: clipping a free fit's negative coefficient would leave
+        the others fitted to a model that no longer exists); the result becomes the prior."""
         x, y = np.stack(rows), np.asarray(measured, dtype=float)
         weight = 1.0 / np.maximum(y, 1e-6)
         scale = np.maximum(np.abs(x).max(axis=0), 1e-9)
-        coef, *_ = np.linalg.lstsq((x / scale) * weight[:, None], y * weight, rcond=None)
-        self.reset_prior(np.maximum(coef / scale, 0.0))
+        self.reset_prior(nnls((x / scale) * weight[:, None], y * weight)[0] / scale)
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(self.names, map(float, self.coef)))

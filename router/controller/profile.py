@@ -10,12 +10,14 @@ the RPC and bookkeeping the router will wait for. A few dozen steps: tens of sec
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,15 +26,52 @@ from smartspec.wire import verifier_pb2
 
 log = logging.getLogger("smartspec.router.profile")
 
-PROFILE_VERSION = 5
+PROFILE_VERSION = 6
 BATCHES = (1, 4, 8, 16)
-CONTEXTS = (16, 640)  # the cost is linear in context: two lengths fix its terms, and prefill is what the sweep waits for
+# The swept requests' cached lengths are spread over this range (the contexts serving sees), and each step
+# draws its own subset of them: batch size, context and k then vary independently, as they do in serving.
+CONTEXT_RANGE = (16, 1400)
 K_MAX = 7
-# Per (context, batch): these ks for every request, then requests of mixed k (the controller's usual
-# step: each request its own k), then one request at K_MAX beside requests verifying none.
+# Per batch size: these ks for every request, then requests of mixed k (the controller's usual step: each
+# request its own k), then one request at K_MAX beside requests verifying none.
 UNIFORM_KS = (0, 1, 3, K_MAX)
 MIXED_STEPS = 2
+ROUNDS = 2  # the plan's steps this many times over, each round with its own draws
 WARMUP_STEPS = 3
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The sweep's requests (their cached lengths at the start) and its steps, in the order they run:
+    each step is the indices of the requests it verifies and their ks."""
+
+    contexts: list[int]
+    steps: list[tuple[list[int], list[int]]]
+
+
+def sweep_plan(sequences: int, longest: int, rng: random.Random) -> SweepPlan:
+    """Steps in a random order, so that the machine's drift over the sweep (thermal, a neighbour) is
+    noise rather than aliased into one feature's coefficient, as it would be with one context after
+    the other."""
+    high = max(1, min(CONTEXT_RANGE[1], longest))
+    low = min(CONTEXT_RANGE[0], high)
+    contexts = [round(low + (high - low) * i / max(sequences - 1, 1)) for i in range(sequences)]
+    steps = []
+    for _ in range(ROUNDS):
+        for batch in (b for b in BATCHES if b <= sequences):
+            for ks in _patterns(batch, rng):
+                steps.append((sorted(rng.sample(range(sequences), batch)), ks))
+    rng.shuffle(steps)
+    return SweepPlan(contexts, steps)
+
+
+def _patterns(batch: int, rng: random.Random) -> list[list[int]]:
+    """The per-request ks of the steps measured at one batch size."""
+    patterns = [[k] * batch for k in UNIFORM_KS]
+    if batch > 1:
+        patterns += [[rng.randint(0, K_MAX) for _ in range(batch)] for _ in range(MIXED_STEPS)]
+        patterns.append([K_MAX] + [0] * (batch - 1))
+    return patterns
 
 
 def profile_key(info: verifier_pb2.InfoResponse) -> str:
@@ -59,53 +98,42 @@ class ProfileStore(Protocol):
     async def put_profile(self, key: str, profile: dict[str, Any]) -> None: ...
 
 
-def _patterns(batch: int, rng: random.Random) -> list[list[int]]:
-    """The per-request ks of the steps measured at one batch size."""
-    patterns = [[k] * batch for k in UNIFORM_KS]
-    if batch > 1:
-        patterns += [[rng.randint(0, K_MAX) for _ in range(batch)] for _ in range(MIXED_STEPS)]
-        patterns.append([K_MAX] + [0] * (batch - 1))
-    return patterns
-
-
 async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 120.0) -> tuple[list, list[float]]:
     """Runs the sweep against `verifier` (an aio VerifierService stub); returns features and seconds."""
     rng = random.Random(0)
     vocab = info.model.vocab_size
-    most = min(max(BATCHES), info.max_sequences or max(BATCHES))
-    steps_per_context = sum(len(_patterns(b, random.Random(0))) for b in BATCHES) + WARMUP_STEPS
+    sequences = min(max(BATCHES), info.max_sequences or max(BATCHES))
+    # a request grows about one token per step it is in (random drafts are rejected), plus slack
+    growth = ROUNDS * len(BATCHES) * len(_patterns(max(BATCHES), random.Random(0))) + WARMUP_STEPS + 2 * K_MAX
+    longest = min(CONTEXT_RANGE[1], info.model.max_context - growth)
+    if info.kv_capacity_tokens:  # they must fit the KV cache: shorter contexts first, then fewer requests
+        while sequences and int(0.9 * info.kv_capacity_tokens) // sequences - growth - 32 < 4 * CONTEXT_RANGE[0]:
+            sequences //= 2
+        if sequences:
+            longest = min(longest, int(0.9 * info.kv_capacity_tokens) // sequences - growth - 32)
+    if sequences < 1 or longest < 1:
+        return [], []
+    plan = sweep_plan(sequences, longest, rng)
+    ids = [f"__profile-{i}" for i in range(sequences)]
+    items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(n)]) for i, n in zip(ids, plan.contexts)]
+    await verifier.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=timeout_s)
+    lengths = dict(zip(ids, plan.contexts))
     rows, seconds = [], []
-    for context in CONTEXTS:
-        # each Verify of random drafts grows a sequence by about one token
-        if context + steps_per_context + K_MAX + 1 >= info.model.max_context:
-            continue
-        # the sequences must fit the verifier's KV cache with room to grow (a block of waste each)
-        fitting = most
-        if info.kv_capacity_tokens:
-            fitting = min(most, int(0.9 * info.kv_capacity_tokens) // (context + steps_per_context + 2 * K_MAX + 32))
-        if fitting < 1:
-            continue
-        ids = [f"__profile-{context}-{i}" for i in range(fitting)]
-        items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(context)]) for i in ids]
-        await verifier.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=timeout_s)
-        lengths = {i: context for i in ids}
-        try:
-            sweep = [[1] * len(ids)] * WARMUP_STEPS + [p for b in BATCHES if b <= fitting for p in _patterns(b, rng)]
-            for n, ks in enumerate(sweep):
-                batch = ids[: len(ks)]
-                drafts = [rng.randrange(3, vocab) for _ in range(sum(ks))]
-                started = time.perf_counter()
-                reply = await verifier.Verify(
-                    verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts), timeout=timeout_s
-                )
-                elapsed = time.perf_counter() - started
-                if n >= WARMUP_STEPS:
-                    seconds.append(elapsed)
-                    rows.append(step_features([lengths[i] for i in batch], ks))
-                for i, accepted in zip(batch, reply.accepted_counts):
-                    lengths[i] += accepted + 1
-        finally:
-            await verifier.Release(verifier_pb2.ReleaseRequest(request_ids=ids), timeout=timeout_s)
+    try:
+        warmup = [(list(range(sequences)), [1] * sequences)] * WARMUP_STEPS
+        for n, (picked, ks) in enumerate(warmup + plan.steps):
+            batch = [ids[i] for i in picked]
+            drafts = [rng.randrange(3, vocab) for _ in range(sum(ks))]
+            started = time.perf_counter()
+            reply = await verifier.Verify(verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts), timeout=timeout_s)
+            elapsed = time.perf_counter() - started
+            if n >= WARMUP_STEPS:
+                seconds.append(elapsed)
+                rows.append(step_features([lengths[i] for i in batch], ks))
+            for i, accepted in zip(batch, reply.accepted_counts):
+                lengths[i] += accepted + 1
+    finally:
+        await verifier.Release(verifier_pb2.ReleaseRequest(request_ids=ids), timeout=timeout_s)
     return rows, seconds
 
 
@@ -121,7 +149,8 @@ async def load_or_measure(
 ) -> str:
     """Sets `model`'s prior from a cached profile (the shared store's, else the local file's), or
     measures one ('auto'); 'refresh' always measures; 'off' keeps the built-in defaults. A measured
-    profile goes to both places. Returns what happened, for the log."""
+    profile goes to both places, and so does a profile that live steps later rescale (the model's
+    recalibration), so a stale one is not read again. Returns what happened, for the log."""
     if mode == "off":
         return "cost profile off: built-in defaults"
     path, key = cache_path(info), profile_key(info)
@@ -129,6 +158,7 @@ async def load_or_measure(
         saved, source = await _cached(path, key, shared)
         if saved is not None:
             model.reset_prior([saved["coefficients"][name] for name in VERIFY_FEATURES])
+            _keep_current(model, saved, path, key, shared)
             return f"cost profile loaded from {source}"
     started = time.perf_counter()
     rows, seconds = await measure(verifier, info)
@@ -142,7 +172,28 @@ async def load_or_measure(
     if shared is not None:
         await shared.put_profile(key, profile)
         where += f" and {shared.location(key)}"
+    _keep_current(model, profile, path, key, shared)
     return f"cost profile measured in {time.perf_counter() - started:.1f}s ({len(rows)} steps), saved to {where}: {model.as_dict()}"
+
+
+_publishing: set[asyncio.Task] = set()  # store writes in flight (the loop keeps only weak references)
+
+
+def _keep_current(model: LinearCostModel, profile: dict[str, Any], path: Path, key: str, shared: ProfileStore | None) -> None:
+    """When live steps rescale the model's prior, the cached profile is replaced by the rescaled one,
+    locally at once and in the shared store in the background."""
+
+    def replace(prior) -> None:
+        current = dict(profile, coefficients=dict(zip(VERIFY_FEATURES, map(float, prior))),
+                       recalibrations=int(profile.get("recalibrations", 0)) + model.recalibrations)
+        _save(path, current)
+        log.warning("cost profile disagreed with live steps: rescaled and saved to %s: %s", path, current["coefficients"])
+        if shared is not None:
+            task = asyncio.get_running_loop().create_task(shared.put_profile(key, current))
+            _publishing.add(task)
+            task.add_done_callback(_publishing.discard)
+
+    model.on_recalibrate = replace
 
 
 async def _cached(path: Path, key: str, shared: ProfileStore | None) -> tuple[dict[str, Any] | None, str]:

@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--prompt-tokens", type=int, default=None, help="every prompt's length in tokens (default: the shipped prompts')")
     add_flag(parser, "--output-tokens", type=int, default=None, help="every output's length in tokens (default: the shipped prompts' max_tokens)")
     add_flag(parser, "--noise-sigma", type=float, default=None, help="sigma of the lognormal step-time noise (default: the profile's)")
+    add_flag(parser, "--profile-scale", type=float, default=1.0,
+             help="the router's startup cost profile times this (e.g. 2: a cached profile measured on a busy machine)")
 
 
 def build_config(args: argparse.Namespace):
@@ -70,6 +72,8 @@ def build_config(args: argparse.Namespace):
         raise ValueError(f"--max-batch goes from 1 to {MAX_LOAD}")
     if args.requests < 1:
         raise ValueError("--requests must be at least 1")
+    if args.profile_scale <= 0:
+        raise ValueError("--profile-scale must be positive")
     if not 0 <= args.acceptance_mean <= 1 or args.acceptance_std < 0 or not 0 < args.position_decay <= 1 or args.phases < 0 or not 0 <= args.proposal_rate <= 1:
         raise ValueError("--acceptance-mean in 0..1, --acceptance-std >= 0, --position-decay in (0, 1], --phases >= 0, --proposal-rate in 0..1")
     costs = StepCosts(load_profile(args.cost_profile))
@@ -86,7 +90,7 @@ def build_config(args: argparse.Namespace):
     return SweepConfig(
         costs=costs, acceptance=acceptance, policies=policies, rates=rates, trace_rates=traces, concurrency=concurrency,
         requests=args.requests, seed=args.seed, drafter=args.drafter, max_batch=args.max_batch,
-        prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, noise_sigma=args.noise_sigma,
+        prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, noise_sigma=args.noise_sigma, profile_scale=args.profile_scale,
     )
 
 

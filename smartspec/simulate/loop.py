@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import collections
 import math
+import random
 from dataclasses import dataclass
 from typing import Sequence
 
 from router.controller.controller import Slot, SpeculationController
 from router.controller.cost_model import verify_features
 from router.controller.policies import controller_policies
-from router.controller.profile import BATCHES, CONTEXTS, UNIFORM_KS
+from router.controller.profile import BATCHES, CONTEXT_RANGE, step_features, sweep_plan
 from router.policy import PolicyRegistry, RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
 from smartspec.bench.metrics import RequestRecord
 from smartspec.simulate.load import RequestSpec
@@ -73,19 +74,21 @@ class Cell:
     concurrency: int | None  # closed loop; None: the requests' Poisson arrival times
     seed: int
     noise_sigma: float
+    profile_scale: float = 1.0  # the startup profile's coefficients times this, as a stale cached profile would be
 
 
-def startup_profile(controller: SpeculationController, costs: StepCosts, noise: Noise) -> None:
-    """What the router does at start (router/controller/profile.py): a sweep of Verify steps over
-    batch x k x context, fitted into the verify model's prior; here the steps are the world's."""
+def startup_profile(controller: SpeculationController, costs: StepCosts, noise: Noise, seed: int, scale: float = 1.0) -> None:
+    """What the router does at start (router/controller/profile.py): the same sweep plan of Verify
+    steps over batch x k x context, fitted into the verify model's prior; here the steps are the world's.
+    `scale` != 1 stands for a cached profile measured on a busier or quieter machine."""
+    plan = sweep_plan(max(BATCHES), CONTEXT_RANGE[1], random.Random(seed))
     rows, seconds = [], []
-    for batch in BATCHES:
-        for context in CONTEXTS:
-            for k in UNIFORM_KS:
-                new, total = batch * (k + 1), batch * context
-                rows.append(verify_features(batch, new, total, k > 0, attended_tokens=(k + 1) * total))
-                seconds.append(noise(costs.verify_s(batch, new, total, (k + 1) * total)))
+    for picked, ks in plan.steps:
+        contexts = [plan.contexts[i] for i in picked]
+        rows.append(step_features(contexts, ks))
+        seconds.append(noise(costs.verify_s(len(ks), sum(k + 1 for k in ks), sum(contexts), sum((k + 1) * c for k, c in zip(ks, contexts)))))
     controller.verify_cost.fit_batch(rows, seconds)
+    controller.verify_cost.reset_prior(controller.verify_cost.prior * scale)
 
 
 def make_policy(spec: str, controller: SpeculationController, costs: StepCosts, truths: dict[str, RequestTruth]) -> SpeculationPolicy:
@@ -101,7 +104,7 @@ def simulate(cell: Cell, policy_spec: str) -> tuple[list[RequestRecord], dict]:
     controller's Stats (k histogram, step-time error, batch size) as the router reports them."""
     noise = Noise(cell.noise_sigma, cell.seed)
     controller = SpeculationController()
-    startup_profile(controller, cell.costs, Noise(cell.noise_sigma, cell.seed, tag=1))  # the same profile for every policy
+    startup_profile(controller, cell.costs, Noise(cell.noise_sigma, cell.seed, tag=1), cell.seed, cell.profile_scale)  # the same profile for every policy
     truths: dict[str, RequestTruth] = {}
     policy = make_policy(policy_spec, controller, cell.costs, truths)
     loop = _Loop(cell, policy, controller, noise, truths)
