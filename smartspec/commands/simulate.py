@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         "policies": list(config.policies), "rates": list(config.rates), "trace_rates": list(config.trace_rates), "concurrency": list(config.concurrency), "requests": config.requests,
         "seed": config.seed, "drafter": config.drafter, "max_batch": config.max_batch, "prompt_tokens": config.prompt_tokens,
         "output_tokens": config.output_tokens, "noise_sigma": config.noise_sigma if config.noise_sigma is not None else config.costs.noise_sigma,
-        "elapsed_s": round(time.monotonic() - started, 1),
+        "profile_scale": config.profile_scale, "elapsed_s": round(time.monotonic() - started, 1),
     }
     print(write_outputs(rows, out, meta), flush=True)
     print(f"smartspec simulate: {len(rows)} rows in {meta['elapsed_s']:.0f}s; wrote {out}/results.json, headline.json, report.txt, latency_vs_load.png",
