@@ -16,6 +16,9 @@ router
   smartspec_router_queue_wait_seconds                     arrival to admission into the running batch
   smartspec_router_queue_length                           requests waiting for admission (gauge)
   smartspec_router_running_requests                       requests in the running batch (gauge)
+  smartspec_router_preemptions_total                      requests sent back to the queue because the verifier's
+                                                          KV cache was full (re-admitted token-exact later)
+  smartspec_router_cost_profile_recalibrations_total      times live steps replaced a cost profile they contradicted
   smartspec_router_batch_size                             requests per step
   smartspec_router_step_duration_seconds                  a step's measured wall time (drafting + verify)
   smartspec_router_step_predicted_duration_seconds        the controller's prediction of it
@@ -70,6 +73,8 @@ class RouterMetrics:
         self._http = None
         self._queue_length: Callable[[], int] = lambda: 0
         self._running: Callable[[], int] = lambda: 0
+        self._preemptions: Callable[[], int] = lambda: 0
+        self._recalibrations: Callable[[], int] = lambda: 0
         # Summed by step(), read at scrape time; keys are label tuples.
         self._chosen_k: collections.Counter[tuple[str, int]] = collections.Counter()
         self._drafts: collections.Counter[str] = collections.Counter()
@@ -90,13 +95,19 @@ class RouterMetrics:
 
             meter.create_observable_counter(name, [observe], unit=unit, description=description)
 
-        def gauge(name: str, description: str, read: Callable[[], Callable[[], int]]) -> None:
+        def reading(read: Callable[[], Callable[[], int]]) -> Callable[["CallbackOptions"], Iterable["Observation"]]:
             def observe(options: "CallbackOptions") -> Iterable["Observation"]:
                 from opentelemetry.metrics import Observation
 
                 return [Observation(read()())]
 
-            meter.create_observable_gauge(name, [observe], unit="{request}", description=description)
+            return observe
+
+        def gauge(name: str, description: str, read: Callable[[], Callable[[], int]]) -> None:
+            meter.create_observable_gauge(name, [reading(read)], unit="{request}", description=description)
+
+        def count(name: str, unit: str, description: str, read: Callable[[], Callable[[], int]]) -> None:
+            meter.create_observable_counter(name, [reading(read)], unit=unit, description=description)
 
         self.requests = meter.create_counter("smartspec_router_requests", unit="{request}", description="requests by finish reason and gRPC status")
         self.duration = histogram("smartspec_router_request_duration", "s", "arrival to last token of finished requests", LATENCY_BUCKETS_S)
@@ -110,6 +121,9 @@ class RouterMetrics:
         self.propose_s = histogram("smartspec_drafter_propose_duration", "s", "wall time of one Propose call, seen by the router", STEP_BUCKETS_S)
         gauge("smartspec_router_queue_length", "requests waiting for admission", lambda: self._queue_length)
         gauge("smartspec_router_running_requests", "requests in the running batch", lambda: self._running)
+        count("smartspec_router_preemptions", "{request}", "requests requeued because the verifier's KV cache was full", lambda: self._preemptions)
+        count("smartspec_router_cost_profile_recalibrations", "1", "cost profiles replaced after live steps contradicted them",
+              lambda: self._recalibrations)
         totals("smartspec_drafter_chosen_k", "{draft}", "request-steps by draft tokens verified", self._chosen_k, ("drafter", "k"))
         totals("smartspec_drafter_drafts", "{draft}", "request-steps verifying at least one draft token", self._drafts, ("drafter",))
         totals("smartspec_drafter_draft_tokens", "{token}", "draft tokens verified", self._draft_tokens, ("drafter",))
@@ -128,9 +142,11 @@ class RouterMetrics:
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 
-    def watch(self, queue_length: Callable[[], int], running: Callable[[], int]) -> None:
-        """Where the gauges read the queue length and the running batch size (at scrape time)."""
+    def watch(self, queue_length: Callable[[], int], running: Callable[[], int], preemptions: Callable[[], int],
+              recalibrations: Callable[[], int]) -> None:
+        """Where the scrape reads the queue length, the running batch size and the scheduler's counts."""
         self._queue_length, self._running = queue_length, running
+        self._preemptions, self._recalibrations = preemptions, recalibrations
 
     def close(self) -> None:
         if self._http is not None:

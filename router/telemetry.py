@@ -58,9 +58,11 @@ class RouterTelemetry:
         return self._tracer is not None or self.metrics is not None
 
     def watch(self, scheduler: "Scheduler") -> None:
-        """Lets the queue-length and batch gauges read `scheduler` when scraped."""
+        """Lets the queue-length and batch gauges and the preemption and recalibration counts read
+        `scheduler` when scraped."""
         if self.metrics is not None:
-            self.metrics.watch(lambda: len(scheduler.waiting), lambda: len(scheduler.running))
+            self.metrics.watch(lambda: len(scheduler.waiting), lambda: len(scheduler.running), lambda: scheduler.preemptions,
+                               lambda: scheduler.controller.verify_cost.recalibrations)
 
     def close(self) -> None:
         """Ends what is still open and stops the metrics endpoint (spans are flushed by the provider)."""

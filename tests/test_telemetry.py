@@ -259,6 +259,12 @@ def test_metrics_are_scraped_with_plausible_values(traced):
         assert delta(f"smartspec_router_{name}_count") == steps, name
     assert delta("smartspec_router_step_duration_seconds_sum") > 0
     assert after[("smartspec_router_queue_length", frozenset())] == 0 and after[("smartspec_router_running_requests", frozenset())] == 0
+    scheduler = traced.router.servicer.scheduler  # the counts are read from the scheduler when scraped
+    scheduler.preemptions += 2
+    scraped = _scrape(traced.metrics_url)
+    scheduler.preemptions -= 2
+    assert scraped[("smartspec_router_preemptions_total", frozenset())] == after[("smartspec_router_preemptions_total", frozenset())] + 2
+    assert scraped[("smartspec_router_cost_profile_recalibrations_total", frozenset())] == scheduler.controller.verify_cost.recalibrations
 
     for reply, drafter in zip(replies, ("self_draft", "prompt_lookup", "none")):
         by_k = {k: delta("smartspec_drafter_chosen_k_total", drafter=drafter, k=str(k)) for k in range(9)}
