@@ -48,6 +48,14 @@ def test_generate_json_matches_the_router(stack):
     assert result["stats"]["seed"] == 0  # greedy
 
 
+def test_generate_ignore_eos_runs_to_max_tokens_as_the_router_does(stack):
+    direct = stack.stub.Generate(router_pb2.GenerateRequest(prompt=PROMPT, max_tokens=30, policy="none", ignore_eos=True))
+    out = smartspec("generate", "--router", stack.address, "--prompt", PROMPT, "--max-tokens", "30", "--policy", "none", "--ignore-eos", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["token_ids"] == list(direct.token_ids) and len(result["token_ids"]) == 30 and result["finish_reason"] == "length"
+
+
 def test_generate_samples_reproducibly_with_a_seed_and_refuses_bad_values(stack):
     args = ("generate", "--router", stack.address, "--prompt", PROMPT, "--max-tokens", "8", "--drafter", "draft_model", "--policy", "fixed:2",
             "--temperature", "1.5", "--top-k", "50", "--top-p", "0.9", "--json")

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]; unset = 1 (off)")
     add_flag(parser, "--top-k", type=int, default=0, help="sample among the K most likely tokens; 0 = off")
     add_flag(parser, "--seed", type=int, default=None, help="seed of a sampling request (same seed, drafter and fixed policy: same output); unset = random")
+    add_flag(parser, "--ignore-eos", action="store_true", default=False,
+             help="keep generating past end-of-sequence tokens, up to --max-tokens or a stop sequence (benchmarks with fixed lengths)")
     add_flag(parser, "--router", default="127.0.0.1:50051", help="router address HOST:PORT")
     add_flag(parser, "--timeout-s", type=float, default=None, help="deadline for the whole call, in seconds (unset = none)")
     add_flag(parser, "--tls-ca", default="", help="PEM file to check the router's TLS certificate against (its CA, or the certificate itself); empty: plaintext")
@@ -39,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     options = {
         "max_tokens": args.max_tokens, "stop": args.stop, "drafter": args.drafter, "policy": args.policy,
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+        "ignore_eos": args.ignore_eos,
     }
     if args.chat:
         options["messages"] = [{"role": "user", "content": args.prompt or ""}]
