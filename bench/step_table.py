@@ -1,0 +1,119 @@
+"""The simulator's CPU world, measured: Verify time of the embedded target through its RPC over a grid
+of batch x new tokens per sequence x context per sequence, Prefill time by prompt tokens, and the
+step-to-step noise, written as the `cpu-smollm2` cost profile of `smartspec simulate`.
+
+    python bench/step_table.py [--repeats 5] [--out smartspec/simulate/profiles/cpu-smollm2.json]
+                               [--raw bench/results/step_table.json]
+
+Starts `smartspec serve verifier` (embedded target, float32) as its own process. For each context
+length, each batch size gets requests of its own (so contexts grow only by the steps of that batch:
+about one token per step, random drafts being rejected), prefilled together, which also samples the
+Prefill cost. Each point is the median of `repeats` Verify calls after one warm-up, the new-token counts
+interleaved so that drift spreads over every point. The noise is the standard deviation of
+log(time / its point's median) over every repeat: what the simulator multiplies its steps by. The
+drafters' costs are kept from the existing profile (estimates; the file says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smartspec.bench.verifier_process import VerifierProcess
+from smartspec.wire import verifier_pb2
+
+BATCHES = (1, 4, 16, 32)
+NEW_TOKENS = (1, 2, 4, 8)  # per sequence: k + 1
+CONTEXTS = (128, 512, 1536)
+PROFILE = Path("smartspec/simulate/profiles/cpu-smollm2.json")
+
+
+def measure(verifier: VerifierProcess, repeats: int) -> tuple[np.ndarray, list[float], list[tuple[int, float]]]:
+    """Returns seconds[batch, new tokens, context], the log ratios of every repeat to its median, and
+    (prompt tokens, seconds) of every Prefill."""
+    rng = random.Random(0)
+    vocab = verifier.info.model.vocab_size
+    seconds = np.zeros((len(BATCHES), len(NEW_TOKENS), len(CONTEXTS)))  # [batch, new tokens, context]
+    spread: list[float] = []
+    prefills: list[tuple[int, float]] = []
+    for ci, context in enumerate(CONTEXTS):
+        groups = {batch: [f"c{context}-b{batch}-{i}" for i in range(batch)] for batch in BATCHES}
+        for ids in groups.values():
+            items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(context)]) for i in ids]
+            started = time.perf_counter()
+            verifier.stub.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=900)
+            prefills.append((len(ids) * context, time.perf_counter() - started))
+        for bi, batch in enumerate(BATCHES):
+            times: dict[int, list[float]] = {n: [] for n in NEW_TOKENS}
+            for repeat in range(repeats + 1):
+                for n in NEW_TOKENS:
+                    drafts = [rng.randrange(3, vocab) for _ in range(batch * (n - 1))]
+                    request = verifier_pb2.VerifyRequest(request_ids=groups[batch], draft_counts=[n - 1] * batch, draft_token_ids=drafts)
+                    started = time.perf_counter()
+                    verifier.stub.Verify(request, timeout=900)
+                    if repeat:  # the first round warms up
+                        times[n].append(time.perf_counter() - started)
+            for ni, n in enumerate(NEW_TOKENS):
+                median = statistics.median(times[n])
+                seconds[bi, ni, ci] = median
+                spread += [math.log(t / median) for t in times[n]]
+            print(f"context {context} batch {batch}: " + ", ".join(f"{n} new {1000 * seconds[bi, ni, ci]:.0f} ms" for ni, n in enumerate(NEW_TOKENS)),
+                  flush=True)
+        verifier.stub.Release(verifier_pb2.ReleaseRequest(request_ids=[i for ids in groups.values() for i in ids]), timeout=60)
+    return seconds, spread, prefills
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=PROFILE, help="the cost profile to write")
+    parser.add_argument("--kv-cache-gb", type=int, default=6, help="the verifier's KV cache (the grid holds about 90,000 tokens)")
+    parser.add_argument("--raw", type=Path, default=Path("bench/results/step_table.json"), help="every measurement, with the machine")
+    args = parser.parse_args()
+    held = sum(BATCHES) * (max(CONTEXTS) + 8 * (args.repeats + 1) * len(NEW_TOKENS) + 32)
+    started = time.monotonic()
+    with VerifierProcess(["--max-sequences", str(sum(BATCHES)), "--kv-cache-gb", str(args.kv_cache_gb)]) as verifier:
+        if verifier.info.kv_capacity_tokens < held:
+            raise SystemExit(f"--kv-cache-gb {args.kv_cache_gb} holds {verifier.info.kv_capacity_tokens} tokens; the grid needs {held}")
+        seconds, spread, prefills = measure(verifier, args.repeats)
+        info = verifier.info
+    tokens, times = np.array([p[0] for p in prefills], dtype=float), np.array([p[1] for p in prefills])
+    token_s, base_s = np.polyfit(tokens, times, 1)
+    sigma = float(np.std(spread))
+    previous = json.loads(PROFILE.read_text())
+    where = f"{info.model.device_name}, {platform.machine()}"
+    profile = {
+        "name": "cpu-smollm2",
+        "kind": "table",
+        "source": f"measured: python bench/step_table.py (SmolLM2-135M-Instruct, {info.model.dtype}, {where}; Verify RPC time, median of "
+                  f"{args.repeats} per point; raw figures in {args.raw}). Outside the grid it is extrapolated linearly.",
+        "model": "SmolLM2-135M-Instruct",
+        "device": where,
+        "dtype": info.model.dtype,
+        "max_context": info.model.max_context,
+        "noise_sigma": round(sigma, 4),
+        "noise_source": f"measured: standard deviation of log(step time / its point's median) over {len(spread)} repeated Verify steps",
+        "verify": {"axes": {"batch": list(BATCHES), "new_tokens_per_seq": list(NEW_TOKENS), "context_per_seq": list(CONTEXTS)},
+                   "seconds": np.round(seconds, 6).tolist()},
+        "prefill": {"base_s": round(max(float(base_s), 0.0), 6), "token_s": round(float(token_s), 8),
+                    "source": f"measured: a line through {len(prefills)} Prefill calls of {int(tokens.min())}-{int(tokens.max())} prompt tokens"},
+        "drafters": previous["drafters"],
+    }
+    args.out.write_text(json.dumps(profile, indent=1) + "\n")
+    args.raw.parent.mkdir(parents=True, exist_ok=True)
+    args.raw.write_text(json.dumps({"machine": where, "elapsed_s": round(time.monotonic() - started, 1), "repeats": args.repeats,
+                                    "axes": profile["verify"]["axes"], "seconds": profile["verify"]["seconds"], "noise_sigma": sigma,
+                                    "prefills": [{"tokens": n, "seconds": s} for n, s in prefills]}, indent=1) + "\n")
+    print(f"noise sigma {sigma:.3f}; prefill {1000 * base_s:.0f} ms + {1e6 * token_s:.0f} us/token; wrote {args.out} and {args.raw}")
+
+
+if __name__ == "__main__":
+    main()
