@@ -335,7 +335,25 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, summary: dict, command: str) -> None:
+def portable(text: str, vllm_venv: Path) -> str:
+    """Results name no machine's folders: vLLM's venv becomes VLLM_VENV, this interpreter `python`,
+    the checkout `.` and the home folder `~`."""
+    for path, name in ((str(vllm_venv), "VLLM_VENV"), (sys.executable, "python"), (str(ROOT), "."), (str(Path.home()), "~")):
+        text = text.replace(path, name)
+    return text
+
+
+def make_portable(out: Path, vllm_venv: Path) -> None:
+    """Rewrites vLLM's own result files (they record the tokenizer's folder) with `portable` paths."""
+    for result in (out / "raw").glob("*.json"):
+        result.write_text(portable(result.read_text(), vllm_venv))
+
+
+def write_report(out: Path, summary: dict, command: str, vllm_venv: Path) -> None:
+    meta = summary["meta"]
+    cores = meta["machine"].get("cores_used")
+    machine = f"{len(cores)} of {meta['machine']['cpus']} CPU cores (both systems pinned to the same ones)" if cores else f"{meta['machine']['cpus']} CPUs"
+    summary = json.loads(portable(json.dumps(summary), vllm_venv))
     meta = summary["meta"]
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     servers = "\n".join(f"- `{name}`: `{shlex.join(s['argv'])}`" + (f" (VLLM_CPU_OMP_THREADS_BIND={s['VLLM_CPU_OMP_THREADS_BIND']}, "
@@ -346,7 +364,7 @@ def write_report(out: Path, summary: dict, command: str) -> None:
         f"`{command}`\n\n"
         f"{meta['num_prompts']} prompts (smartspec's copy and chat sets, alternating; greedy), backend `{meta['backend']}`, "
         f"{meta['warmups']} warm-up requests per run, medians of {meta['repetitions']} repetitions; "
-        f"{meta['machine']['cpus']} CPUs, smartspec {meta['smartspec_commit']}. Speed-ups are over the same system's "
+        f"{machine}, smartspec {meta['smartspec_commit']}. Speed-ups are over the same system's "
         "no-speculation run at the same load (throughput ratio; mean latency of the baseline divided by this one's).\n\n"
         f"{table(summary)}\n\nServers:\n\n{servers}\n"
     )
@@ -373,13 +391,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--startup-timeout-s", type=float, default=900.0)
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands; start nothing")
+    parser.add_argument("--report-only", action="store_true", help="rewrite OUT/README.md and results.json from OUT's saved runs")
     args = parser.parse_args()
     if args.repetitions < 1:
         parser.error("--repetitions must be at least 1 (the protocol asks for 3 or more)")
-    measured = measure(args)
-    if args.dry_run:
-        return
-    write_report(args.out, summarize(args.out, measured), "python bench/peers/side_by_side.py " + shlex.join(sys.argv[1:]))
+    if args.report_only:
+        saved = json.loads((args.out / "results.json").read_text())
+        measured, command = {"meta": saved["meta"], "runs": saved["runs"]}, saved["meta"].get("command", "")
+    else:
+        measured = measure(args)
+        if args.dry_run:
+            return
+        command = "python bench/peers/side_by_side.py " + shlex.join(sys.argv[1:])
+        measured["meta"]["command"] = command
+    make_portable(args.out, args.vllm_venv)
+    write_report(args.out, summarize(args.out, measured), command, args.vllm_venv)
     print(f"results in {args.out}/README.md and results.json", flush=True)
 
 
