@@ -82,3 +82,43 @@ def _serving(address: str) -> bool:
             return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
+
+
+def test_bench_records_traces_that_replay_what_the_live_stack_accepted(tiny_target, tiny_draft, tmp_path):
+    """`--quick --record-traces` on the tiny models writes traces/copy.jsonl with both chain drafters; the
+    prompt-lookup lengths are what prompt lookup proposes, and replaying fixed:3 over the trace in the
+    simulator accepts exactly as many drafts as the live fixed:3 run did."""
+    from drafter_svc.prompt_lookup import NgramIndex
+    from smartspec.bench.traces import accepted_prefix, read_traces
+    from smartspec.simulate.loop import simulate
+    from smartspec.simulate.sweep import SweepConfig, cell_of
+    from smartspec.simulate.traces import TraceAcceptance
+    from smartspec.simulate.world import StepCosts, load_profile
+
+    out = tmp_path / "bench"
+    argv = [
+        sys.executable, "-m", "smartspec.cli", "bench", "--quick", "--record-traces", "--out", str(out), "--target-model", str(tiny_target),
+        "--draft-model", str(tiny_draft), "--drafters", "prompt_lookup", "draft_model", "--policies", "none", "fixed:3", "--rates", "4",
+        "--requests", "3", "--max-tokens", "12", "--request-timeout-s", "60", "--seed", "5",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 4 and all(r["completed"] == 3 and r["mismatched_outputs"] == 0 for r in rows)
+    assert json.loads((out / "meta.json").read_text())["traces"] == ["traces/copy.jsonl"]
+
+    traces = read_traces(out / "traces" / "copy.jsonl")
+    assert traces.workload == "copy" and traces.k_max == 8 and traces.drafters == ("prompt_lookup", "draft_model")
+    assert traces.meta["target_model"] == tiny_target.name and traces.meta["draft_model"] == tiny_draft.name and traces.meta["max_tokens_cap"] == 12
+    assert [r.prompt_index for r in traces.requests] == [5, 6, 7]  # the schedule's prompts: (seed + i) mod 11
+    for request in traces.requests:
+        output = request.output_token_ids
+        assert len(output) == 12 and len(request.prompt_token_ids) > 30
+        for p in range(len(output)):
+            draft = NgramIndex(1, 3).propose([*request.prompt_token_ids, *output[:p]], 8)
+            assert (request.proposed["prompt_lookup"][p], request.accepted["prompt_lookup"][p]) == (len(draft), accepted_prefix(draft, output, p, 8))
+
+    live = next(r for r in rows if r["drafter"] == "prompt_lookup" and r["policy"] == "fixed:3")
+    config = SweepConfig(costs=StepCosts(load_profile("cpu-smollm2")), acceptance=TraceAcceptance(traces, "copy.jsonl"), requests=3, concurrency=[1])
+    records, _ = simulate(cell_of(config, "concurrency", 1), "fixed:3")
+    assert (sum(r.proposed for r in records), sum(r.accepted for r in records)) == (live["proposed"], live["accepted"])

@@ -1,5 +1,5 @@
 """`smartspec simulate`: a deterministic world shared by every policy, the real controller in the loop,
-and the outcomes the world's costs imply. Small cells only: each test takes a few seconds at most."""
+the outcomes the world's costs imply, and acceptance replayed from recorded traces. Small cells only: each test takes a few seconds at most."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 
 from smartspec import cli
 from smartspec.simulate import loop as sim_loop
+from smartspec.simulate import world as sim_world
 from smartspec.simulate.loop import simulate
 from smartspec.simulate.sweep import BEST_FIXED, SweepConfig, best_fixed, cell_of, run_sweep
+from smartspec.bench.traces import RequestTrace, TraceSet, write_traces
+from smartspec.simulate.traces import TraceAcceptance, TraceTruth, load_traces, trace_names
 from smartspec.simulate.world import AcceptanceModel, RequestTruth, StepCosts, interpolate, load_profile, profile_names
 
 CPU = "cpu-smollm2"
@@ -80,7 +83,7 @@ def test_every_policy_sees_the_same_arrivals_and_acceptance_draws(monkeypatch):
             super().__init__(model, seed, index, positions)
             seen.setdefault(current["policy"], {})[index] = (self.base, self.rate.tobytes(), self.uniform.tobytes())
 
-    monkeypatch.setattr(sim_loop, "RequestTruth", Spy)
+    monkeypatch.setattr(sim_world, "RequestTruth", Spy)
     cell = cell_of(config(rates=[4.0]), "rate", 4.0)
     arrivals = {}
     for policy in ("fixed:1", "goodput"):
@@ -204,3 +207,157 @@ def test_a_stale_startup_profile_is_corrected_within_50_steps(scale, monkeypatch
     assert np.mean(errors[:10]) > 0.3  # the stale profile was wrong at first
     assert np.mean(errors[50:]) < 0.15
     assert controllers[-1].verify_cost.recalibrations >= 1
+
+
+# --- acceptance replayed from recorded traces -------------------------------------------------------
+def hand_traces() -> TraceAcceptance:
+    """Two recorded requests of 10 output tokens: at each position how many drafts prompt lookup
+    proposed (0: none) and how many of them the target agreed with."""
+    requests = (
+        RequestTrace(0, tuple(range(20)), tuple(range(10)), {"prompt_lookup": (8, 8, 0, 3, 8, 2, 8, 8, 2, 1)}, {"prompt_lookup": (5, 4, 0, 3, 6, 0, 4, 3, 2, 1)}),
+        RequestTrace(1, tuple(range(30)), tuple(range(10)), {"prompt_lookup": (0, 0, 8, 8, 8, 8, 8, 3, 2, 1)}, {"prompt_lookup": (0, 0, 1, 0, 6, 5, 4, 3, 2, 1)}),
+    )
+    return TraceAcceptance(TraceSet("hand", 8, ("prompt_lookup",), requests), "hand.jsonl")
+
+
+def walk(request: RequestTrace, k: int) -> tuple[int, int]:
+    """fixed:k over one recorded request, by hand: (proposed, accepted) summed over its steps."""
+    proposed, accepted = request.proposed["prompt_lookup"], request.accepted["prompt_lookup"]
+    n, p, total_proposed, total_accepted = len(request.output_token_ids), 1, 0, 0  # the Prefill gives token 0
+    while p < n:
+        drafts = min(k, n - p - 1, proposed[p])
+        landed = min(drafts, accepted[p])
+        total_proposed, total_accepted, p = total_proposed + drafts, total_accepted + landed, p + landed + 1
+    return total_proposed, total_accepted
+
+
+def trace_config(acceptance, **kwargs) -> SweepConfig:
+    kwargs.setdefault("requests", 12)
+    return SweepConfig(costs=StepCosts(load_profile(CPU)), acceptance=acceptance, **kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_fixed_k_replay_accepts_min_of_k_and_the_recorded_prefix(k):
+    acceptance = hand_traces()
+    cell = cell_of(trace_config(acceptance, requests=5, concurrency=[2]), "concurrency", 2)
+    records, _ = simulate(cell, f"fixed:{k}")
+    assert len(records) == 5
+    for record in records:
+        request = acceptance.traces.requests[record.prompt_index]
+        assert record.prompt_index == record.index % 2  # seed 0: recorded requests in turn
+        assert record.tokens == len(request.output_token_ids)
+        assert (record.proposed, record.accepted) == walk(request, k)
+
+
+def test_a_trace_request_takes_its_lengths_and_is_cycled_by_seed_and_index():
+    acceptance = hand_traces()
+    for seed in (0, 3):
+        cell = cell_of(trace_config(acceptance, requests=7, seed=seed, rates=[2.0]), "rate", 2.0)
+        assert [r.prompt_index for r in cell.requests] == [(i + seed) % 2 for i in range(7)]
+        assert [(r.prompt_tokens, r.output_tokens) for r in cell.requests] == [(20 + 10 * ((i + seed) % 2), 10) for i in range(7)]
+
+
+def test_a_replay_is_deterministic_and_every_policy_sees_the_same_truth(monkeypatch):
+    seen: dict[str, dict[int, tuple]] = {}
+    current = {"policy": ""}
+    truth = TraceAcceptance.truth
+
+    def spy(self, seed, spec, drafter):
+        made = truth(self, seed, spec, drafter)
+        seen.setdefault(current["policy"], {})[spec.index] = (spec.prompt_index, tuple(made.proposed), tuple(made.landed))
+        return made
+
+    monkeypatch.setattr(TraceAcceptance, "truth", spy)
+    cell = cell_of(trace_config(TraceAcceptance.load("copy"), requests=30, rates=[6.0]), "rate", 6.0)
+    arrivals = {}
+    for policy in ("fixed:1", "goodput", "clairvoyant"):
+        current["policy"] = policy
+        records, _ = simulate(cell, policy)
+        arrivals[policy] = sorted((r.index, r.due_s, r.prompt_index, r.tokens) for r in records)
+    assert arrivals["fixed:1"] == arrivals["goodput"] == arrivals["clairvoyant"]
+    assert seen["fixed:1"] == seen["goodput"] == seen["clairvoyant"] and len(seen["goodput"]) == 30
+    cfg = trace_config(TraceAcceptance.load("copy"), requests=20, policies=["fixed:3", "goodput"], concurrency=[4])
+    assert run_sweep(cfg) == run_sweep(cfg)
+
+
+def test_the_controller_never_sees_the_trace_except_clairvoyant(monkeypatch):
+    calls = {"gains": 0}
+    gains = TraceTruth.gains
+
+    def counted(self, generated, k):
+        calls["gains"] += 1
+        return gains(self, generated, k)
+
+    monkeypatch.setattr(TraceTruth, "gains", counted)
+    cell = cell_of(trace_config(TraceAcceptance.load("copy"), requests=12), "concurrency", 3)
+    for policy in ("goodput", "uniform", "fixed:3"):
+        simulate(cell, policy)
+    assert calls["gains"] == 0
+    records, _ = simulate(cell, "clairvoyant")
+    assert calls["gains"] > 0
+    assert sum(r.proposed for r in records) > 0
+
+
+def test_trace_gains_are_certain():
+    truth = hand_traces().truth(0, cell_of(trace_config(hand_traces(), requests=1, concurrency=[1]), "concurrency", 1).requests[0], "prompt_lookup")
+    assert truth.gains(0, 7) == (1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0)
+    assert truth.gains(2, 3) == (0.0, 0.0, 0.0) and truth.proposal(2, 5) == 0  # no proposal there
+    assert truth.proposal(3, 5) == 3 and truth.accepted(3, 2) == 2 and truth.accepted(4, 8) == 6
+    assert truth.proposal(10, 5) == 0 and truth.accepted(10, 5) == 0  # past the recorded output
+
+
+def test_shipped_traces_cover_the_shipped_prompts_and_replay_prompt_lookup_exactly():
+    from drafter_svc.prompt_lookup import NgramIndex
+    from smartspec.bench.traces import accepted_prefix
+    from smartspec.bench.workload import load_prompts
+
+    assert {"copy", "chat"} <= set(trace_names())
+    rates = {}
+    for name in ("copy", "chat"):
+        traces = load_traces(name)
+        prompts = load_prompts(name)
+        assert traces.workload == name and traces.k_max == 8 and set(traces.drafters) == {"prompt_lookup", "draft_model"}
+        assert [r.prompt_index for r in traces.requests] == list(range(len(prompts)))
+        for request, prompt in zip(traces.requests, prompts):
+            assert 0 < len(request.output_token_ids) <= prompt.max_tokens
+            output = request.output_token_ids
+            for p in range(len(output)):  # the file holds what prompt lookup proposes there
+                draft = NgramIndex(1, 3).propose([*request.prompt_token_ids, *output[:p]], 8)
+                assert (request.proposed["prompt_lookup"][p], request.accepted["prompt_lookup"][p]) == (len(draft), accepted_prefix(draft, output, p, 8))
+        landed = [a for r in traces.requests for a in r.accepted["prompt_lookup"]]
+        rates[name] = sum(landed) / len(landed)
+    assert rates["copy"] > 2 * rates["chat"]  # the copy prompts are where prompt lookup shines
+
+
+def test_cli_replays_a_shipped_trace_into_bench_shaped_outputs(tmp_path, capsys):
+    out = tmp_path / "sim"
+    code = cli.main(["simulate", "--workload", "copy", "--out", str(out), "--requests", "24", "--concurrency", "4", "--rates", "3",
+                     "--policies", "none", "fixed:3", "goodput", "clairvoyant"])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 2 * 5  # 4 policies and best-fixed, at two loads
+    lengths = {len(r.output_token_ids) for r in load_traces("copy").requests}
+    for row in rows:
+        assert row["workload"] == "copy" and row["acceptance_trace"] == "copy" and row["acceptance_mean"] is None
+        assert row["completed"] == 24 and row["generated_tokens"] <= 24 * max(lengths)
+    assert next(r for r in rows if r["policy"] == "fixed:3")["accepted"] > 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["workload"] == "copy" and meta["trace"]["k_max"] == 8
+    assert "copy closed-loop" in (out / "report.txt").read_text()
+    assert cli.main(["simulate", "--workload", "copy", "--drafter", "controlled", "--out", str(out)]) == 2
+    assert cli.main(["simulate", "--workload", "copy", "--output-tokens", "5", "--out", str(out)]) == 2
+    assert cli.main(["simulate", "--workload", "nope", "--out", str(out)]) == 2
+    assert cli.main(["simulate", "--workload", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert "recorded prompt_lookup" in capsys.readouterr().err
+
+
+def test_cli_replays_a_trace_file(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    write_traces(path, hand_traces().traces)
+    out = tmp_path / "sim"
+    assert cli.main(["simulate", "--workload", str(path), "--out", str(out), "--requests", "6", "--concurrency", "2", "--policies", "fixed:3"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["workload"] for r in rows} == {"mine"}
+    want = [walk(hand_traces().traces.requests[i % 2], 3) for i in range(6)]
+    fixed = next(r for r in rows if r["policy"] == "fixed:3")
+    assert (fixed["proposed"], fixed["accepted"]) == tuple(map(sum, zip(*want)))

@@ -38,6 +38,7 @@ class RequestRecord:
     proposed: int = 0
     accepted: int = 0
     error: str | None = None  # 'STATUS: message' when the call failed
+    prompt_tokens: int | None = None  # the router's count of the tokenized prompt
 
     @property
     def ok(self) -> bool:

@@ -200,6 +200,7 @@ class RouterConnection:
                     record.done_s = clock()
                     record.finish_reason = router_pb2.FinishReason.Name(reply.finish_reason).removeprefix("FINISH_REASON_").lower()
                     record.steps, record.proposed, record.accepted = reply.stats.steps, reply.stats.proposed, reply.stats.accepted
+                    record.prompt_tokens = reply.stats.prompt_tokens or None
             if record.done_s is None:
                 record.error = "INTERNAL: the stream ended without a finish reason"
         except self._grpc.aio.AioRpcError as err:
@@ -314,10 +315,10 @@ def _clock(seconds: float) -> str:
 
 async def fetch_references(
     connection: RouterConnection, config: BenchConfig, timeout_s: float, concurrency: int = 8
-) -> dict[tuple[str, int], list[int]]:
+) -> dict[tuple[str, int], RequestRecord]:
     """The target's greedy output (policy none, drafter none) of every prompt the runs use, keyed by
-    (prompt set, prompt index): what the controlled drafters propose, and what every run's output is
-    checked against (greedy output is the same under every policy)."""
+    (prompt set, prompt index): what the controlled drafters propose, what every run's output is
+    checked against (greedy output is the same under every policy), and what acceptance traces replay."""
     wanted: dict[tuple[str, int], Prompt] = {}
     for workload in config.workloads:
         base, _ = parse_workload(workload)
@@ -336,7 +337,7 @@ async def fetch_references(
     failed = [f"{key}: {record.error}" for key, record in results if not record.ok]
     if failed:
         raise RuntimeError("the reference pass (policy none, drafter none) failed: " + "; ".join(failed[:3]))
-    return {key: record.token_ids for key, record in results}
+    return dict(results)
 
 
 async def warm_up(connection: RouterConnection, config: BenchConfig, timeout_s: float) -> None:
@@ -385,16 +386,21 @@ async def run_bench(
     config: BenchConfig,
     on_row: Callable[[dict], None] | None = None,
     progress: Progress | None = None,
+    on_references: Callable[[Mapping[tuple[str, int], RequestRecord]], None] | None = None,
 ) -> list[dict]:
     """Runs the whole plan against the router at `address` and returns the results rows (one per run).
-    `on_row` sees each row as soon as its run ends (e.g. to save partial results)."""
+    `on_row` sees each row as soon as its run ends (e.g. to save partial results); `on_references` sees
+    the reference pass's records by (prompt set, prompt index)."""
     runs = plan(config)
     progress = progress or Progress(len(runs))
     connection = RouterConnection(address)
     rows: list[dict] = []
     try:
         progress.show("reference pass (policy none, drafter none)")
-        references = await fetch_references(connection, config, config.request_timeout_s)
+        greedy = await fetch_references(connection, config, config.request_timeout_s)
+        if on_references:
+            on_references(greedy)
+        references = {key: record.token_ids for key, record in greedy.items()}
         await warm_up(connection, config, config.request_timeout_s)
         progress.begin()
         for run in runs:

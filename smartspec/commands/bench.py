@@ -10,6 +10,8 @@ the same arrivals, resetting the router's controller state between runs. It writ
     report.txt           the tables and the headline (also printed on stdout)
     latency_vs_rate.png  mean latency against rate, one line per policy, one subplot per group
     meta.json            the configuration, the stack, and how long everything took
+    traces/<set>.jsonl   with --record-traces: per greedy request and output position, how long an
+                         accepted prefix each chain drafter's k_max proposal had (smartspec simulate replays it)
 
 Progress goes to stderr. See docs/bench.md.
 """
@@ -71,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              help=f"cap on every prompt's output length (default {FULL['max_tokens']}; 0: the prompts' own)")
     add_flag(parser, "--request-timeout-s", type=float, default=120.0, help="deadline of each request")
     add_flag(parser, "--max-in-flight", type=int, default=64, help="most requests the client has open at once")
+    add_flag(parser, "--record-traces", action="store_true", default=False,
+             help="after the runs, write traces/<prompt set>.jsonl under --out: per greedy reference output and output position, "
+                  "the accepted prefix of a k_max proposal from each prompt_lookup / draft_model service the stack ran "
+                  "(`smartspec simulate --workload FILE` replays them; needs the stack the benchmark starts)")
     # the stack it starts (ignored with --router)
     add_flag(parser, "--target-model", default="embedded", help="target model folder, or 'embedded'")
     add_flag(parser, "--draft-model", default="embedded", help="draft model folder for draft_model, or 'embedded'")
@@ -157,13 +163,42 @@ async def _bench(args: argparse.Namespace, config, out: Path, meta: dict) -> lis
         meta["stack"] = addresses
         meta["stack_start_s"] = round(time.monotonic() - started, 2)
         print(f"smartspec bench: stack ready in {meta['stack_start_s']:.1f}s; {total} runs", file=sys.stderr, flush=True)
-        return await run_bench(addresses["router"], config, on_row=save)
+        references: dict = {}
+        rows = await run_bench(addresses["router"], config, on_row=save, on_references=references.update)
+        if args.record_traces:
+            meta["traces"] = await _record(args, config, addresses, references, out)
+        return rows
+
+
+async def _record(args: argparse.Namespace, config, addresses: dict, references: dict, out: Path) -> list[str]:
+    """Records the acceptance traces of the reference outputs with the stack's drafter services."""
+    from router.server import RouterSettings
+    from smartspec.bench.record import TRACES_DIR, record_traces
+    from smartspec.models import resolve_model_path
+
+    started = time.monotonic()
+    print("smartspec bench: recording acceptance traces", file=sys.stderr, flush=True)
+    target = resolve_model_path(args.target_model, "target")
+    names = {"target_model": target.name, "max_tokens_cap": config.max_tokens, "seed": config.seed}
+    if "draft_model" in addresses:
+        names["draft_model"] = resolve_model_path(args.draft_model, "draft").name
+    paths = await record_traces(addresses, list(addresses), references, str(target), out / TRACES_DIR, RouterSettings.k_max,
+                                config.request_timeout_s, names)
+    print(f"smartspec bench: wrote {', '.join(map(str, paths))} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+    return [str(p.relative_to(out)) for p in paths]
 
 
 def run(args: argparse.Namespace) -> int:
+    from smartspec.bench.record import TRACES_DIR
+    from smartspec.bench.traces import CHAIN_DRAFTERS
+
     started = time.monotonic()
     try:
         config = build_config(args)
+        if args.record_traces and args.router:
+            raise ValueError("--record-traces asks the drafter services the benchmark starts; it does not work with --router")
+        if args.record_traces and not set(CHAIN_DRAFTERS) & set(config.services()):
+            raise ValueError(f"--record-traces needs a drafter that runs {' or '.join(CHAIN_DRAFTERS)} (e.g. --drafters prompt_lookup)")
     except ValueError as err:
         print(f"smartspec bench: {err}", file=sys.stderr)
         return 2
@@ -171,12 +206,15 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("results.json", "headline.json", "report.txt", "latency_vs_rate.png", "meta.json"):
         (out / name).unlink(missing_ok=True)  # never leave a previous run's files beside this one's
+    for old in (out / TRACES_DIR).glob("*.jsonl"):
+        old.unlink()
     meta: dict = {
         "profile": "quick" if args.quick else "default",
         "config": {
             "workloads": list(config.workloads), "drafters": list(config.drafters), "policies": list(config.policies),
             "rates": list(config.rates), "trace_rates": config.trace_rates, "requests": config.requests, "trace_requests": config.trace_requests, "seed": config.seed,
             "max_tokens": config.max_tokens, "request_timeout_s": config.request_timeout_s, "max_in_flight": config.max_in_flight,
+            "record_traces": args.record_traces,
         },
     }
     try:

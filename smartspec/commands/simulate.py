@@ -1,5 +1,6 @@
 """`smartspec simulate`: the router's step loop on a virtual clock, every policy on the same simulated
-world (no model, no services; seconds per cell). See docs/bench.md ("smartspec simulate").
+world (no model, no services; seconds per cell), its acceptance synthetic or replayed from recorded
+traces. See docs/bench.md ("smartspec simulate").
 
 It writes, under --out: results.json (one row per load and policy, as `smartspec bench`'s), headline.json,
 report.txt (also printed), latency_vs_load.png and meta.json.
@@ -22,18 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--out", default="simulate-results", help="folder for results.json, headline.json, report.txt, latency_vs_load.png, meta.json")
     add_flag(parser, "--cost-profile", default="cpu-smollm2",
              help="the world's step costs: a shipped profile (cpu-smollm2, gpu-analytic-llama3-8b-h100) or a profile JSON file")
-    add_flag(parser, "--workload", default="synthetic", choices=["synthetic"], help="where acceptance comes from (synthetic: drawn per request)")
-    add_flag(parser, "--acceptance-mean", type=float, default=0.7, help="mean of the Beta each request's acceptance rate is drawn from")
-    add_flag(parser, "--acceptance-std", type=float, default=0.15, help="standard deviation of that Beta (0: every request the mean)")
+    add_flag(parser, "--workload", default="synthetic", metavar="W",
+             help="where acceptance and lengths come from: synthetic (drawn per request, the --acceptance-* flags below), copy or chat "
+                  "(shipped traces recorded on the embedded SmolLM2 pair), or a FILE.jsonl that `smartspec bench --record-traces` wrote")
+    add_flag(parser, "--acceptance-mean", type=float, default=0.7, help="synthetic: mean of the Beta each request's acceptance rate is drawn from")
+    add_flag(parser, "--acceptance-std", type=float, default=0.15, help="synthetic: standard deviation of that Beta (0: every request the mean)")
     add_flag(parser, "--position-decay", type=float, default=0.95,
-             help="the j-th draft of a verify is accepted with the request's rate times this^(j-1) (1: no decay)")
+             help="synthetic: the j-th draft of a verify is accepted with the request's rate times this^(j-1) (1: no decay)")
     add_flag(parser, "--phases", type=float, default=32.0,
-             help="mean length in output tokens of a request's on / off phases (off: a fifth of its rate); 0: one phase")
+             help="synthetic: mean length in output tokens of a request's on / off phases (off: a fifth of its rate); 0: one phase")
     add_flag(parser, "--proposal-rate", type=float, default=1.0,
-             help="chance that the drafter has a proposal at a step (prompt lookup finds no match otherwise)")
+             help="synthetic: chance that the drafter has a proposal at a step (prompt lookup finds no match otherwise)")
     add_flag(parser, "--rates", nargs="+", default=None, metavar="R", help="Poisson arrival rates, requests/s")
     add_flag(parser, "--trace-rates", nargs="+", default=None, metavar="R",
-             help="mean rates of a time-varying load: three phases of equal arrivals at rates 1 : 4 : 1 (workload synthetic-trace)")
+             help="mean rates of a time-varying load: three phases of equal arrivals at rates 1 : 4 : 1 (workload <workload>-trace)")
     add_flag(parser, "--concurrency", nargs="+", default=None, metavar="N",
              help=f"closed-loop levels: N requests always in the system, 1 to {MAX_LOAD} (default {' '.join(map(str, DEFAULT_CONCURRENCY))} when no rate is given)")
     add_flag(parser, "--policies", nargs="+", default=None, metavar="P",
@@ -41,10 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                   "the reference best-fixed is added whenever fixed ks run")
     add_flag(parser, "--requests", type=int, default=1000, help="requests per cell (load)")
     add_flag(parser, "--seed", type=int, default=0, help="seed of arrivals, lengths, acceptance and step-time noise")
-    add_flag(parser, "--drafter", default="prompt_lookup", help="the drafter every request uses; its cost comes from the profile")
+    add_flag(parser, "--drafter", default="prompt_lookup",
+             help="the drafter every request uses; its cost comes from the profile (a trace workload: one of the drafters it recorded)")
     add_flag(parser, "--max-batch", type=int, default=64, help=f"most requests in the running batch (1 to {MAX_LOAD})")
-    add_flag(parser, "--prompt-tokens", type=int, default=None, help="every prompt's length in tokens (default: the shipped prompts')")
-    add_flag(parser, "--output-tokens", type=int, default=None, help="every output's length in tokens (default: the shipped prompts' max_tokens)")
+    add_flag(parser, "--prompt-tokens", type=int, default=None, help="synthetic: every prompt's length in tokens (default: the shipped prompts')")
+    add_flag(parser, "--output-tokens", type=int, default=None,
+             help="synthetic: every output's length in tokens (default: the shipped prompts' max_tokens; a trace's requests keep their own)")
     add_flag(parser, "--noise-sigma", type=float, default=None, help="sigma of the lognormal step-time noise (default: the profile's)")
     add_flag(parser, "--profile-scale", type=float, default=1.0,
              help="the router's startup cost profile times this (e.g. 2: a cached profile measured on a busy machine)")
@@ -59,6 +64,7 @@ def build_config(args: argparse.Namespace):
     from smartspec.errors import RequestError
     from smartspec.simulate.loop import make_policy
     from smartspec.simulate.sweep import POLICIES, SweepConfig
+    from smartspec.simulate.traces import TraceAcceptance
     from smartspec.simulate.world import AcceptanceModel, StepCosts, load_profile
 
     rates = _numbers(args.rates, "--rates") or []
@@ -79,8 +85,15 @@ def build_config(args: argparse.Namespace):
     costs = StepCosts(load_profile(args.cost_profile))
     if args.drafter not in costs.drafters:
         raise ValueError(f"--drafter {args.drafter}: the profile {costs.name} prices {', '.join(sorted(costs.drafters))}")
-    acceptance = AcceptanceModel(args.acceptance_mean, args.acceptance_std, args.position_decay, args.phases, args.proposal_rate)
-    acceptance.base_rate(np.random.default_rng(0))  # checks that the Beta exists
+    if args.workload == "synthetic":
+        acceptance = AcceptanceModel(args.acceptance_mean, args.acceptance_std, args.position_decay, args.phases, args.proposal_rate)
+        acceptance.base_rate(np.random.default_rng(0))  # checks that the Beta exists
+    else:
+        acceptance = TraceAcceptance.load(args.workload)
+        if args.prompt_tokens is not None or args.output_tokens is not None:
+            raise ValueError(f"--workload {args.workload}: a trace's requests keep their own lengths (no --prompt-tokens / --output-tokens)")
+        if args.drafter not in acceptance.traces.drafters:
+            raise ValueError(f"--drafter {args.drafter}: the trace {args.workload} recorded {', '.join(acceptance.traces.drafters)}")
     policies = _words(args.policies) or list(POLICIES)
     for policy in policies:  # a policy the router's registry does not know fails here, not mid-sweep
         try:
@@ -103,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from smartspec.simulate.report import write_outputs
     from smartspec.simulate.sweep import run_sweep
+    from smartspec.simulate.traces import TraceAcceptance
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     a = config.acceptance
     meta = {
         "cost_profile": config.costs.name, "cost_profile_source": config.costs.profile.get("source"),
-        "workload": args.workload, "acceptance": {"mean": a.mean, "std": a.std, "position_decay": a.position_decay, "phase_tokens": a.phase_tokens, "proposal_rate": a.proposal_rate},
+        "workload": args.workload, "acceptance": a.labels(), "trace": a.traces.header() if isinstance(a, TraceAcceptance) else None,
         "policies": list(config.policies), "rates": list(config.rates), "trace_rates": list(config.trace_rates), "concurrency": list(config.concurrency), "requests": config.requests,
         "seed": config.seed, "drafter": config.drafter, "max_batch": config.max_batch, "prompt_tokens": config.prompt_tokens,
         "output_tokens": config.output_tokens, "noise_sigma": config.noise_sigma if config.noise_sigma is not None else config.costs.noise_sigma,

@@ -2,7 +2,7 @@
 
 Lengths come from the shipped prompt sets (``smartspec/bench/prompts.json``, chat and copy; their
 ``max_tokens`` is the output length, and the prompt's length in tokens is estimated from its text) unless
-``--prompt-tokens`` / ``--output-tokens`` fix them. Poisson arrivals and the 1:4:1 trace reuse the
+``--prompt-tokens`` / ``--output-tokens`` fix them; a replayed trace gives its own requests' lengths. Poisson arrivals and the 1:4:1 trace reuse the
 benchmark's seeded schedules; closed-loop arrivals are made by the step loop (each completion sends the next request).
 Either way they depend only on the seed and the load, never on the policy.
 """
@@ -39,26 +39,33 @@ def shipped_prompts() -> list[Prompt]:
     return [p for name in PROMPT_SETS for p in load_prompts(name)]
 
 
-def cell_requests(
-    count: int, seed: int, rate: float | None = None, prompt_len: int | None = None, output_len: int | None = None, trace: bool = False
-) -> list[RequestSpec]:
-    """`count` requests: Poisson at `rate` requests/s (with `trace`: the benchmark's low-high-low phases
-    of mean rate `rate`), or closed loop when `rate` is None."""
-    prompts = shipped_prompts()
+def shipped_lengths() -> list[tuple[int, int]]:
+    """(prompt, output) tokens of each shipped prompt."""
+    return [(prompt_tokens(p), p.max_tokens) for p in shipped_prompts()]
+
+
+def schedule(count: int, seed: int, rate: float | None, trace: bool, choices: int) -> list[tuple[float | None, int]]:
+    """Per request: its arrival time (None in a closed loop) and which of `choices` prompts it sends,
+    by the benchmark's seeded schedules (prompts in turn from (seed + request index))."""
+    prompts = [Prompt((), 0)] * choices  # stand-ins: the schedules only count the prompts
     if trace:
         arrivals = trace_schedule_counts(prompts, trace_rates(rate), phase_counts(count, len(TRACE_SHAPE)), seed)
-        schedule = [(a.at_s, a.index) for a in arrivals]
     elif rate is not None:
-        schedule = [(a.at_s, a.index) for a in poisson_schedule(prompts, rate, count, seed)]
+        arrivals = poisson_schedule(prompts, rate, count, seed)
     else:
-        schedule = [(None, (i + seed) % len(prompts)) for i in range(count)]
+        return [(None, (i + seed) % choices) for i in range(count)]
+    return [(a.at_s, a.index) for a in arrivals]
+
+
+def cell_requests(
+    count: int, seed: int, rate: float | None = None, prompt_len: int | None = None, output_len: int | None = None, trace: bool = False,
+    lengths: list[tuple[int, int]] | None = None,
+) -> list[RequestSpec]:
+    """`count` requests: Poisson at `rate` requests/s (with `trace`: the benchmark's low-high-low phases
+    of mean rate `rate`), or closed loop when `rate` is None. `lengths`: (prompt, output) tokens of the
+    prompts to take in turn (default: the shipped prompts'); `prompt_index` is the position in it."""
+    lengths = shipped_lengths() if lengths is None else lengths
     return [
-        RequestSpec(
-            index=i,
-            prompt_index=index,
-            prompt_tokens=prompt_len or prompt_tokens(prompts[index]),
-            output_tokens=output_len or prompts[index].max_tokens,
-            arrival_s=at,
-        )
-        for i, (at, index) in enumerate(schedule)
+        RequestSpec(index=i, prompt_index=index, prompt_tokens=prompt_len or lengths[index][0], output_tokens=output_len or lengths[index][1], arrival_s=at)
+        for i, (at, index) in enumerate(schedule(count, seed, rate, trace, len(lengths)))
     ]

@@ -25,7 +25,7 @@ from smartspec.bench.metrics import RequestRecord
 from smartspec.simulate.load import RequestSpec
 from smartspec.simulate.oracle import NAME as CLAIRVOYANT
 from smartspec.simulate.oracle import ClairvoyantPolicy
-from smartspec.simulate.world import AcceptanceModel, Noise, RequestTruth, StepCosts
+from smartspec.simulate.world import AcceptanceSource, Noise, StepCosts, Truth
 
 
 @dataclass
@@ -33,7 +33,7 @@ class SimRequest:
     """A request in flight, as the router holds it."""
 
     spec: RequestSpec
-    truth: RequestTruth
+    truth: Truth
     arrival_s: float
     generated: int = 0
     steps: int = 0
@@ -67,7 +67,7 @@ class Cell:
     """What every policy of a cell shares: the world, the requests and the load."""
 
     costs: StepCosts
-    acceptance: AcceptanceModel
+    acceptance: AcceptanceSource
     requests: tuple[RequestSpec, ...]
     drafter: str
     max_batch: int
@@ -91,7 +91,7 @@ def startup_profile(controller: SpeculationController, costs: StepCosts, noise: 
     controller.verify_cost.reset_prior(controller.verify_cost.prior * scale)
 
 
-def make_policy(spec: str, controller: SpeculationController, costs: StepCosts, truths: dict[str, RequestTruth]) -> SpeculationPolicy:
+def make_policy(spec: str, controller: SpeculationController, costs: StepCosts, truths: dict[str, Truth]) -> SpeculationPolicy:
     """The router's registry (fixed policies, plus the controller's 'goodput' and 'uniform'), and the
     simulator's own reference 'clairvoyant'."""
     registry = PolicyRegistry(controller_policies(controller))
@@ -105,7 +105,7 @@ def simulate(cell: Cell, policy_spec: str) -> tuple[list[RequestRecord], dict]:
     noise = Noise(cell.noise_sigma, cell.seed)
     controller = SpeculationController()
     startup_profile(controller, cell.costs, Noise(cell.noise_sigma, cell.seed, tag=1), cell.seed, cell.profile_scale)  # the same profile for every policy
-    truths: dict[str, RequestTruth] = {}
+    truths: dict[str, Truth] = {}
     policy = make_policy(policy_spec, controller, cell.costs, truths)
     loop = _Loop(cell, policy, controller, noise, truths)
     loop.run()
@@ -121,7 +121,7 @@ def simulate(cell: Cell, policy_spec: str) -> tuple[list[RequestRecord], dict]:
 
 
 class _Loop:
-    def __init__(self, cell: Cell, policy: SpeculationPolicy, controller: SpeculationController, noise: Noise, truths: dict[str, RequestTruth]) -> None:
+    def __init__(self, cell: Cell, policy: SpeculationPolicy, controller: SpeculationController, noise: Noise, truths: dict[str, Truth]) -> None:
         self.cell, self.policy, self.controller, self.noise, self.truths = cell, policy, controller, noise, truths
         self.now = 0.0
         self.pending = collections.deque(sorted(cell.requests, key=lambda r: (r.arrival_s or 0.0, r.index)))
@@ -133,8 +133,7 @@ class _Loop:
                 self._send(self.pending.popleft(), 0.0)
 
     def _send(self, spec: RequestSpec, at: float) -> None:
-        positions = spec.output_tokens + 64  # room for the deepest draft past the last token
-        request = SimRequest(spec, RequestTruth(self.cell.acceptance, self.cell.seed, spec.index, positions), at)
+        request = SimRequest(spec, self.cell.acceptance.truth(self.cell.seed, spec, self.cell.drafter), at)
         self.truths[request.id] = request.truth
         self.waiting.append(request)
 

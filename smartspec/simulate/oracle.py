@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from router.controller.allocator import Candidate, StepCost, allocate_goodput
 from router.policy import RequestView, SpeculationPolicy
-from smartspec.simulate.world import RequestTruth, StepCosts
+from smartspec.simulate.world import StepCosts, Truth
 
 NAME = "clairvoyant"
 
@@ -20,7 +20,7 @@ NAME = "clairvoyant"
 class ClairvoyantPolicy(SpeculationPolicy):
     """allocate_goodput over true gains and true (noiseless) costs."""
 
-    def __init__(self, costs: StepCosts, truths: Mapping[str, RequestTruth], k_max: int) -> None:
+    def __init__(self, costs: StepCosts, truths: Mapping[str, Truth], k_max: int) -> None:
         self.costs = costs
         self.truths = truths  # request id -> its truth; filled by the step loop as requests arrive
         self.k_max = k_max

@@ -1,7 +1,8 @@
 """A simulation sweep: every policy in every cell (one load), as rows shaped like `smartspec bench`'s.
 
 A cell is one load (a Poisson rate, a 1:4:1 trace's mean rate, or a closed-loop concurrency) of one world; every policy of a cell
-replays the same requests and acceptance draws. Beside the policies, the reference `best-fixed` is the
+replays the same requests and acceptance draws (synthetic, or recorded traces replayed). A row's
+workload names the acceptance source: `synthetic`, or the trace set. Beside the policies, the reference `best-fixed` is the
 fixed k with the lowest mean latency in the cell, in hindsight (a copy of that row, naming it), and
 `clairvoyant` (oracle.py) runs like a policy; both are marked `reference: true`.
 """
@@ -15,17 +16,16 @@ from smartspec.bench.metrics import summarize
 from smartspec.bench.workload import TRACE_SUFFIX, trace_rates
 from smartspec.simulate.load import cell_requests
 from smartspec.simulate.loop import Cell, simulate
-from smartspec.simulate.world import AcceptanceModel, StepCosts
+from smartspec.simulate.world import AcceptanceSource, StepCosts
 
 POLICIES = ("none", "fixed:1", "fixed:3", "fixed:5", "fixed:7", "uniform", "goodput", "clairvoyant")
 BEST_FIXED = "best-fixed"
-WORKLOAD = "synthetic"
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     costs: StepCosts
-    acceptance: AcceptanceModel
+    acceptance: AcceptanceSource
     policies: Sequence[str] = POLICIES
     rates: Sequence[float] = ()
     concurrency: Sequence[int] = ()
@@ -47,7 +47,9 @@ class SweepConfig:
 
 def cell_of(config: SweepConfig, kind: str, load: float) -> Cell:
     rate = None if kind == "concurrency" else load
-    requests = cell_requests(config.requests, config.seed, rate, config.prompt_tokens, config.output_tokens, trace=kind == "trace")
+    requests = cell_requests(
+        config.requests, config.seed, rate, config.prompt_tokens, config.output_tokens, trace=kind == "trace", lengths=config.acceptance.lengths()
+    )
     return Cell(
         costs=config.costs, acceptance=config.acceptance, requests=tuple(requests), drafter=config.drafter,
         max_batch=config.max_batch, concurrency=int(load) if kind == "concurrency" else None, seed=config.seed,
@@ -77,13 +79,11 @@ def run_sweep(config: SweepConfig, on_row: Callable[[dict], None] | None = None)
 
 
 def key_of(config: SweepConfig, policy: str, kind: str, load: float) -> dict:
-    a = config.acceptance
     return {
-        "workload": WORKLOAD + (TRACE_SUFFIX if kind == "trace" else ""), "drafter": config.drafter, "policy": policy,
+        "workload": config.acceptance.name + (TRACE_SUFFIX if kind == "trace" else ""), "drafter": config.drafter, "policy": policy,
         "rate": None if kind == "concurrency" else load, "concurrency": int(load) if kind == "concurrency" else None,
         "trace": kind == "trace", "phase_rates": trace_rates(load) if kind == "trace" else None,
-        "controlled": False, "cost_profile": config.costs.name, "acceptance_mean": a.mean, "acceptance_std": a.std,
-        "position_decay": a.position_decay, "phase_tokens": a.phase_tokens, "proposal_rate": a.proposal_rate, "max_batch": config.max_batch, "seed": config.seed,
+        "controlled": False, "cost_profile": config.costs.name, **config.acceptance.labels(), "max_batch": config.max_batch, "seed": config.seed,
     }
 
 

@@ -6,7 +6,9 @@ This is the truth the policies are judged against, and on purpose it is *not* th
   analytic roofline, with multiplicative lognormal noise; the controller's linear cost model must learn
   it from the times it is shown, as in the router;
 - acceptance is drawn per request from a Beta, decays with draft position and switches between phases
-  within a request, where the controller assumes one independent rate per request.
+  within a request, where the controller assumes one independent rate per request; or it is replayed
+  from recorded traces (traces.py). Either way it comes from an AcceptanceSource that gives each
+  request its Truth.
 
 Every random draw that a policy could change the order of is keyed by (seed, request, output position),
 so all policies of a cell see the same arrivals, lengths and acceptance (common random numbers).
@@ -20,17 +22,22 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from router.controller.allocator import DrafterCost
+
+if TYPE_CHECKING:
+    from smartspec.simulate.load import RequestSpec
 
 # Streams of the seeded generators, so that no two kinds of draw share one.
 ACCEPTANCE_STREAM = 1
 NOISE_STREAM = 2
 # In an "off" phase (a passage the drafter cannot guess) a request's rate is this share of its own.
 OFF_PHASE_SCALE = 0.2
+# Synthetic draws per request past its last output token: room for the deepest draft.
+DRAFT_ROOM = 64
 
 
 # --- costs ---------------------------------------------------------------------------------------
@@ -132,6 +139,37 @@ class Noise:
 
 
 # --- acceptance ----------------------------------------------------------------------------------
+class Truth(Protocol):
+    """One request's true acceptance, as the step loop asks it (the policies never see it; the
+    clairvoyant reference reads its gains)."""
+
+    base: float  # its overall acceptance rate (the allocator's rate where no gain curve is given)
+
+    def proposal(self, generated: int, asked: int) -> int:
+        """Draft tokens the drafter returns when asked for `asked` after `generated` output tokens."""
+
+    def accepted(self, generated: int, k: int) -> int:
+        """Drafts accepted from a verify of k drafts after `generated` output tokens."""
+
+    def gains(self, generated: int, k: int) -> tuple[float, ...]:
+        """Per next draft j = 1..k, the chance that it and all drafts before it are accepted."""
+
+
+class AcceptanceSource(Protocol):
+    """Where a cell's acceptance comes from: a synthetic model or recorded traces."""
+
+    name: str  # the rows' workload
+
+    def truth(self, seed: int, spec: "RequestSpec", drafter: str) -> Truth:
+        """Request `spec`'s truth with `drafter`; keyed by (seed, request) only, never by the policy."""
+
+    def lengths(self) -> list[tuple[int, int]] | None:
+        """(prompt, output) tokens of each request the source can replay, in order; None: any lengths."""
+
+    def labels(self) -> dict[str, Any]:
+        """What the rows and meta.json say about the source."""
+
+
 @dataclass(frozen=True)
 class AcceptanceModel:
     """Synthetic acceptance: a rate per request from Beta(mean, std), decaying with draft position
@@ -145,6 +183,19 @@ class AcceptanceModel:
     position_decay: float = 1.0
     phase_tokens: float = 0.0
     proposal_rate: float = 1.0
+    name: ClassVar[str] = "synthetic"
+
+    def truth(self, seed: int, spec: "RequestSpec", drafter: str) -> "RequestTruth":
+        return RequestTruth(self, seed, spec.index, spec.output_tokens + DRAFT_ROOM)
+
+    def lengths(self) -> None:
+        return None
+
+    def labels(self) -> dict[str, Any]:
+        return {
+            "acceptance_mean": self.mean, "acceptance_std": self.std, "position_decay": self.position_decay, "phase_tokens": self.phase_tokens,
+            "proposal_rate": self.proposal_rate, "acceptance_trace": None,
+        }
 
     def base_rate(self, rng: np.random.Generator) -> float:
         if self.std <= 0 or self.mean <= 0 or self.mean >= 1:
