@@ -316,3 +316,24 @@ def test_a_stale_cached_profile_is_rescaled_by_live_steps_and_replaced_everywher
             assert wait_until(lambda: json.loads(client.get(key))["coefficients"] == replaced["coefficients"])
     finally:
         router.stop()
+
+
+def test_a_profile_sweep_the_verifier_cannot_finish_leaves_the_defaults(tmp_path, monkeypatch):
+    """A verifier too slow for the sweep's deadlines (an overloaded machine): the router starts with
+    the built-in defaults, refitted from live steps, instead of failing to start."""
+    monkeypatch.setattr(profile, "cache_path", lambda info: tmp_path / "profile.json")
+
+    class TooSlow:
+        async def Prefill(self, request, timeout):
+            raise grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "Deadline Exceeded")
+
+        async def Release(self, request, timeout):
+            return verifier_pb2.ReleaseResponse()
+
+    info = verifier_pb2.InfoResponse(max_sequences=16, kv_capacity_tokens=100_000)
+    info.model.max_context, info.model.vocab_size = 2048, 1000
+    model = new_verify_model()
+    defaults = model.prior.copy()
+    message = run(profile.load_or_measure(TooSlow(), info, model, "auto"))
+    assert "not measured (DEADLINE_EXCEEDED" in message and "built-in defaults" in message
+    assert (model.prior == defaults).all() and not (tmp_path / "profile.json").exists()
