@@ -71,13 +71,54 @@ def measure(verifier: VerifierProcess, repeats: int) -> tuple[np.ndarray, list[f
     return seconds, spread, prefills
 
 
+def prefill_line(prefills: list[tuple[int, float]]) -> tuple[float, float]:
+    """(base seconds, seconds per prompt token) of the Prefill calls, fitted on relative error (a
+    128-token call counts as much as a 49,152-token one), neither below 0."""
+    tokens, times = np.array([p[0] for p in prefills], dtype=float), np.array([p[1] for p in prefills])
+    token_s, base_s = np.polyfit(tokens, times, 1, w=1.0 / times)
+    if base_s < 0:
+        ratio = tokens / times  # through the origin, still on relative error: min sum (1 - token_s * ratio)^2
+        base_s, token_s = 0.0, float(np.sum(ratio) / np.sum(ratio**2))
+    return float(base_s), float(token_s)
+
+
+def write_profile(out: Path, raw: dict) -> dict:
+    """The simulator's cost profile from the raw measurements."""
+    prefills = [(p["tokens"], p["seconds"]) for p in raw["prefills"]]
+    base_s, token_s = prefill_line(prefills)
+    previous = json.loads(PROFILE.read_text())
+    profile = {
+        "name": "cpu-smollm2",
+        "kind": "table",
+        "source": f"measured: python bench/step_table.py (SmolLM2-135M-Instruct, {raw['dtype']}, {raw['machine']}; Verify RPC time, median of "
+                  f"{raw['repeats']} per point; raw figures in bench/results/step_table.json). Outside the grid it is extrapolated linearly.",
+        "model": "SmolLM2-135M-Instruct",
+        "device": raw["machine"],
+        "dtype": raw["dtype"],
+        "max_context": raw["max_context"],
+        "noise_sigma": round(raw["noise_sigma"], 4),
+        "noise_source": f"measured: standard deviation of log(step time / its point's median) over {raw['noise_samples']} repeated Verify steps",
+        "verify": {"axes": raw["axes"], "seconds": raw["seconds"]},
+        "prefill": {"base_s": round(base_s, 6), "token_s": round(token_s, 8),
+                    "source": f"measured: a line through {len(prefills)} Prefill calls of {min(p[0] for p in prefills)}-{max(p[0] for p in prefills)} "
+                              "prompt tokens, fitted on relative error"},
+        "drafters": previous["drafters"],
+    }
+    out.write_text(json.dumps(profile, indent=1) + "\n")
+    return profile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=PROFILE, help="the cost profile to write")
     parser.add_argument("--kv-cache-gb", type=int, default=6, help="the verifier's KV cache (the grid holds about 90,000 tokens)")
     parser.add_argument("--raw", type=Path, default=Path("bench/results/step_table.json"), help="every measurement, with the machine")
+    parser.add_argument("--from-raw", action="store_true", help="measure nothing: rewrite the profile from --raw")
     args = parser.parse_args()
+    if args.from_raw:
+        write_profile(args.out, json.loads(args.raw.read_text()))
+        return
     held = sum(BATCHES) * (max(CONTEXTS) + 8 * (args.repeats + 1) * len(NEW_TOKENS) + 32)
     started = time.monotonic()
     with VerifierProcess(["--max-sequences", str(sum(BATCHES)), "--kv-cache-gb", str(args.kv_cache_gb)]) as verifier:
@@ -85,34 +126,16 @@ def main() -> None:
             raise SystemExit(f"--kv-cache-gb {args.kv_cache_gb} holds {verifier.info.kv_capacity_tokens} tokens; the grid needs {held}")
         seconds, spread, prefills = measure(verifier, args.repeats)
         info = verifier.info
-    tokens, times = np.array([p[0] for p in prefills], dtype=float), np.array([p[1] for p in prefills])
-    token_s, base_s = np.polyfit(tokens, times, 1)
-    sigma = float(np.std(spread))
-    previous = json.loads(PROFILE.read_text())
-    where = f"{info.model.device_name}, {platform.machine()}"
-    profile = {
-        "name": "cpu-smollm2",
-        "kind": "table",
-        "source": f"measured: python bench/step_table.py (SmolLM2-135M-Instruct, {info.model.dtype}, {where}; Verify RPC time, median of "
-                  f"{args.repeats} per point; raw figures in {args.raw}). Outside the grid it is extrapolated linearly.",
-        "model": "SmolLM2-135M-Instruct",
-        "device": where,
-        "dtype": info.model.dtype,
-        "max_context": info.model.max_context,
-        "noise_sigma": round(sigma, 4),
-        "noise_source": f"measured: standard deviation of log(step time / its point's median) over {len(spread)} repeated Verify steps",
-        "verify": {"axes": {"batch": list(BATCHES), "new_tokens_per_seq": list(NEW_TOKENS), "context_per_seq": list(CONTEXTS)},
-                   "seconds": np.round(seconds, 6).tolist()},
-        "prefill": {"base_s": round(max(float(base_s), 0.0), 6), "token_s": round(float(token_s), 8),
-                    "source": f"measured: a line through {len(prefills)} Prefill calls of {int(tokens.min())}-{int(tokens.max())} prompt tokens"},
-        "drafters": previous["drafters"],
-    }
-    args.out.write_text(json.dumps(profile, indent=1) + "\n")
+    raw = {"machine": f"{info.model.device_name}, {platform.machine()}", "dtype": info.model.dtype, "max_context": info.model.max_context,
+           "elapsed_s": round(time.monotonic() - started, 1), "repeats": args.repeats,
+           "axes": {"batch": list(BATCHES), "new_tokens_per_seq": list(NEW_TOKENS), "context_per_seq": list(CONTEXTS)},
+           "seconds": np.round(seconds, 6).tolist(), "noise_sigma": float(np.std(spread)), "noise_samples": len(spread),
+           "prefills": [{"tokens": n, "seconds": s} for n, s in prefills]}
     args.raw.parent.mkdir(parents=True, exist_ok=True)
-    args.raw.write_text(json.dumps({"machine": where, "elapsed_s": round(time.monotonic() - started, 1), "repeats": args.repeats,
-                                    "axes": profile["verify"]["axes"], "seconds": profile["verify"]["seconds"], "noise_sigma": sigma,
-                                    "prefills": [{"tokens": n, "seconds": s} for n, s in prefills]}, indent=1) + "\n")
-    print(f"noise sigma {sigma:.3f}; prefill {1000 * base_s:.0f} ms + {1e6 * token_s:.0f} us/token; wrote {args.out} and {args.raw}")
+    args.raw.write_text(json.dumps(raw, indent=1) + "\n")
+    profile = write_profile(args.out, raw)
+    print(f"noise sigma {raw['noise_sigma']:.3f}; prefill {1000 * profile['prefill']['base_s']:.0f} ms + "
+          f"{1e6 * profile['prefill']['token_s']:.0f} us/token; wrote {args.out} and {args.raw}")
 
 
 if __name__ == "__main__":

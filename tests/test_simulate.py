@@ -37,7 +37,7 @@ def latency(rows, policy: str) -> float:
 def test_profiles_ship_and_name_their_sources():
     assert {CPU, GPU} <= set(profile_names())
     cpu, gpu = load_profile(CPU), load_profile(GPU)
-    assert "bench/results/verify_cost.json" in cpu["source"]
+    assert "bench/step_table.py" in cpu["source"] and cpu["noise_source"].startswith("measured")
     assert gpu["source"].startswith("analytic") and "3.35 TB/s" in gpu["roofline"]["hbm_source"] and "989" in gpu["roofline"]["flops_source"]
 
 
@@ -47,8 +47,11 @@ def test_table_interpolates_exactly_on_the_grid_and_extrapolates_linearly():
     assert interpolate(axes, values, (1, 0)) == pytest.approx(1.0)
     assert interpolate(axes, values, (2, 5)) == pytest.approx(2.5)
     assert interpolate(axes, values, (5, 0)) == pytest.approx(5.0)  # past the edge, the same slope
-    cpu = StepCosts(load_profile(CPU))
-    assert cpu.verify_s(8, 40, 8192, 40 * 1024) == pytest.approx(0.15415, rel=1e-3)  # a measured point
+    profile = load_profile(CPU)
+    axes = profile["verify"]["axes"]
+    b, n, c = axes["batch"][2], axes["new_tokens_per_seq"][2], axes["context_per_seq"][1]
+    measured = profile["verify"]["seconds"][2][2][1]
+    assert StepCosts(profile).verify_s(b, b * n, b * c, b * n * c) == pytest.approx(measured, rel=1e-9)  # a measured point
 
 
 def test_gpu_roofline_is_memory_bound_in_decode_and_compute_bound_at_large_steps():
