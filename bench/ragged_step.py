@@ -28,21 +28,11 @@ import statistics
 import time
 from pathlib import Path
 
+from smartspec.bench.microbench import bootstrap_ratio
 from smartspec.bench.verifier_process import VerifierProcess
 from smartspec.wire import verifier_pb2
 
 VOCAB = 49152
-
-
-def bootstrap_ratio(num: list[float], den: list[float], rng: random.Random, draws: int = 2000) -> tuple[float, float]:
-    """95% interval of median(num) / median(den), resampling the paired repeats."""
-    n = len(num)
-    ratios = []
-    for _ in range(draws):
-        pick = [rng.randrange(n) for _ in range(n)]
-        ratios.append(statistics.median(num[i] for i in pick) / statistics.median(den[i] for i in pick))
-    ratios.sort()
-    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
 
 
 def verify_shapes(stub, repeats: int, rng: random.Random) -> dict:

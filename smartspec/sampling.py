@@ -28,6 +28,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from smartspec.errors import RequestError
 from smartspec.wire import common_pb2
 
@@ -39,17 +41,28 @@ MIN_TEMPERATURE = 1e-5
 DRAFT, ACCEPT, EMIT = 0x5D5A_F7A1_0000_0001, 0x5D5A_F7A1_0000_0002, 0x5D5A_F7A1_0000_0003
 
 
-def _mix64(x: int) -> int:
-    """SplitMix64's finaliser (Steele et al., 2014): a bijection of 64-bit ints with full avalanche."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele et al., 2014): a bijection of 64-bit ints with full avalanche.
+    numpy uint64 wraps like the C original; torch has no unsigned 64-bit shift (its int64 shift is
+    arithmetic), so the draws are made here and sent to the device."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seeds: Sequence[int], indices: Sequence[int], stream: int) -> np.ndarray:
+    """Uniform numbers in [0, 1), one per (seed, token index) pair, in the given stream: float64, 53
+    random bits each, a pure function of (seed, index, stream)."""
+    seed = np.array([s & _MASK for s in seeds], dtype=np.uint64)
+    index = np.array(indices, dtype=np.uint64).reshape(seed.shape)
+    bits = _mix64(_mix64(_mix64(seed) ^ np.uint64(stream)) ^ index) >> np.uint64(11)
+    return bits.astype(np.float64) * (1.0 / (1 << 53))  # exact: fewer than 53 bits
 
 
 def uniform(seed: int, index: int, stream: int) -> float:
-    """A uniform number in [0, 1) determined by (seed, token index, stream), 53 random bits."""
-    return (_mix64(_mix64(_mix64(seed & _MASK) ^ stream) ^ index) >> 11) * (1.0 / (1 << 53))
+    """One draw of `uniforms`."""
+    return float(uniforms([seed], [index], stream)[0])
 
 
 def random_seed() -> int:

@@ -30,7 +30,7 @@ import torch
 from smartspec.wire import router_pb2
 from tests.support import goodness_of_fit
 from tests.test_router_stack import RouterThread, generate_many, serve_drafter, tokenizer_for
-from tests.test_sampling import _wrong_rule
+from tests.test_sampling import _wrong_residual
 
 ALPHA = 1e-3
 SAMPLES = 600
@@ -182,7 +182,7 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(sampling_stack, drafter, po
 
     router, reference, prompt = sampling_stack
     expected = reference.joint(router.servicer.validate.encoder.text(prompt), NEW_TOKENS)
-    monkeypatch.setattr(acceptance, "speculative_accept", _wrong_rule)
+    monkeypatch.setattr(acceptance, "residual", _wrong_residual)
     counts, _, _ = sample(router, prompt, drafter, policy, range(SAMPLES))
     statistic, dof, p_value = goodness_of_fit(counts, expected)
     assert p_value < ALPHA, f"the wrong rule passed: chi-square {statistic:.1f} on {dof} dof, p = {p_value:.2e}"

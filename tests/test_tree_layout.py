@@ -9,9 +9,10 @@ import torch
 
 from smartspec.runtime.loading import load_causal_lm
 from smartspec.runtime.runner import BatchedRunner, StepRow, group_layout
+from smartspec.sampling import GREEDY
 from smartspec.tree import chain_parents, depths, is_chain, longest_path, parents_problem
 from tests.support import reference_model
-from verifier_svc.acceptance import greedy_accept
+from verifier_svc.acceptance import Proposal, decide
 
 
 def test_mask_and_positions_match_a_hand_built_reference():
@@ -108,6 +109,15 @@ def test_tree_helpers():
     assert "3 parents for 2" in parents_problem([-1, 0, 1], 2)
     assert "draft token 1 has parent 1" in parents_problem([-1, 1], 2)
     assert "draft token 0 has parent -2" in parents_problem([-2], 1)
+
+
+def greedy_accept(draft: list[int], parents: list[int], choices: list[int]) -> list[int]:
+    """The path acceptance.decide accepts for one greedy proposal whose target argmaxes are `choices`
+    (checking that the token after it is the argmax there)."""
+    logits = torch.nn.functional.one_hot(torch.tensor(choices), 16).float()  # [k + 1, vocab]
+    decision = decide(logits, [Proposal(0, draft, parents, [None] * len(draft), GREEDY, 0)])[0]
+    assert decision.token == choices[decision.path[-1] + 1 if decision.path else 0]
+    return decision.path
 
 
 def test_greedy_accept_takes_the_longest_agreeing_path():

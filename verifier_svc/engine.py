@@ -4,7 +4,10 @@ Per live request the engine keeps one *pending* token: the last token the target
 not in the KV cache yet, and the request's sampling parameters. A Verify step feeds
 ``[pending, d_1..d_k]`` at the request's own positions, accepts drafts (greedy: the longest prefix that
 matches the target's argmax; sampling: rejection sampling), emits those plus the target's own next
-token, and cuts the KV back to the accepted length. A prefix is never recomputed.
+token, and cuts the KV back to the accepted length. A prefix is never recomputed. Acceptance and
+sampling cover the whole step in one batched pass with one device-to-host transfer
+(``verifier_svc.acceptance``), which trusts the drafts: they are validated here, where they enter the
+verifier.
 
 A proposal may be a token tree (per draft, its parent's index; greedy requests only). The pending token
 is then the tree's root, every node attends to the context, its ancestors and itself at position
@@ -21,10 +24,9 @@ from smartspec.errors import RequestError
 from smartspec.protocol import MAX_DRAFT_TOKENS
 from smartspec.runtime.kv_pool import KVCacheFull
 from smartspec.runtime.runner import BatchedRunner, StepResult, StepRow
-from smartspec.runtime.sampler import processed_probs, sample_index
-from smartspec.sampling import EMIT, GREEDY, DraftDistribution, SamplingParams, uniform
+from smartspec.sampling import GREEDY, DraftDistribution, SamplingParams
 from smartspec.tree import chain_parents, depths, is_chain, parents_problem
-from verifier_svc import acceptance
+from verifier_svc.acceptance import Proposal, decide
 
 # Free KV blocks kept per live sequence when admitting: room for its next verify of up to 31 drafts.
 DECODE_ROOM_BLOCKS = 2
@@ -102,7 +104,8 @@ class VerifierEngine:
             self.runner.admit(request_id)
         try:  # nothing half-admitted survives a failure, whatever fails
             step = self._step([StepRow(request_id, list(tokens), all_logits=False) for request_id, tokens, _ in items])
-            next_tokens = [self._first_token(sampling, logits[-1], len(tokens)) for (_, tokens, sampling), logits in zip(items, step.logits)]
+            firsts = [Proposal(row, (), (), (), sampling, len(tokens)) for (_, tokens, sampling), row in zip(items, step.first_rows)]
+            next_tokens = [decision.token for decision in decide(step.flat_logits, firsts)]
         except BaseException:
             for request_id in ids:
                 self.runner.release(request_id)
@@ -131,13 +134,6 @@ class VerifierEngine:
             return self.runner.step(rows)
         except KVCacheFull as err:
             raise RequestError("RESOURCE_EXHAUSTED", f"the KV cache is full: {err}") from None
-
-    @staticmethod
-    def _first_token(sampling: SamplingParams, logits, index: int) -> int:
-        """The target's token after a prefilled context (logits: [vocab]); `index` is its position."""
-        if sampling.greedy:
-            return int(logits.argmax())
-        return sample_index(processed_probs(logits[None], sampling)[0], uniform(sampling.seed, index, EMIT))
 
     def verify(
         self,
@@ -183,35 +179,22 @@ class VerifierEngine:
         ]
         step = self._step(rows)
         try:  # decide every row before changing any state, so a failure leaves the step undone
-            decisions = [
-                self._accept(self._sampling[request_id], list(draft), tree, draft_dists, logits, start + 1)
-                for request_id, draft, draft_dists, tree, start, logits in zip(ids, drafts, dists, trees, starts, step.logits)
-            ]
+            decisions = decide(step.flat_logits, [  # the whole step at once: one device-to-host transfer
+                Proposal(row, draft, tree, draft_dists, self._sampling[request_id], start + 1)
+                for request_id, draft, draft_dists, tree, start, row in zip(ids, drafts, dists, trees, starts, step.first_rows)
+            ])
         except BaseException:
             for request_id, start in zip(ids, starts):
                 self.runner.truncate(request_id, start)
             raise
         accepted, emitted, committed = [], [], []
-        for request_id, draft, start, (path, token) in zip(ids, drafts, starts, decisions):
-            self.runner.keep(request_id, start, [0, *(node + 1 for node in path)])  # pending + the accepted path
-            self._pending[request_id] = token
-            accepted.append(len(path))
-            emitted.append([*(draft[node] for node in path), token])
-            committed.append(start + len(path) + 2)
+        for request_id, draft, start, decision in zip(ids, drafts, starts, decisions):
+            self.runner.keep(request_id, start, [0, *(node + 1 for node in decision.path)])  # pending + the accepted path
+            self._pending[request_id] = decision.token
+            accepted.append(len(decision.path))
+            emitted.append([*(draft[node] for node in decision.path), decision.token])
+            committed.append(start + len(decision.path) + 2)
         return VerifyOutcome(accepted, emitted, committed, step)
-
-    @staticmethod
-    def _accept(
-        sampling: SamplingParams, draft: list[int], tree: list[int], dists: Sequence[DraftDistribution | None], logits, first_index: int
-    ) -> tuple[list[int], int]:
-        """(the accepted drafts' indices, root first; the target's token after them) for one request.
-        logits: [k + 1, vocab], row 0 after the context, row i + 1 after the path to draft i."""
-        if sampling.greedy:
-            choices = logits.argmax(dim=-1).tolist()  # [k + 1]: the target's token after each node
-            path = acceptance.greedy_accept(draft, tree, choices)
-            return path, choices[path[-1] + 1 if path else 0]
-        n, token = acceptance.speculative_accept(draft, dists, processed_probs(logits, sampling), sampling.seed, first_index)
-        return list(range(n)), token
 
     def _check_tree(self, request_id: str, draft: Sequence[int], tree: list[int]) -> None:
         problem = parents_problem(tree, len(draft))

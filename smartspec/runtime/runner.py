@@ -17,7 +17,7 @@ tree whose parents are -1, 0, 1, ..., so both go through one layout. See docs/en
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -157,13 +157,17 @@ def group_rows(rows: list[tuple[int, int]], padding: float = GROUP_PADDING) -> l
 
 @dataclass
 class StepResult:
-    """Logits per row in request order ([n_picked, vocab]: see StepRow.picked) and the step's measurements."""
+    """Logits per row in request order ([n_picked, vocab]: see StepRow.picked) and the step's measurements.
+    The rows' logits are views of one flat tensor, `flat_logits`, in which row i's start at `first_rows[i]`
+    (batched consumers index it instead of concatenating the views)."""
 
     logits: list[torch.Tensor]
     forward_s: float
     new_tokens: int
     context_tokens: int
     num_forwards: int = 1
+    flat_logits: torch.Tensor | None = None
+    first_rows: list[int] = field(default_factory=list)
 
 
 class BatchedRunner:
@@ -318,8 +322,11 @@ class BatchedRunner:
         forward_s = time.perf_counter() - started
         per_row = torch.split(logits, [len(p) for p in picks])
         result: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        first_rows = [0] * len(rows)
+        offset = 0
         for i, out in zip(order, per_row):
-            result[i] = out
+            result[i], first_rows[i] = out, offset
+            offset += out.shape[0]
         for row, start in zip(rows, starts):
             self.cache.set_length(row.seq_id, start + len(row.tokens))
-        return StepResult(result, forward_s, plan.num_tokens, sum(starts))
+        return StepResult(result, forward_s, plan.num_tokens, sum(starts), flat_logits=logits, first_rows=first_rows)
