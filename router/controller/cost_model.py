@@ -55,8 +55,8 @@ class FitError:
     samples: int
 
 
-STALE_STEPS = 16  # live steps compared with the prior before it is judged
-STALE_MARGIN = 1.25  # a prior whose median prediction is off by more than this factor is rescaled
+STALE_STEPS = 32  # live steps compared with the prior before it is judged
+STALE_MARGIN = 1.5  # a prior whose median prediction is off by more than this factor is replaced
 
 
 class LinearCostModel:
