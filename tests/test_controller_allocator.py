@@ -64,6 +64,21 @@ def test_two_positional_drafters_stay_within_the_stated_tolerance(problem):
     assert predicted_goodput(candidates, ks, cost) >= brute_force(candidates, cost) * 0.88
 
 
+@settings(max_examples=300, deadline=None)
+@given(problems(drafters=("draft_model",), positional=("draft_model",)), st.integers(0, 12))
+def test_a_draft_budget_is_kept_and_the_best_allocation_within_it_found(problem, budget):
+    """What a step's token budget leaves for drafts beside its prefill chunks: one drafter still
+    reaches the brute-force optimum among the allocations within the budget, and so does 'uniform'
+    among its own (one k for all) within it."""
+    candidates, cost = problem
+    ks = allocate_goodput(candidates, cost, budget)
+    assert sum(ks) <= budget and all(0 <= k <= c.cap for k, c in zip(ks, candidates))
+    within = [list(ks) for ks in itertools.product(*[range(c.cap + 1) for c in candidates]) if sum(ks) <= budget]
+    best = max(predicted_goodput(candidates, option, cost) for option in within)
+    assert predicted_goodput(candidates, ks, cost) >= best * (1 - 1e-9)
+    assert sum(allocate_uniform(candidates, cost, k_max=5, budget=budget)) <= budget
+
+
 @settings(max_examples=200, deadline=None)
 @given(problems(drafters=("draft_model",), positional=("draft_model",)))
 def test_per_request_choice_is_never_worse_than_the_batch_wide_baseline(problem):

@@ -20,6 +20,9 @@ approximation (tests/test_controller_allocator.py bounds the gap against brute f
 
 The published baseline ("uniform") picks one k for the whole batch: argmax of goodput over k = 0..K,
 stopping at the first k that is worse than the one before.
+
+Both take an optional budget: the most draft tokens the step may verify in all (what a step's token
+budget leaves after its prefill chunks); the walk then keeps the best allocation within it.
 """
 
 from __future__ import annotations
@@ -88,8 +91,9 @@ def predicted_goodput(candidates: Sequence[Candidate], ks: Sequence[int], cost: 
     return expected_total(candidates, ks) / cost.step_time(ks, [c.drafter for c in candidates])
 
 
-def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[int]:
-    """Per-request k maximising predicted goodput: greedy by marginal gain per marginal cost.
+def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost, budget: int | None = None) -> list[int]:
+    """Per-request k maximising predicted goodput: greedy by marginal gain per marginal cost, with at
+    most `budget` draft tokens in all (None: no limit).
 
     A draft model pays per draft *position* (one forward each), which the per-token ordering cannot
     see, so the walk is repeated under each depth cap D = 1..K (tokens deeper than D skipped) and the
@@ -98,7 +102,7 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
     n = len(candidates)
     caps = np.array([c.cap for c in candidates], dtype=np.int64)  # [batch]
     k_max = int(caps.max(initial=0))
-    if n == 0 or k_max == 0:
+    if n == 0 or k_max == 0 or budget == 0:
         return [0] * n
     rates = np.array([c.acceptance for c in candidates])  # [batch]
     names = sorted({c.drafter for c in candidates})
@@ -139,17 +143,22 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
         depth = np.maximum.accumulate(np.where(mine, cols + 1, 0), axis=1)  # [W, M]
         time_s[:, 1:] += drafter.any_s * used + drafter.position_s * depth
     goodput = tokens / time_s  # [W, M + 1]
+    if budget is not None:  # a prefix that takes more draft tokens than the budget is out
+        goodput[np.hstack([zero, np.cumsum(keep, axis=1)]) > budget] = -np.inf
     walk, prefix = np.unravel_index(int(np.argmax(goodput)), goodput.shape)
     best_rows = rows[:prefix][keep[walk, :prefix]]
     return np.bincount(best_rows, minlength=n).tolist()
 
 
-def allocate_uniform(candidates: Sequence[Candidate], cost: StepCost, k_max: int) -> list[int]:
+def allocate_uniform(candidates: Sequence[Candidate], cost: StepCost, k_max: int, budget: int | None = None) -> list[int]:
     """The published batch-wide policy: one k for all (each capped by its request), argmax of
-    predicted goodput over k = 0..k_max with early exit at the first decrease."""
+    predicted goodput over k = 0..k_max with early exit at the first decrease or past `budget` draft
+    tokens in all (None: no limit)."""
     best_ks, best = [0] * len(candidates), -1.0
     for k in range(k_max + 1):
         ks = [min(k, c.cap) for c in candidates]
+        if budget is not None and sum(ks) > budget:
+            break
         value = predicted_goodput(candidates, ks, cost)
         if value < best:
             break
