@@ -8,7 +8,8 @@ One loop iteration:
      request within what is left while a prefill is pending, the drafters are called in parallel
      (asyncio.gather), and ONE Verify call per replica checks every proposal (k = 0 is plain decoding)
      and prefills the chunks in the same forward; a chunk that completes its context gives the
-     request's first token, and the request decodes from the next step on;
+     request's first token, and the request decodes from the next step on (with no request decoding,
+     the first prompt in line goes whole: there is no stream to hold back);
   3. the emitted tokens are committed per request (stop rules applied) and streamed out;
   4. finished and cancelled requests are released in the verifier and their drafter.
 
@@ -314,7 +315,7 @@ class Scheduler:
         chunks = self._prefill_chunks(len(batch))
         # While a prefill is pending, drafts get what the budget leaves after it: speculation shrinks
         # while prefill is heavy and grows when it is light.
-        room = self.max_step_tokens - len(batch) - sum(c.row.tokens for c in chunks) if chunks else None
+        room = max(0, self.max_step_tokens - len(batch) - sum(c.row.tokens for c in chunks)) if chunks else None
         self.controller.begin_step([c.row for c in chunks], room)
         self.telemetry.step_started(batch)
         views, asked, drafts, draft_times = await self._speculate(batch, room)
@@ -365,8 +366,12 @@ class Scheduler:
 
     def _prefill_chunks(self, decoding: int) -> list[PrefillChunk]:
         """This step's prefill: what the token budget leaves after one token per decoding request,
-        given to the requests being prefilled in admission order (first come, first served)."""
+        given to the requests being prefilled in admission order (first come, first served). With no
+        request decoding there is no stream to hold back, so the first prompt in line goes whole (the
+        others would wait for it anyway), in one forward rather than a step per chunk."""
         room = self.max_step_tokens - decoding
+        if not decoding:
+            room = max(room, next((r.prefill_left for r in self.running if r.prefill_left), 0))
         chunks: list[PrefillChunk] = []
         for request in self.running:
             if request.prefill_left and room > 0:

@@ -159,10 +159,12 @@ def test_a_long_prompt_prefilled_beside_speculating_requests_through_the_router_
 
 
 class ChunkGate(verifier_pb2_grpc.VerifierServiceServicer):
-    """Delegates to a real verifier, but the second Verify that carries prefill chunks waits at a gate."""
+    """Delegates to a real verifier, but the Verify calls that carry prefill chunks after the first
+    `passing` ones wait at a gate."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, passing: int) -> None:
         self.inner = inner
+        self.passing = passing
         self.gate = threading.Event()
         self.stuck = threading.Event()
         self.chunk_calls = 0
@@ -173,7 +175,7 @@ class ChunkGate(verifier_pb2_grpc.VerifierServiceServicer):
     async def Verify(self, request, context):
         if request.prefill_request_ids:
             self.chunk_calls += 1
-            if self.chunk_calls >= 2:
+            if self.chunk_calls > self.passing:
                 self.stuck.set()
                 while not self.gate.is_set():
                     await asyncio.sleep(0.01)
@@ -186,30 +188,38 @@ class ChunkGate(verifier_pb2_grpc.VerifierServiceServicer):
         return await self.inner.Info(request, context)
 
 
+def verifier_holds(address: str) -> tuple[int, int]:
+    """(live sequences, KV tokens) of a verifier."""
+    with grpc.insecure_channel(address) as channel:
+        info = verifier_pb2_grpc.VerifierServiceStub(channel).Info(verifier_pb2.InfoRequest(), timeout=10)
+    return info.live_sequences, info.kv_used_tokens
+
+
 def test_a_request_cancelled_mid_prefill_frees_its_state(tiny_target):
+    """A long prompt admitted beside a decoding request (so it is chunked), cancelled while its second
+    chunk is in flight: the verifier ends up holding only the other request, then nothing."""
     from verifier_svc.main import build_servicer
     from verifier_svc.server import SERVICE_NAME
 
-    verifier = ChunkGate(build_servicer(str(tiny_target), max_sequences=4))
+    verifier = ChunkGate(build_servicer(str(tiny_target), max_sequences=4), passing=2)  # the short prompt, the first chunk
+    engine = verifier.inner.engine
     server = ServerThread(lambda s: verifier_pb2_grpc.add_VerifierServiceServicer_to_server(verifier, s), [SERVICE_NAME])
     router = RouterThread(tokenizer_for(str(tiny_target)), server.address, {}, drafter="none", max_step_tokens=16)
     try:
+        decoding = router.stub.GenerateStream(router_pb2.GenerateRequest(prompt="Hello", max_tokens=400, ignore_eos=True), timeout=60)
+        next(decoding)
         stream = router.stub.GenerateStream(router_pb2.GenerateRequest(prompt="word " * 100, max_tokens=5), timeout=60)
         assert verifier.stuck.wait(30)  # one chunk prefilled, the second in flight
-        with grpc.insecure_channel(server.address) as channel:
-            info = verifier_pb2_grpc.VerifierServiceStub(channel).Info(verifier_pb2.InfoRequest(), timeout=10)
-        assert info.live_sequences == 1 and info.kv_used_tokens == 16
+        (held,) = engine._unfilled
+        assert engine.runner.length(held) == 15 and verifier_holds(server.address)[0] == 2  # 16 - 1 for the decoding request
         stream.cancel()
         verifier.gate.set()
-
-        def freed() -> bool:
-            with grpc.insecure_channel(server.address) as channel:
-                info = verifier_pb2_grpc.VerifierServiceStub(channel).Info(verifier_pb2.InfoRequest(), timeout=10)
-            return info.live_sequences == 0 and info.kv_used_tokens == 0
-
-        assert wait_until(freed), "the verifier still holds the request cancelled mid-prefill"
+        assert wait_until(lambda: held not in engine.runner and not engine._unfilled), "the verifier still holds the request cancelled mid-prefill"
+        assert verifier_holds(server.address)[0] == 1
+        decoding.cancel()
+        assert wait_until(lambda: verifier_holds(server.address) == (0, 0))
         assert wait_until(lambda: not router.servicer.scheduler.running and not router.servicer.scheduler.waiting)
-        assert not verifier.inner.engine._unfilled and not verifier.inner.engine._sampling
+        assert not engine._sampling
         assert len(router.stub.Generate(router_pb2.GenerateRequest(prompt="after", max_tokens=3), timeout=30).token_ids) == 3
     finally:
         verifier.gate.set()

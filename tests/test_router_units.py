@@ -175,7 +175,7 @@ def test_scheduler_runs_each_policy_phase_on_its_own_requests_and_clamps():
     custom = _IndexPolicy([9, 1, 4, 2])
     limits = Limits(max_context=40, vocab_size=100, eos_ids=frozenset({2}), max_sequences=8)
     verifier, drafter = _FakeVerifier(), _FakeDrafter()
-    scheduler = Scheduler(verifier=verifier, drafters={"pl": drafter}, limits=limits)
+    scheduler = Scheduler(verifier=verifier, drafters={"pl": drafter}, limits=limits, max_step_tokens=64)
     mk = lambda i, policy, max_tokens=20, prompt=5, drafter="pl": _state(
         [1] * prompt, Params(max_tokens=max_tokens, stop=(), drafter=drafter, policy=policy), rid=f"r-{i}"
     )
@@ -227,6 +227,20 @@ def test_prefill_goes_in_chunks_within_the_step_budget_first_come_first_served()
     while scheduler.running:
         asyncio.run(scheduler.iterate())
     assert sorted(verifier.released) == ["a", "b", "c"]
+
+
+def test_with_nothing_decoding_the_first_prompt_in_line_goes_whole():
+    """No stream to hold back: the first prompt is prefilled in one forward, the budget's rest goes to
+    the next in line; once a request decodes, chunks again."""
+    verifier = _FakeVerifier()
+    limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
+    scheduler = Scheduler(verifier=verifier, drafters={}, limits=limits, max_batch=4, max_step_tokens=20)
+    mk = lambda rid, prompt: _state([1] * prompt, Params(max_tokens=4, stop=(), drafter="none", policy=NoSpeculation()), rid=rid)
+    for request in (mk("long", 45), mk("short", 10), mk("later", 30)):
+        scheduler.submit(request)
+    asyncio.run(scheduler.iterate())
+    asyncio.run(scheduler.iterate())
+    assert verifier.chunks == [[("long", 45)], [("short", 10), ("later", 9)]]  # then 20 - 1 decoding - 10
 
 
 def test_the_step_budget_must_leave_room_for_a_prefill():
