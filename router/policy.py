@@ -13,8 +13,7 @@ requests by policy and, per group:
    ``forget(request_id)`` when a request leaves.
 
 The scheduler clamps every answer to the request's room (``RequestView.max_k``: its max_tokens and the
-context limit), so a policy cannot make a request overrun, and, while a prompt is being prefilled in the
-same step, the step's drafts to what its token budget leaves (``fit_budget``). The goodput controller plugs in as one more
+context limit), so a policy cannot make a request overrun. The goodput controller plugs in as one more
 subclass; ``PolicyRegistry`` hands every request naming the same spec the same instance, so a stateful
 policy sees all of its requests.
 """
@@ -171,15 +170,3 @@ class PolicyRegistry:
 def clamp_k(wanted: int, limit: int) -> int:
     """What the scheduler actually uses: never negative, never past the request's limit."""
     return max(0, min(int(wanted), limit))
-
-
-def fit_budget(ks: Sequence[int], budget: int | None) -> list[int]:
-    """Draft lengths cut to at most `budget` tokens in all (None: no limit), a token at a time from the
-    longest, so that whatever the policy asked, a step stays within its token budget."""
-    ks = list(ks)
-    if budget is None:
-        return ks
-    while sum(ks) > budget:
-        longest = max(range(len(ks)), key=ks.__getitem__)
-        ks[longest] -= 1
-    return ks

@@ -3,13 +3,13 @@
 One loop iteration:
   1. admit: waiting requests (up to the batch limit, first come first served) are admitted, one
      chunked Prefill call per verifier replica: the verifier keeps their contexts, computes nothing yet;
-  2. step, within a token budget (max_step_tokens): one token per decoding request, then prefill
-     chunks of the admitted contexts in admission order, then the policies pick k per decoding
-     request within what is left while a prefill is pending, the drafters are called in parallel
+  2. step: a token budget (max_step_tokens) gives one token to each decoding request and the rest to
+     prefill chunks of the admitted contexts in admission order (with no request decoding, the first
+     prompt in line goes whole: there is no stream to hold back); the policies pick k per decoding
+     request (the controller pricing the chunks in), the drafters are called in parallel
      (asyncio.gather), and ONE Verify call per replica checks every proposal (k = 0 is plain decoding)
      and prefills the chunks in the same forward; a chunk that completes its context gives the
-     request's first token, and the request decodes from the next step on (with no request decoding,
-     the first prompt in line goes whole: there is no stream to hold back);
+     request's first token, and the request decodes from the next step on;
   3. the emitted tokens are committed per request (stop rules applied) and streamed out;
   4. finished and cancelled requests are released in the verifier and their drafter.
 
@@ -31,7 +31,7 @@ import grpc
 from router.controlled import NAME as CONTROLLED
 from router.controller.controller import PrefillRow, Slot, SpeculationController
 from router.drafters import TREE_DRAFTERS, Draft, DrafterClient, pack_parents
-from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k, fit_budget
+from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
 from router.request import RequestState
 from router.verifiers import REPLICA_DOWN, STATE_LOST, VerifierPool, VerifierReplica
 from router.telemetry import RouterTelemetry
@@ -47,11 +47,14 @@ BENCHMARK_ONLY = frozenset({CONTROLLED})  # never picked by 'auto'
 # Verifier statuses that mean "this request cannot be served" rather than "the verifier is broken".
 PASS_THROUGH = {"INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED"}
 
-# Most tokens a step carries while a prompt is being prefilled (--max-step-tokens), so that running
-# streams slow down, never stall. On the reference CPU (one core) a decode step of 8 requests costs
-# ~230 ms and a prefill token ~6.5 ms: 40 prefill tokens beside 8 decoding keep such a step near 2x a
-# decode step (docs/engine.md, "Chunked prefill"). A GPU affords far more: a few thousand.
+# A step's token budget (--max-step-tokens): one token per decoding request, the rest for prefill
+# chunks, so that running streams slow down, never stall, while a prompt is prefilled. On one core of
+# the reference CPU a decode step of 8 requests costs ~240 ms and a prefill token ~6 ms: 40 prefill
+# tokens beside 8 decoding keep such a step near 2x a decode step (docs/engine.md, "Chunked prefill").
+# A GPU affords far more: a few thousand.
 DEFAULT_MAX_STEP_TOKENS = 48
+# However many requests decode, a prefill advances at least this many tokens a step.
+MIN_PREFILL_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,8 @@ class Scheduler:
         self.drafters = drafters
         self.limits = limits
         self.max_batch = max(1, min(max_batch, self.verifiers.capacity))
-        if max_step_tokens <= self.max_batch:
-            raise ValueError(
-                f"max_step_tokens ({max_step_tokens}) must exceed the batch limit ({self.max_batch}): every running "
-                "request takes one token of a step, and a prefill needs at least one more"
-            )
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be at least 1 (got {max_step_tokens})")
         self.max_step_tokens = max_step_tokens
         self.max_queue = max_queue
         self.verifier_timeout_s = verifier_timeout_s
@@ -313,12 +313,9 @@ class Scheduler:
         started = time.perf_counter()
         batch = [r for r in self.running if not r.prefill_left]  # decoding; the others are being prefilled
         chunks = self._prefill_chunks(len(batch))
-        # While a prefill is pending, drafts get what the budget leaves after it: speculation shrinks
-        # while prefill is heavy and grows when it is light.
-        room = max(0, self.max_step_tokens - len(batch) - sum(c.row.tokens for c in chunks)) if chunks else None
-        self.controller.begin_step([c.row for c in chunks], room)
+        self.controller.begin_step([c.row for c in chunks])
         self.telemetry.step_started(batch)
-        views, asked, drafts, draft_times = await self._speculate(batch, room)
+        views, asked, drafts, draft_times = await self._speculate(batch)
         if batch:
             final = [len(d) for d in drafts]
             self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
@@ -365,11 +362,11 @@ class Scheduler:
             )
 
     def _prefill_chunks(self, decoding: int) -> list[PrefillChunk]:
-        """This step's prefill: what the token budget leaves after one token per decoding request,
-        given to the requests being prefilled in admission order (first come, first served). With no
-        request decoding there is no stream to hold back, so the first prompt in line goes whole (the
-        others would wait for it anyway), in one forward rather than a step per chunk."""
-        room = self.max_step_tokens - decoding
+        """This step's prefill: what the token budget leaves after one token per decoding request (at
+        least MIN_PREFILL_TOKENS), given to the requests being prefilled in admission order (first come,
+        first served). With no request decoding there is no stream to hold back, so the first prompt in
+        line goes whole (the others would wait for it anyway), in one forward rather than a step per chunk."""
+        room = max(self.max_step_tokens - decoding, MIN_PREFILL_TOKENS)
         if not decoding:
             room = max(room, next((r.prefill_left for r in self.running if r.prefill_left), 0))
         chunks: list[PrefillChunk] = []
@@ -381,11 +378,11 @@ class Scheduler:
         return chunks
 
     async def _speculate(
-        self, batch: Sequence[RequestState], room: int | None
+        self, batch: Sequence[RequestState]
     ) -> tuple[list[RequestView], list[int], list[Draft], dict[str, tuple[tuple[int, ...], float]]]:
-        """Each decoding request's drafter and k (its policy's choice, clamped to its room and to `room`
-        draft tokens in all when given) and the drafters' proposals. Returns the views, the ks asked of
-        the drafters, the drafts to verify and, per drafter called, its ks and wall time."""
+        """Each decoding request's drafter and k (its policy's choice, clamped to its room) and the
+        drafters' proposals. Returns the views, the ks asked of the drafters, the drafts to verify and,
+        per drafter called, its ks and wall time."""
         assigned = [self._drafter_for(r) for r in batch]
         views = self._views(batch, assigned)
         groups = self._groups(batch)
@@ -402,7 +399,7 @@ class Scheduler:
             refined = policy.refine([views[i] for i in members], [asked[i] for i in members], [len(proposals[i]) for i in members])
             for i, k in zip(members, refined):
                 final[i] = clamp_k(k, min(asked[i], len(proposals[i])))
-        drafts = [proposal.cut(k) for proposal, k in zip(proposals, fit_budget(final, room))]
+        drafts = [proposal.cut(k) for proposal, k in zip(proposals, final)]
         return views, asked, drafts, draft_times
 
     def _prefilled(self, prefilled: Sequence[tuple[PrefillChunk, int | None]]) -> None:

@@ -204,14 +204,14 @@ def test_a_request_cancelled_mid_prefill_frees_its_state(tiny_target):
     verifier = ChunkGate(build_servicer(str(tiny_target), max_sequences=4), passing=2)  # the short prompt, the first chunk
     engine = verifier.inner.engine
     server = ServerThread(lambda s: verifier_pb2_grpc.add_VerifierServiceServicer_to_server(verifier, s), [SERVICE_NAME])
-    router = RouterThread(tokenizer_for(str(tiny_target)), server.address, {}, drafter="none", max_step_tokens=16)
+    router = RouterThread(tokenizer_for(str(tiny_target)), server.address, {}, drafter="none", max_step_tokens=20)
     try:
         decoding = router.stub.GenerateStream(router_pb2.GenerateRequest(prompt="Hello", max_tokens=400, ignore_eos=True), timeout=60)
         next(decoding)
         stream = router.stub.GenerateStream(router_pb2.GenerateRequest(prompt="word " * 100, max_tokens=5), timeout=60)
         assert verifier.stuck.wait(30)  # one chunk prefilled, the second in flight
         (held,) = engine._unfilled
-        assert engine.runner.length(held) == 15 and verifier_holds(server.address)[0] == 2  # 16 - 1 for the decoding request
+        assert engine.runner.length(held) == 19 and verifier_holds(server.address)[0] == 2  # 20 - 1 for the decoding request
         stream.cancel()
         verifier.gate.set()
         assert wait_until(lambda: held not in engine.runner and not engine._unfilled), "the verifier still holds the request cancelled mid-prefill"

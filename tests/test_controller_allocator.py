@@ -9,6 +9,7 @@ tried rather than every combination, and a loss of up to 10% is possible (seen 9
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -65,18 +66,21 @@ def test_two_positional_drafters_stay_within_the_stated_tolerance(problem):
 
 
 @settings(max_examples=300, deadline=None)
-@given(problems(drafters=("draft_model",), positional=("draft_model",)), st.integers(0, 12))
-def test_a_draft_budget_is_kept_and_the_best_allocation_within_it_found(problem, budget):
-    """What a step's token budget leaves for drafts beside its prefill chunks: one drafter still
-    reaches the brute-force optimum among the allocations within the budget, and so does 'uniform'
-    among its own (one k for all) within it."""
+@given(problems(drafters=("draft_model",), positional=("draft_model",)), st.floats(1.0, 300.0))
+def test_a_step_that_also_prefills_reaches_the_optimum_counting_its_chunk(problem, prefilled):
+    """Chunked prefill: the chunk's tokens count in the step's goodput; one drafter still reaches the
+    brute-force optimum of that goodput."""
     candidates, cost = problem
-    ks = allocate_goodput(candidates, cost, budget)
-    assert sum(ks) <= budget and all(0 <= k <= c.cap for k, c in zip(ks, candidates))
-    within = [list(ks) for ks in itertools.product(*[range(c.cap + 1) for c in candidates]) if sum(ks) <= budget]
-    best = max(predicted_goodput(candidates, option, cost) for option in within)
-    assert predicted_goodput(candidates, ks, cost) >= best * (1 - 1e-9)
-    assert sum(allocate_uniform(candidates, cost, k_max=5, budget=budget)) <= budget
+    cost = dataclasses.replace(cost, fixed_tokens=prefilled)
+    ks = allocate_goodput(candidates, cost)
+    assert predicted_goodput(candidates, ks, cost) >= brute_force(candidates, cost) * (1 - 1e-9)
+
+
+def test_speculation_shrinks_while_prefill_is_heavy_and_grows_when_it_is_light():
+    candidates = [Candidate(0.6, 8, "prompt_lookup") for _ in range(8)]
+    cost = StepCost(base_s=0.24, token_s=0.006, jump_s=0.0)
+    chosen = [sum(allocate_goodput(candidates, dataclasses.replace(cost, base_s=0.24 + 0.006 * n, fixed_tokens=n))) for n in (0, 40, 200)]
+    assert chosen[0] > chosen[1] > chosen[2]
 
 
 @settings(max_examples=200, deadline=None)

@@ -140,28 +140,28 @@ def test_step_error_is_measured_and_requests_are_forgotten():
     assert controller.steps == 0 and controller.rates == {} and (controller.verify_cost.coef == profiled).all()
 
 
-def test_prefill_chunks_are_priced_into_the_step_and_bound_its_drafts():
+def test_prefill_chunks_are_priced_into_the_step_and_shrink_its_speculation():
     """Chunked prefill: the step's prediction counts the chunk's tokens (which also pay the jump to
-    multi-token rows), its drafts stay within what the token budget leaves, and the refit sees the
-    chunk as one more row of the step."""
+    multi-token rows), the chunk's tokens raise the rate a draft must beat, and the refit sees the chunk
+    as one more row of the step."""
     controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
     slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=100) for i in range(4)]
     for slot in slots:
         for _ in range(20):
-            controller.observe_request(slot.request_id, "prompt_lookup", 4, 4)  # its drafts land
-    assert sum(controller.decide(slots)) > 5
-    chunk = PrefillRow(cached=200, tokens=50)
-    controller.begin_step([chunk], draft_budget=5)
+            controller.observe_request(slot.request_id, "prompt_lookup", 4, 3)  # most of its drafts land
+    alone = controller.decide(slots)
+    chunk = PrefillRow(cached=200, tokens=150)
+    controller.begin_step([chunk])
     ks = controller.decide(slots)
-    assert 0 < sum(ks) <= 5
+    assert sum(ks) < sum(alone)
     record = controller.record(slots, ks)
-    drafting = 0.0005 + 0.00002 * sum(ks)  # prompt lookup's default cost
-    assert record.predicted_s == pytest.approx(0.05 + 0.004 * (4 + sum(ks) + 50) + 0.01 + drafting)  # the jump once, paid by the chunk
+    drafting = 0.0005 + 0.00002 * sum(ks) if any(ks) else 0.0  # prompt lookup's default cost
+    assert record.predicted_s == pytest.approx(0.05 + 0.004 * (4 + sum(ks) + 150) + 0.01 + drafting)  # the jump once, paid by the chunk
     controller.observe_step([100] * 4, ks, {}, step_s=0.5, prefill=[chunk])
     row = controller.verify_cost._x[-1]  # const, new tokens, context, attended, sequences, any speculation
-    assert list(row) == [1, 4 + sum(ks) + 50, 400 + 250, 100 * (4 + sum(ks)) + 50 * 250, 5, 1]
-    controller.begin_step()  # no prefill: the budget is gone with it
-    assert sum(controller.decide(slots)) > 5
+    assert list(row) == [1, 4 + sum(ks) + 150, 400 + 350, 100 * (4 + sum(ks)) + 150 * 350, 5, 1]
+    controller.begin_step()  # the next step prefills nothing
+    assert controller.decide(slots) == alone
 
 
 def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from router.detokenize import IncrementalDetokenizer, tokenizer_decoder
 from router.drafters import Draft, DrafterClient
-from router.policy import FixedSpeculation, NoSpeculation, PolicyRegistry, RequestView, SpeculationPolicy, clamp_k, fit_budget, parse_policy
+from router.policy import FixedSpeculation, NoSpeculation, PolicyRegistry, RequestView, SpeculationPolicy, clamp_k, parse_policy
 from router.request import Params, RequestState
 from router.scheduler import Limits, Scheduler
 from router.stops import StopMatcher
@@ -63,13 +63,6 @@ def test_clamp_k_bounds_any_policy_answer():
     assert clamp_k(7, 4) == 4
     assert clamp_k(-3, 4) == 0
     assert clamp_k(2, 4) == 2
-
-
-def test_fit_budget_cuts_the_longest_drafts_first():
-    assert fit_budget([5, 1, 3], None) == [5, 1, 3]
-    assert fit_budget([5, 1, 3], 9) == [5, 1, 3]
-    assert fit_budget([5, 1, 3], 6) == [2, 1, 3]
-    assert fit_budget([2, 2], 0) == [0, 0]
 
 
 def test_registry_shares_one_instance_per_spec_and_names_extra_policies():
@@ -207,8 +200,8 @@ def test_scheduler_runs_each_policy_phase_on_its_own_requests_and_clamps():
 
 
 def test_prefill_goes_in_chunks_within_the_step_budget_first_come_first_served():
-    """A step carries one token per decoding request, then prefill chunks in admission order up to the
-    budget, and while a prefill is pending the drafts get only what is left of it."""
+    """A step's budget gives one token to each decoding request, the rest to prefill chunks in
+    admission order; the decoding requests' drafts come on top."""
     verifier, drafter = _FakeVerifier(), _FakeDrafter()
     limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
     scheduler = Scheduler(verifier=verifier, drafters={"pl": drafter}, limits=limits, max_batch=4, max_step_tokens=20)
@@ -222,7 +215,7 @@ def test_prefill_goes_in_chunks_within_the_step_budget_first_come_first_served()
     for _ in range(4):
         asyncio.run(scheduler.iterate())
     assert verifier.chunks == [[("a", 3)], [("b", 19)], [("b", 19)], [("b", 7), ("c", 10)]]  # 20 - 1 for a's token
-    assert verifier.verified == [[0], [0], [2], [4, 4, 4]]  # a's drafts: none while b's prefill fills the budget, then 20 - 1 - 17
+    assert verifier.verified == [[4], [4], [4], [3, 4, 4]]  # a's last: the room its 20 tokens leave
     assert long.tokens == [1] * 45 + [50, 70, 70, 70, 70, 60] and short.first_token is not None
     while scheduler.running:
         asyncio.run(scheduler.iterate())
@@ -243,10 +236,21 @@ def test_with_nothing_decoding_the_first_prompt_in_line_goes_whole():
     assert verifier.chunks == [[("long", 45)], [("short", 10), ("later", 9)]]  # then 20 - 1 decoding - 10
 
 
-def test_the_step_budget_must_leave_room_for_a_prefill():
-    limits = Limits(max_context=64, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
-    with pytest.raises(ValueError, match="must exceed the batch limit"):
-        Scheduler(verifier=_FakeVerifier(), drafters={}, limits=limits, max_batch=8, max_step_tokens=8)
+def test_a_prefill_advances_however_many_requests_decode():
+    """A budget the decoding requests alone fill still leaves a prefill MIN_PREFILL_TOKENS a step."""
+    verifier = _FakeVerifier()
+    limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
+    scheduler = Scheduler(verifier=verifier, drafters={}, limits=limits, max_batch=8, max_step_tokens=4)
+    mk = lambda rid, prompt: _state([1] * prompt, Params(max_tokens=30, stop=(), drafter="none", policy=NoSpeculation()), rid=rid)
+    for i in range(4):
+        scheduler.submit(mk(f"d{i}", 1))
+    asyncio.run(scheduler.iterate())  # the first prompt whole (nothing decodes), the budget's rest to the others
+    scheduler.submit(mk("long", 40))
+    for _ in range(3):
+        asyncio.run(scheduler.iterate())
+    assert verifier.chunks[-3:] == [[("long", 16)], [("long", 16)], [("long", 8)]]
+    with pytest.raises(ValueError, match="at least 1"):
+        Scheduler(verifier=_FakeVerifier(), drafters={}, limits=limits, max_step_tokens=0)
 
 
 # --- incremental detokenization ------------------------------------------------------------------------

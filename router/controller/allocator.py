@@ -21,8 +21,9 @@ approximation (tests/test_controller_allocator.py bounds the gap against brute f
 The published baseline ("uniform") picks one k for the whole batch: argmax of goodput over k = 0..K,
 stopping at the first k that is worse than the one before.
 
-Both take an optional budget: the most draft tokens the step may verify in all (what a step's token
-budget leaves after its prefill chunks); the walk then keeps the best allocation within it.
+A step that also prefills (chunked prefill) completes its chunks' tokens whatever k is: they count in
+goodput like generated tokens (``StepCost.fixed_tokens``), so a draft token must then beat a higher rate
+to be worth its time, and speculation shrinks while prefill is heavy and grows when it is light.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class StepCost:
     token_s: float
     jump_s: float
     drafters: dict[str, DrafterCost] = field(default_factory=dict)
+    fixed_tokens: float = 0.0  # tokens the step completes whatever k is: its prefill chunks'
 
     def step_time(self, ks: Sequence[int], drafters: Sequence[str]) -> float:
         total = self.base_s + self.token_s * sum(ks) + (self.jump_s if any(ks) else 0.0)
@@ -87,13 +89,13 @@ def expected_total(candidates: Sequence[Candidate], ks: Sequence[int]) -> float:
 
 
 def predicted_goodput(candidates: Sequence[Candidate], ks: Sequence[int], cost: StepCost) -> float:
-    """Expected generated tokens per second of the whole batch for speculation lengths `ks`."""
-    return expected_total(candidates, ks) / cost.step_time(ks, [c.drafter for c in candidates])
+    """Expected tokens per second of the whole step for speculation lengths `ks`: generated, and
+    prefilled beside them (cost.fixed_tokens)."""
+    return (expected_total(candidates, ks) + cost.fixed_tokens) / cost.step_time(ks, [c.drafter for c in candidates])
 
 
-def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost, budget: int | None = None) -> list[int]:
-    """Per-request k maximising predicted goodput: greedy by marginal gain per marginal cost, with at
-    most `budget` draft tokens in all (None: no limit).
+def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[int]:
+    """Per-request k maximising predicted goodput: greedy by marginal gain per marginal cost.
 
     A draft model pays per draft *position* (one forward each), which the per-token ordering cannot
     see, so the walk is repeated under each depth cap D = 1..K (tokens deeper than D skipped) and the
@@ -102,7 +104,7 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost, budget: in
     n = len(candidates)
     caps = np.array([c.cap for c in candidates], dtype=np.int64)  # [batch]
     k_max = int(caps.max(initial=0))
-    if n == 0 or k_max == 0 or budget == 0:
+    if n == 0 or k_max == 0:
         return [0] * n
     rates = np.array([c.acceptance for c in candidates])  # [batch]
     names = sorted({c.drafter for c in candidates})
@@ -132,7 +134,7 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost, budget: in
         walks += [drafter_of[rows] != index for index, d in enumerate(drafter_costs) if d.any_s > 0 or d.position_s > 0]
     keep = np.stack(walks)  # [W, M]
     zero = np.zeros((len(keep), 1))
-    tokens = n + np.hstack([zero, np.cumsum(walk_gain * keep, axis=1)])  # [W, M + 1]
+    tokens = n + cost.fixed_tokens + np.hstack([zero, np.cumsum(walk_gain * keep, axis=1)])  # [W, M + 1]
     time_s = cost.base_s + np.hstack([zero, np.cumsum(walk_cost * keep, axis=1)])  # [W, M + 1]
     time_s[:, 1:] += cost.jump_s * (np.cumsum(keep, axis=1) > 0)
     for index, drafter in enumerate(drafter_costs):
@@ -143,22 +145,17 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost, budget: in
         depth = np.maximum.accumulate(np.where(mine, cols + 1, 0), axis=1)  # [W, M]
         time_s[:, 1:] += drafter.any_s * used + drafter.position_s * depth
     goodput = tokens / time_s  # [W, M + 1]
-    if budget is not None:  # a prefix that takes more draft tokens than the budget is out
-        goodput[np.hstack([zero, np.cumsum(keep, axis=1)]) > budget] = -np.inf
     walk, prefix = np.unravel_index(int(np.argmax(goodput)), goodput.shape)
     best_rows = rows[:prefix][keep[walk, :prefix]]
     return np.bincount(best_rows, minlength=n).tolist()
 
 
-def allocate_uniform(candidates: Sequence[Candidate], cost: StepCost, k_max: int, budget: int | None = None) -> list[int]:
+def allocate_uniform(candidates: Sequence[Candidate], cost: StepCost, k_max: int) -> list[int]:
     """The published batch-wide policy: one k for all (each capped by its request), argmax of
-    predicted goodput over k = 0..k_max with early exit at the first decrease or past `budget` draft
-    tokens in all (None: no limit)."""
+    predicted goodput over k = 0..k_max with early exit at the first decrease."""
     best_ks, best = [0] * len(candidates), -1.0
     for k in range(k_max + 1):
         ks = [min(k, c.cap) for c in candidates]
-        if budget is not None and sum(ks) > budget:
-            break
         value = predicted_goodput(candidates, ks, cost)
         if value < best:
             break

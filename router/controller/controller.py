@@ -12,8 +12,8 @@ geometric tail past that tree's size, to choose the next budget before drafting.
 proposed a tree, its drafter's geometric acceptance stands in.
 
 Chunked prefill: a step may also carry prefill chunks (``begin_step``). They are rows of the same
-forward, so every prediction of the step prices them, and the draft tokens of the step may be limited
-to what the step's token budget leaves after them: speculation shrinks while prefill is heavy.
+forward, so every prediction of the step prices them, and their tokens count in the step's goodput like
+generated ones (allocator.py): speculation shrinks while prefill is heavy and grows when it is light.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
+
+import numpy as np
 
 from router.controller.acceptance import DrafterRates, RequestAcceptance
 from router.controller.allocator import (
@@ -60,7 +62,7 @@ class PrefillRow:
     tokens: int
 
 
-def features(contexts: Sequence[int], ks: Sequence[int], prefill: Sequence[PrefillRow] = ()):
+def features(contexts: Sequence[int], ks: Sequence[int], prefill: Sequence[PrefillRow] = ()) -> np.ndarray:
     """The verify cost model's features of a step: requests with these contexts verifying these ks,
     beside these prefill chunks (each a row of `tokens` new tokens over `cached + tokens` keys)."""
     return step_features([*contexts, *(p.cached + p.tokens for p in prefill)], [*ks, *(p.tokens - 1 for p in prefill)])
@@ -111,7 +113,6 @@ class SpeculationController:
         self._unverified: set[tuple[str, str]] = set()  # (request id, drafter) whose last tree awaits its verify
         self._previous: dict[str, int] = {}
         self._prefill: tuple[PrefillRow, ...] = ()  # this step's prefill chunks (begin_step)
-        self._draft_budget: int | None = None  # most draft tokens this step may verify in all (None: no limit)
         self.last: StepRecord | None = None
         self._step_errors: deque[float] = deque(maxlen=256)
         self.steps = 0
@@ -167,7 +168,8 @@ class SpeculationController:
 
     def step_cost(self, slots: Sequence[Slot]) -> StepCost:
         """The cost model flattened for this batch (its base is the step with every k = 0, this step's
-        prefill chunks included; a chunk of several tokens already pays the jump to multi-token rows)."""
+        prefill chunks included, whose tokens it completes whatever k is; a chunk of several tokens
+        already pays the jump to multi-token rows)."""
         coef = self.verify_cost.as_dict()
         context = sum(s.context_tokens for s in slots)
         base = self.verify_cost.predict(features([s.context_tokens for s in slots], [0] * len(slots), self._prefill))
@@ -179,18 +181,17 @@ class SpeculationController:
         # a draft token costs its share of the step's tokens and attention over its request's context
         # (at the batch's mean context: the allocator prices every request's tokens alike)
         token_s = coef["new_tokens"] + coef["attended_tokens"] * context / max(len(slots), 1)
-        return StepCost(base_s=max(base, 1e-4), token_s=token_s, jump_s=jump, drafters=drafters)
+        fixed = float(sum(p.tokens for p in self._prefill))
+        return StepCost(base_s=max(base, 1e-4), token_s=token_s, jump_s=jump, drafters=drafters, fixed_tokens=fixed)
 
     def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
         return [self._candidate(s.request_id, s.drafter, min(s.cap, self.k_max)) if s.drafter != "none" else Candidate(0.0, 0, "none") for s in slots]
 
     # --- decisions ------------------------------------------------------------------------------
-    def begin_step(self, prefill: Sequence[PrefillRow] = (), draft_budget: int | None = None) -> None:
-        """What the step about to be decided carries besides its requests' verification: prefill chunks,
-        priced into every prediction until the next call, and the most draft tokens its requests may
-        verify in all (None: no limit)."""
+    def begin_step(self, prefill: Sequence[PrefillRow] = ()) -> None:
+        """The prefill chunks the step about to be decided carries besides its requests' verification,
+        priced into every prediction until the next call."""
         self._prefill = tuple(prefill)
-        self._draft_budget = draft_budget
 
     def choose_drafter(self, request_id: str, drafters: Sequence[str], cap: int, context_tokens: int) -> str:
         """For drafter 'auto': the drafter that gives this request the best predicted goodput on its
@@ -217,15 +218,13 @@ class SpeculationController:
         published batch-wide choice. Changes no state (the scheduler records what was verified)."""
         candidates = self._candidates(slots)
         cost = self.step_cost(slots)
-        budget = self._draft_budget
         if mode == "uniform":
-            return allocate_uniform(candidates, cost, self.k_max, budget)
+            return allocate_uniform(candidates, cost, self.k_max)
         if mode != "goodput":
             raise ValueError(f"unknown controller mode {mode!r}")
-        ks = allocate_goodput(candidates, cost, budget)
+        ks = allocate_goodput(candidates, cost)
         previous = [min(self._previous.get(s.request_id, 0), c.cap) for s, c in zip(slots, candidates)]
-        fits = budget is None or sum(previous) <= budget
-        if previous != ks and fits and predicted_goodput(candidates, ks, cost) <= predicted_goodput(candidates, previous, cost) * (1 + self.hysteresis):
+        if previous != ks and predicted_goodput(candidates, ks, cost) <= predicted_goodput(candidates, previous, cost) * (1 + self.hysteresis):
             return previous  # not clearly better: keep last step's choice rather than thrash
         return ks
 
