@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the client and the lifeline come from this checkout
 
+from smartspec.bench.checkout import commit_of, up_from  # noqa: E402
 from smartspec.commands.demo import PROMPTS  # noqa: E402
 from smartspec.lifeline import child_env  # noqa: E402
 
@@ -64,27 +64,6 @@ def parse_args() -> argparse.Namespace:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@contextmanager
-def stack(tree: Path, target: str, draft: str) -> Iterator[tuple[str, float]]:
-    """`smartspec up` of `tree`, started with this interpreter; yields the router's address and the
-    seconds it took to be ready (a first start also measures the cost profile)."""
-    env = {**child_env(os.environ), "PYTHONPATH": str(tree)}
-    argv = [sys.executable, "-m", "smartspec.cli", "up", "--port", "0", "--target-model", target, "--draft-model", draft]
-    started = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        for line in process.stdout:
-            if line.startswith("ready "):
-                fields = dict(part.split("=", 1) for part in line.split()[1:])
-                yield fields["router"], time.perf_counter() - started
-                return
-        raise RuntimeError(f"smartspec up exited with code {process.wait()} before it was ready")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=120)
 
 
 @contextmanager
@@ -123,12 +102,6 @@ def measure(router: str, condition: str, args: argparse.Namespace) -> list[dict]
     return rows
 
 
-def commit_of(tree: Path) -> str:
-    """The tree's commit, with '-dirty' when it has changes of its own."""
-    done = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
-
-
 def table(runs: dict[str, dict]) -> str:
     lines = ["| run | variant | quiet tok/s | beside a neighbour tok/s | neighbour / quiet |", "|---|---|---|---|---|"]
     for label, run in runs.items():
@@ -146,7 +119,8 @@ def main() -> None:
                 target_model=args.target_model, draft_model=args.draft_model, neighbour_threads=args.neighbour_threads or cores())
     label = args.label or meta["commit"]
     print(f"busy_neighbour: {label}: starting the stack of {tree}", file=sys.stderr, flush=True)
-    with stack(tree, args.target_model, args.draft_model) as (router, startup_s):
+    # a first start also measures the cost profile
+    with up_from(tree, ["--target-model", args.target_model, "--draft-model", args.draft_model]) as (router, startup_s):
         meta["stack_start_s"] = round(startup_s, 1)
         rows = measure(router, "quiet", args)
         with neighbour(meta["neighbour_threads"]):

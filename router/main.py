@@ -15,6 +15,8 @@ DEFAULT_PORT = 50051
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from router.scheduler import DEFAULT_MAX_STEP_TOKENS
+
     add_server_flags(parser, default_port=DEFAULT_PORT)
     add_flag(parser, "--verifier", action="append", default=["127.0.0.1:50052"], metavar="HOST:PORT",
              help="a verifier replica (repeatable; env: comma-separated); requests of a replica that fails move to another")
@@ -23,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--target-model", default="embedded", help="folder whose tokenizer the router uses (the verifier's target), or 'embedded'")
     add_flag(parser, "--max-batch", type=int, default=16, help="most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="most requests waiting for admission; beyond it, RESOURCE_EXHAUSTED")
+    add_flag(parser, "--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS,
+             help="token budget of a step: one token per running request, the rest (at least 16) for chunks of the prompts "
+             "being prefilled, first come first served; drafts come on top"),
     add_flag(parser, "--default-drafter", default="auto", help="drafter for requests that name none: auto (the controller picks per step), none, prompt_lookup, draft_model, tree")
     add_flag(parser, "--default-policy", default="goodput", help="speculation policy for requests that name none: goodput, uniform, none or fixed:K")
     add_flag(parser, "--k-max", type=int, default=8, help="most draft tokens the goodput and uniform policies give one request per step")
@@ -77,6 +82,7 @@ async def serve(args: argparse.Namespace) -> None:
         defaults=Defaults(drafter=args.default_drafter, policy=args.default_policy, max_tokens=args.default_max_tokens),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        max_step_tokens=args.max_step_tokens,
         drafter_timeout_s=args.drafter_timeout_s,
         verifier_timeout_s=args.verifier_timeout_s,
         cost_profile=args.cost_profile,

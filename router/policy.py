@@ -73,6 +73,7 @@ class StepOutcome:
     step_s: float  # wall time of the whole step (propose + verify) seen by the router
     # per drafter called this step: the ks asked of it and the wall time of its Propose call
     drafts: Mapping[str, tuple[tuple[int, ...], float]] = field(default_factory=dict)
+    prefill_tokens: int = 0  # context tokens of other requests prefilled in the same forward (chunked prefill)
 
 
 class SpeculationPolicy(abc.ABC):

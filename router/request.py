@@ -75,6 +75,7 @@ class RequestState:
     drafter_contacted: set[str] = field(default_factory=set)  # drafters that may hold state to release
     verifier: str = ""  # address of the verifier replica that holds its KV cache ("" while it holds none)
     failovers: int = 0  # moves to another replica since its last successful Prefill or Verify
+    prefill_left: int = 0  # while running: context tokens its verifier has still to prefill (0: it decodes)
     admitted: float | None = None
     first_token: float | None = None
     finish_reason: int | None = None

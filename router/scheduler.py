@@ -1,12 +1,20 @@
 """Continuous batching: requests join and leave the running batch between steps.
 
 One loop iteration:
-  1. admit: waiting requests (up to the batch limit) are prefilled, one batched Prefill call per
-     verifier replica; the first token comes from it;
-  2. step: the policies pick k per request, the drafters are called in parallel (asyncio.gather),
-     then ONE Verify call checks every running request's proposal (k = 0 is plain decoding);
+  1. admit: waiting requests (up to the batch limit, first come first served) are admitted, one
+     chunked Prefill call per verifier replica: the verifier keeps their contexts, computes nothing yet;
+  2. step: a token budget (max_step_tokens) gives one token to each decoding request and the rest to
+     prefill chunks of the admitted contexts in admission order (with no request decoding, the first
+     prompt in line goes whole: there is no stream to hold back); the policies pick k per decoding
+     request (the controller pricing the chunks in), the drafters are called in parallel
+     (asyncio.gather), and ONE Verify call per replica checks every proposal (k = 0 is plain decoding)
+     and prefills the chunks in the same forward; a chunk that completes its context gives the
+     request's first token, and the request decodes from the next step on;
   3. the emitted tokens are committed per request (stop rules applied) and streamed out;
   4. finished and cancelled requests are released in the verifier and their drafter.
+
+So a long prompt never stalls the running requests for its whole prefill: each step carries at most
+a budget's worth of it (docs/engine.md, "Chunked prefill").
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from typing import Iterable, Sequence
 import grpc
 
 from router.controlled import NAME as CONTROLLED
-from router.controller.controller import Slot, SpeculationController
+from router.controller.controller import PrefillRow, Slot, SpeculationController
 from router.drafters import TREE_DRAFTERS, Draft, DrafterClient, pack_parents
 from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
 from router.request import RequestState
@@ -38,6 +46,35 @@ BENCHMARK_ONLY = frozenset({CONTROLLED})  # never picked by 'auto'
 
 # Verifier statuses that mean "this request cannot be served" rather than "the verifier is broken".
 PASS_THROUGH = {"INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED"}
+
+# A step's token budget (--max-step-tokens): one token per decoding request, the rest for prefill
+# chunks, so that running streams slow down, never stall, while a prompt is prefilled. On one core of
+# the reference CPU a decode step of 8 requests costs ~240 ms and a prefill token ~6 ms: 40 prefill
+# tokens beside 8 decoding keep such a step near 2x a decode step (docs/engine.md, "Chunked prefill").
+# A GPU affords far more: a few thousand.
+DEFAULT_MAX_STEP_TOKENS = 48
+# However many requests decode, a prefill advances at least this many tokens a step.
+MIN_PREFILL_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A request's part of a step's prefill, its row as the cost model sees it."""
+
+    request: RequestState
+    row: PrefillRow
+    completes: bool  # it ends the request's context: the reply carries the request's next token
+
+
+@dataclass
+class StepReply:
+    """What the replicas answered for one step: per decoding request (accepted count, emitted tokens),
+    or None where its replica failed (the request then moved or failed); the chunks that ran, each
+    with the request's first token when it completed its context; the context tokens attended."""
+
+    results: list[tuple[int, list[int]] | None]
+    prefilled: list[tuple[PrefillChunk, int | None]]
+    context_tokens: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +100,7 @@ class Scheduler:
         verifier_timeout_s: float = 120.0,
         controller: SpeculationController | None = None,
         telemetry: RouterTelemetry | None = None,
+        max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
     ) -> None:
         # One or more verifier replicas; a bare stub is a pool of one (limits.max_sequences slots).
         self.verifiers = verifier if isinstance(verifier, VerifierPool) else VerifierPool([VerifierReplica("verifier", verifier, limits.max_sequences)])
@@ -72,6 +110,9 @@ class Scheduler:
         self.drafters = drafters
         self.limits = limits
         self.max_batch = max(1, min(max_batch, self.verifiers.capacity))
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be at least 1 (got {max_step_tokens})")
+        self.max_step_tokens = max_step_tokens
         self.max_queue = max_queue
         self.verifier_timeout_s = verifier_timeout_s
         self.waiting: collections.deque[RequestState] = collections.deque()
@@ -220,8 +261,9 @@ class Scheduler:
         await asyncio.gather(*(self._prefill(replica, group) for replica, group in groups.items()))
 
     async def _prefill(self, replica: VerifierReplica, batch: list[RequestState]) -> None:
-        """Admits `batch` on one replica: a new request's context is its prompt; a request moving from
-        a failed replica sends all its committed tokens, and the token the Prefill returns is its next."""
+        """Admits `batch` on one replica, chunked: the verifier keeps each context (a new request's
+        prompt; a request moving from a failed replica, all its committed tokens) for the steps to
+        prefill, and the chunk that completes it gives the request's next token."""
         now = time.perf_counter()
         new = [r for r in batch if r.first_token is None]  # the others move from a failed replica
         for request in new:
@@ -230,12 +272,14 @@ class Scheduler:
         if stale:
             replica.orphans.difference_update(stale)
             await self.verifiers.release(replica, stale, self.verifier_timeout_s)
+        for request in batch:
+            request.prefill_left = len(request.tokens)
         self.running.extend(batch)  # from here on a failure is theirs too; _reap releases the failed
         self.verifiers.hold(replica, batch)
         items = [verifier_pb2.PrefillItem(request_id=r.id, token_ids=r.tokens, sampling=r.params.sampling.to_wire()) for r in batch]
         try:
-            reply = await replica.stub.Prefill(
-                verifier_pb2.PrefillRequest(items=items), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch)
+            await replica.stub.Prefill(
+                verifier_pb2.PrefillRequest(items=items, chunked=True), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch)
             )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -249,10 +293,6 @@ class Scheduler:
             request.failovers = 0
         self._admit_cap = None
         self.telemetry.admitted(new)
-        if len(reply.next_token_ids) != len(batch):
-            raise RuntimeError(f"verifier prefill answered {len(reply.next_token_ids)} tokens for {len(batch)} requests")
-        for request, token in zip(batch, reply.next_token_ids):
-            request.send(request.commit([token]))
 
     async def _requeue(self, batch: list[RequestState], err: grpc.RpcError) -> None:
         """The verifier has no free slot for `batch`: back to the front of the queue, smaller next time."""
@@ -268,32 +308,22 @@ class Scheduler:
         if not self.running:
             await asyncio.sleep(0.05)  # nothing of ours to finish first: retry shortly
 
-    # --- one speculative step -------------------------------------------------------------------
+    # --- one step -------------------------------------------------------------------------------
     async def _step(self) -> None:
         started = time.perf_counter()
-        batch = list(self.running)
+        batch = [r for r in self.running if not r.prefill_left]  # decoding; the others are being prefilled
+        chunks = self._prefill_chunks(len(batch))
+        self.controller.begin_step([c.row for c in chunks])
         self.telemetry.step_started(batch)
-        assigned = [self._drafter_for(r) for r in batch]
-        views = self._views(batch, assigned)
-        groups = self._groups(batch)
-        asked = [0] * len(batch)
-        for policy, members in groups.items():
-            for i, k in zip(members, policy.choose([views[i] for i in members])):
-                asked[i] = clamp_k(k, views[i].max_k)
-        proposals, draft_times = await self._propose(batch, assigned, asked)
-        for view, proposal in zip(views, proposals):
-            if proposal.parents:  # a token tree: the controller estimates its E(k) from the drafter's probabilities
-                self.controller.observe_tree(view.request_id, view.drafter, proposal.parents, proposal.probs)
-        final = [0] * len(batch)
-        for policy, members in groups.items():
-            refined = policy.refine([views[i] for i in members], [asked[i] for i in members], [len(proposals[i]) for i in members])
-            for i, k in zip(members, refined):
-                final[i] = clamp_k(k, min(asked[i], len(proposals[i])))
-        drafts = [proposal.cut(k) for proposal, k in zip(proposals, final)]
-        self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
+        views, asked, drafts, draft_times = await self._speculate(batch)
+        if batch:
+            final = [len(d) for d in drafts]
+            self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
         verify_started = time.perf_counter()
-        results, context_tokens = await self._verify(batch, drafts)
+        reply = await self._verify(batch, drafts, chunks)
         finished = time.perf_counter()
+        self._prefilled(reply.prefilled)
+        results = reply.results
         verified = [i for i, result in enumerate(results) if result is not None]  # the others failed or moved
         if not verified:
             return
@@ -311,10 +341,8 @@ class Scheduler:
             accepted, tokens = results[i]
             nodes = draft.accepted_nodes(tokens[:accepted]) if draft.parents else None  # which tree nodes: calibrates the drafter
             self.controller.observe_request(view.request_id, view.drafter, len(draft), accepted, asked=k, accepted_nodes=nodes)
-        self.controller.observe_step(
-            len(batch), sum(len(d) + 1 for d in drafts), sum(v.context_tokens for v in views), draft_times, finished - started,
-            attended_tokens=sum((len(d) + 1) * v.context_tokens for d, v in zip(drafts, views)),
-        )
+        prefilled = [chunk.row for chunk, _ in reply.prefilled]
+        self.controller.observe_step([v.context_tokens for v in views], [len(d) for d in drafts], draft_times, finished - started, prefill=prefilled)
         self.telemetry.step_finished(batch, views, asked, drafts, accepted_counts, draft_times, self.controller.last.predicted_s, finished - started)
         for policy, members in self._groups(batch).items():
             policy.observe(
@@ -325,46 +353,113 @@ class Scheduler:
                     ),
                     num_sequences=len(batch),
                     new_tokens=sum(len(d) + 1 for d in drafts),
-                    context_tokens=context_tokens,
+                    context_tokens=reply.context_tokens,
                     verify_s=finished - verify_started,
                     step_s=finished - started,
                     drafts=draft_times,
+                    prefill_tokens=sum(row.tokens for row in prefilled),
                 )
             )
 
-    async def _verify(self, batch: Sequence[RequestState], drafts: Sequence[Draft]) -> tuple[list[tuple[int, list[int]] | None], int]:
-        """One Verify per replica, in parallel. Returns per request (accepted count, emitted tokens), or
-        None where its replica failed (the request then moved or failed), and the context tokens the
-        replicas attended to."""
-        by_replica: dict[str, list[int]] = collections.defaultdict(list)
+    def _prefill_chunks(self, decoding: int) -> list[PrefillChunk]:
+        """This step's prefill: what the token budget leaves after one token per decoding request (at
+        least MIN_PREFILL_TOKENS), given to the requests being prefilled in admission order (first come,
+        first served). With no request decoding there is no stream to hold back, so the first prompt in
+        line goes whole (the others would wait for it anyway), in one forward rather than a step per chunk."""
+        room = max(self.max_step_tokens - decoding, MIN_PREFILL_TOKENS)
+        if not decoding:
+            room = max(room, next((r.prefill_left for r in self.running if r.prefill_left), 0))
+        chunks: list[PrefillChunk] = []
+        for request in self.running:
+            if request.prefill_left and room > 0:
+                row = PrefillRow(cached=len(request.tokens) - request.prefill_left, tokens=min(request.prefill_left, room))
+                chunks.append(PrefillChunk(request, row, completes=row.tokens == request.prefill_left))
+                room -= row.tokens
+        return chunks
+
+    async def _speculate(
+        self, batch: Sequence[RequestState]
+    ) -> tuple[list[RequestView], list[int], list[Draft], dict[str, tuple[tuple[int, ...], float]]]:
+        """Each decoding request's drafter and k (its policy's choice, clamped to its room) and the
+        drafters' proposals. Returns the views, the ks asked of the drafters, the drafts to verify and,
+        per drafter called, its ks and wall time."""
+        assigned = [self._drafter_for(r) for r in batch]
+        views = self._views(batch, assigned)
+        groups = self._groups(batch)
+        asked = [0] * len(batch)
+        for policy, members in groups.items():
+            for i, k in zip(members, policy.choose([views[i] for i in members])):
+                asked[i] = clamp_k(k, views[i].max_k)
+        proposals, draft_times = await self._propose(batch, assigned, asked)
+        for view, proposal in zip(views, proposals):
+            if proposal.parents:  # a token tree: the controller estimates its E(k) from the drafter's probabilities
+                self.controller.observe_tree(view.request_id, view.drafter, proposal.parents, proposal.probs)
+        final = [0] * len(batch)
+        for policy, members in groups.items():
+            refined = policy.refine([views[i] for i in members], [asked[i] for i in members], [len(proposals[i]) for i in members])
+            for i, k in zip(members, refined):
+                final[i] = clamp_k(k, min(asked[i], len(proposals[i])))
+        drafts = [proposal.cut(k) for proposal, k in zip(proposals, final)]
+        return views, asked, drafts, draft_times
+
+    def _prefilled(self, prefilled: Sequence[tuple[PrefillChunk, int | None]]) -> None:
+        """The chunks that ran: their requests' contexts advance, and one whose context is complete
+        streams its first token (its TTFT) and decodes from the next step on."""
+        for chunk, token in prefilled:
+            chunk.request.prefill_left -= chunk.row.tokens
+            if token is not None and not chunk.request.done:
+                chunk.request.send(chunk.request.commit([token]))
+
+    async def _verify(self, batch: Sequence[RequestState], drafts: Sequence[Draft], chunks: Sequence[PrefillChunk]) -> StepReply:
+        """One Verify per replica, in parallel: its requests' proposals and its share of the prefill
+        chunks, in one forward."""
+        decoding: dict[str, list[int]] = collections.defaultdict(list)
+        prefilling: dict[str, list[PrefillChunk]] = collections.defaultdict(list)
         for i, request in enumerate(batch):
-            by_replica[request.verifier].append(i)
+            decoding[request.verifier].append(i)
+        for chunk in chunks:
+            prefilling[chunk.request.verifier].append(chunk)
+        addresses = list(dict.fromkeys([*decoding, *prefilling]))
         replies = await asyncio.gather(
-            *(self._verify_on(self.verifiers[address], [batch[i] for i in members], [drafts[i] for i in members]) for address, members in by_replica.items())
+            *(
+                self._verify_on(self.verifiers[a], [batch[i] for i in decoding[a]], [drafts[i] for i in decoding[a]], prefilling[a])
+                for a in addresses
+            )
         )
-        results: list[tuple[int, list[int]] | None] = [None] * len(batch)
-        context_tokens = 0
-        for members, reply in zip(by_replica.values(), replies):
+        step = StepReply([None] * len(batch), [], 0)
+        for address, reply in zip(addresses, replies):
             if reply is None:
                 continue
-            emitted = list(reply.emitted_token_ids)
-            if len(reply.accepted_counts) != len(members) or len(emitted) != sum(reply.accepted_counts) + len(members):
-                raise RuntimeError(f"verifier answered {len(reply.accepted_counts)} counts and {len(emitted)} tokens for {len(members)} requests")
-            context_tokens += reply.stats.num_context_tokens
+            members, mine = decoding[address], prefilling[address]
+            emitted, firsts = list(reply.emitted_token_ids), list(reply.prefill_next_token_ids)
+            completing = sum(chunk.completes for chunk in mine)
+            if len(reply.accepted_counts) != len(members) or len(emitted) != sum(reply.accepted_counts) + len(members) or len(firsts) != completing:
+                raise RuntimeError(
+                    f"verifier answered {len(reply.accepted_counts)} counts, {len(emitted)} tokens and {len(firsts)} first tokens "
+                    f"for {len(members)} requests and {completing} completed prefills"
+                )
+            step.context_tokens += reply.stats.num_context_tokens
             start = 0
             for i, accepted in zip(members, reply.accepted_counts):
-                results[i] = (accepted, emitted[start : start + accepted + 1])
+                step.results[i] = (accepted, emitted[start : start + accepted + 1])
                 start += accepted + 1
-        return results, context_tokens
+            first = iter(firsts)
+            step.prefilled += [(chunk, next(first) if chunk.completes else None) for chunk in mine]
+        return step
 
-    async def _verify_on(self, replica: VerifierReplica, batch: list[RequestState], drafts: list[Draft]) -> verifier_pb2.VerifyResponse | None:
+    async def _verify_on(
+        self, replica: VerifierReplica, batch: list[RequestState], drafts: list[Draft], chunks: list[PrefillChunk]
+    ) -> verifier_pb2.VerifyResponse | None:
+        requests = [*batch, *(chunk.request for chunk in chunks)]
         try:
-            reply = await replica.stub.Verify(verify_message(batch, drafts), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(batch))
+            reply = await replica.stub.Verify(
+                verify_message(batch, drafts, chunks), timeout=self.verifier_timeout_s, metadata=self.telemetry.rpc_metadata(requests)
+            )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                await self._preempt(replica, batch, err)
+                await self._preempt(replica, requests, err)
             else:
-                await self._verifier_failed(replica, batch, "verify", err)
+                await self._verifier_failed(replica, requests, "verify", err)
             return None
         self._answered(replica)
         return reply
@@ -532,14 +627,17 @@ class Scheduler:
         task.add_done_callback(self._background.discard)
 
 
-def verify_message(batch: Sequence[RequestState], drafts: Sequence[Draft]) -> verifier_pb2.VerifyRequest:
-    """The wire form of one replica's share of a step: ragged drafts, flat, in request order."""
+def verify_message(batch: Sequence[RequestState], drafts: Sequence[Draft], chunks: Sequence[PrefillChunk]) -> verifier_pb2.VerifyRequest:
+    """The wire form of one replica's share of a step: ragged drafts, flat, in request order, and the
+    prefill chunks as (request, token count) pairs."""
     return verifier_pb2.VerifyRequest(
         request_ids=[r.id for r in batch],
         draft_counts=[len(d) for d in drafts],
         draft_token_ids=[t for d in drafts for t in d.tokens],
         draft_distributions=pack_distributions([d.dists for d in drafts]),
         draft_parents=pack_parents(drafts),
+        prefill_request_ids=[chunk.request.id for chunk in chunks],
+        prefill_counts=[chunk.row.tokens for chunk in chunks],
     )
 
 

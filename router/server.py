@@ -17,7 +17,7 @@ from router.controller.profile import load_or_measure
 from router.drafters import DrafterClient
 from router.policy import PolicyRegistry
 from router.request import Chunk, RequestState
-from router.scheduler import Limits, Scheduler
+from router.scheduler import DEFAULT_MAX_STEP_TOKENS, Limits, Scheduler
 from router.telemetry import RouterTelemetry
 from router.validate import Defaults, PromptEncoder, RequestValidator
 from router.verifiers import VerifierPool, VerifierReplica
@@ -39,6 +39,8 @@ class RouterSettings:
     defaults: Defaults = field(default_factory=Defaults)
     max_batch: int = 16
     max_queue: int = 64
+    # Most tokens a step carries while a prompt is being prefilled (chunked prefill).
+    max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
     drafter_timeout_s: float = 2.0
     verifier_timeout_s: float = 120.0
     # Startup profile of the verify cost: 'auto' (cached, else measured), 'refresh' or 'off'.
@@ -214,16 +216,16 @@ async def build_router(
     validate_defaults(validate)
     scheduler = Scheduler(
         pool, drafters, limits, max_batch=settings.max_batch, max_queue=settings.max_queue, verifier_timeout_s=settings.verifier_timeout_s,
-        controller=controller, telemetry=telemetry,
+        controller=controller, telemetry=telemetry, max_step_tokens=settings.max_step_tokens,
     )
     telemetry.watch(scheduler)
     scheduler.start()
     if shared is not None:
         shared.start()
     log.info(
-        "router: verifier %s (%s, context %d, eos %s), drafters %s, batch %d, queue %d",
+        "router: verifier %s (%s, context %d, eos %s), drafters %s, batch %d, queue %d, step tokens %d",
         ", ".join(addresses), info.model.model, limits.max_context, sorted(limits.eos_ids), drafter_addresses or "none",
-        scheduler.max_batch, scheduler.max_queue,
+        scheduler.max_batch, scheduler.max_queue, scheduler.max_step_tokens,
     )
     return RouterServicer(validate, scheduler, tokenizer_decoder(tokenizer), limits.eos_ids, shared)
 

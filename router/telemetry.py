@@ -10,7 +10,9 @@ smartspec/telemetry.py for how batched calls join several traces):
     RouterService/Generate          router, SERVER (a child of the client's traceparent, if it sent one)
       smartspec.request             router: arrival to end; prompt and generated tokens, drafter, policy,
                                     finish reason, status, steps, proposed, accepted, queue and first-token time
-        VerifierService/Prefill     verifier (the admission's batched Prefill)
+        VerifierService/Prefill     verifier (the admission's batched Prefill; chunked, it computes nothing)
+        VerifierService/Verify      verifier, for a step that prefills a chunk of the prompt before the
+                                    request decodes (chunked prefill: docs/engine.md)
         smartspec.step              router, one per step: batch size and tokens, drafter, k asked and
                                     verified, accepted, Propose time, predicted and measured step time
           DrafterService/Propose    drafter (when the request's drafter was asked for tokens)

@@ -9,6 +9,7 @@ tried rather than every combination, and a loss of up to 10% is possible (seen 9
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -62,6 +63,24 @@ def test_two_positional_drafters_stay_within_the_stated_tolerance(problem):
     candidates, cost = problem
     ks = allocate_goodput(candidates, cost)
     assert predicted_goodput(candidates, ks, cost) >= brute_force(candidates, cost) * 0.88
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems(drafters=("draft_model",), positional=("draft_model",)), st.floats(1.0, 300.0))
+def test_a_step_that_also_prefills_reaches_the_optimum_counting_its_chunk(problem, prefilled):
+    """Chunked prefill: the chunk's tokens count in the step's goodput; one drafter still reaches the
+    brute-force optimum of that goodput."""
+    candidates, cost = problem
+    cost = dataclasses.replace(cost, fixed_tokens=prefilled)
+    ks = allocate_goodput(candidates, cost)
+    assert predicted_goodput(candidates, ks, cost) >= brute_force(candidates, cost) * (1 - 1e-9)
+
+
+def test_speculation_shrinks_while_prefill_is_heavy_and_grows_when_it_is_light():
+    candidates = [Candidate(0.6, 8, "prompt_lookup") for _ in range(8)]
+    cost = StepCost(base_s=0.24, token_s=0.006, jump_s=0.0)
+    chosen = [sum(allocate_goodput(candidates, dataclasses.replace(cost, base_s=0.24 + 0.006 * n, fixed_tokens=n))) for n in (0, 40, 200)]
+    assert chosen[0] > chosen[1] > chosen[2]
 
 
 @settings(max_examples=200, deadline=None)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from router.controller.acceptance import DrafterRates, RequestAcceptance, expected_tokens
-from router.controller.controller import Slot, SpeculationController
+from router.controller.controller import PrefillRow, Slot, SpeculationController
 from router.controller.cost_model import LinearCostModel, VERIFY_FEATURES, verify_features
 
 
@@ -165,7 +165,7 @@ def test_step_error_is_measured_and_requests_are_forgotten():
     slots = [Slot("r", "prompt_lookup", cap=4, context_tokens=10)]
     ks = controller.decide(slots)
     controller.record(slots, ks)
-    controller.observe_step(1, 1 + ks[0], 10, {"prompt_lookup": (ks, 0.001)}, step_s=controller.last.predicted_s * 2)
+    controller.observe_step([10], ks, {"prompt_lookup": (ks, 0.001)}, step_s=controller.last.predicted_s * 2)
     assert controller.step_error() == pytest.approx(0.5)
     assert controller.steps == 1 and controller.k_histogram[ks[0]] == 1
     controller.observe_request("r", "prompt_lookup", 3, 1)
@@ -175,6 +175,30 @@ def test_step_error_is_measured_and_requests_are_forgotten():
     profiled = controller.verify_cost.prior.copy()
     controller.reset()
     assert controller.steps == 0 and controller.rates == {} and (controller.verify_cost.coef == profiled).all()
+
+
+def test_prefill_chunks_are_priced_into_the_step_and_shrink_its_speculation():
+    """Chunked prefill: the step's prediction counts the chunk's tokens (which also pay the jump to
+    multi-token rows), the chunk's tokens raise the rate a draft must beat, and the refit sees the chunk
+    as one more row of the step."""
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
+    slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=100) for i in range(4)]
+    for slot in slots:
+        for _ in range(20):
+            controller.observe_request(slot.request_id, "prompt_lookup", 4, 3)  # most of its drafts land
+    alone = controller.decide(slots)
+    chunk = PrefillRow(cached=200, tokens=150)
+    controller.begin_step([chunk])
+    ks = controller.decide(slots)
+    assert sum(ks) < sum(alone)
+    record = controller.record(slots, ks)
+    drafting = 0.0005 + 0.00002 * sum(ks) if any(ks) else 0.0  # prompt lookup's default cost
+    assert record.predicted_s == pytest.approx(0.05 + 0.004 * (4 + sum(ks) + 150) + 0.01 + drafting)  # the jump once, paid by the chunk
+    controller.observe_step([100] * 4, ks, {}, step_s=0.5, prefill=[chunk])
+    row = controller.verify_cost._x[-1]  # const, new tokens, context, attended, sequences, any speculation
+    assert list(row) == [1, 4 + sum(ks) + 150, 400 + 350, 100 * (4 + sum(ks)) + 150 * 350, 5, 1]
+    controller.begin_step()  # the next step prefills nothing
+    assert controller.decide(slots) == alone
 
 
 def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():
@@ -212,7 +236,7 @@ def test_an_unlucky_first_verify_does_not_stop_speculation_for_good():
             while accepted < k and step > 0 and rng.random() < 0.7:  # step 0: everything rejected
                 accepted += 1
             controller.observe_request(slot.request_id, "controlled", k, accepted, asked=k)
-        controller.observe_step(4, 4 + sum(ks), 400, {"controlled": (ks, 0.0001)}, step_s=0.06)
+        controller.observe_step([100] * 4, ks, {"controlled": (ks, 0.0001)}, step_s=0.06)
         chosen.append(sum(ks) / len(ks))
     assert sum(chosen[-30:]) / 30 >= 1.5  # at a = 0.7 and this cost, speculating pays
     assert controller.drafter_rates("controlled").rate == pytest.approx(0.7, abs=0.1)

@@ -133,7 +133,8 @@ def test_validation_errors_over_grpc(stack, fields, code, message):
 
 # --- overload and cancellation: a verifier whose Verify waits at a gate --------------------------------
 class GatedVerifier(verifier_pb2_grpc.VerifierServiceServicer):
-    """Delegates to a real verifier, but Verify waits until the gate is open."""
+    """Delegates to a real verifier, but a Verify that verifies waits until the gate is open (one that
+    only prefills passes: the first token streams)."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -145,10 +146,11 @@ class GatedVerifier(verifier_pb2_grpc.VerifierServiceServicer):
         return await self.inner.Prefill(request, context)
 
     async def Verify(self, request, context):
-        self.verify_calls += 1
-        self.verifying.set()
-        while not self.gate.is_set():
-            await asyncio.sleep(0.01)
+        if request.request_ids:
+            self.verify_calls += 1
+            self.verifying.set()
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
         return await self.inner.Verify(request, context)
 
     async def Release(self, request, context):
@@ -194,7 +196,7 @@ def test_full_queue_is_resource_exhausted_at_once(gated):
 def test_cancelled_requests_are_released_in_verifier_and_drafter(gated):
     verifier, server, drafter, router = gated
     stream = router.stub.GenerateStream(router_pb2.GenerateRequest(prompt="cancel me", max_tokens=400, policy="fixed:3"), timeout=60)
-    first = next(stream)  # the prefill's token: admitted
+    first = next(stream)  # the prefill's token: admitted and prefilled
     assert len(first.token_ids) == 1
     waiting = router.stub.GenerateStream(router_pb2.GenerateRequest(prompt="never admitted", max_tokens=5), timeout=60)
     assert verifier.verifying.wait(10) and drafter.contexts  # proposed, then stuck in Verify

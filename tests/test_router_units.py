@@ -109,21 +109,38 @@ def _state(prompt, params, eos=(2,), rid=None, decode=None) -> RequestState:
 
 
 class _FakeVerifier:
-    """Accepts every draft; emits the drafts and then token 60."""
+    """Accepts every draft; emits the drafts and then token 60; a context's first token is 50. Records
+    every Verify's draft counts (one with requests to verify) and prefill chunks (one with chunks)."""
 
     def __init__(self):
-        self.verified, self.released = [], []
+        self.verified, self.chunks, self.released = [], [], []
+        self.unfilled: dict[str, int] = {}
 
     async def Prefill(self, request, timeout=None, metadata=None):
+        if request.chunked:
+            self.unfilled.update((item.request_id, len(item.token_ids)) for item in request.items)
+            return verifier_pb2.PrefillResponse()
         return verifier_pb2.PrefillResponse(next_token_ids=[50] * len(request.items))
 
     async def Verify(self, request, timeout=None, metadata=None):
-        self.verified.append(list(request.draft_counts))
+        if request.request_ids:
+            self.verified.append(list(request.draft_counts))
+        if request.prefill_request_ids:
+            self.chunks.append(list(zip(request.prefill_request_ids, request.prefill_counts)))
         drafts, emitted, start = list(request.draft_token_ids), [], 0
         for n in request.draft_counts:
             emitted += drafts[start : start + n] + [60]
             start += n
-        return verifier_pb2.VerifyResponse(accepted_counts=list(request.draft_counts), emitted_token_ids=emitted, stats=common_pb2.StepStats(num_context_tokens=99))
+        firsts = []
+        for rid, count in zip(request.prefill_request_ids, request.prefill_counts):
+            assert 1 <= count <= self.unfilled[rid], "a chunk past its context"
+            self.unfilled[rid] -= count
+            if not self.unfilled[rid]:
+                firsts.append(50)
+        return verifier_pb2.VerifyResponse(
+            accepted_counts=list(request.draft_counts), emitted_token_ids=emitted, stats=common_pb2.StepStats(num_context_tokens=99),
+            prefill_next_token_ids=firsts,
+        )
 
     async def Release(self, request, timeout=None):
         self.released += list(request.request_ids)
@@ -151,7 +168,7 @@ def test_scheduler_runs_each_policy_phase_on_its_own_requests_and_clamps():
     custom = _IndexPolicy([9, 1, 4, 2])
     limits = Limits(max_context=40, vocab_size=100, eos_ids=frozenset({2}), max_sequences=8)
     verifier, drafter = _FakeVerifier(), _FakeDrafter()
-    scheduler = Scheduler(verifier=verifier, drafters={"pl": drafter}, limits=limits)
+    scheduler = Scheduler(verifier=verifier, drafters={"pl": drafter}, limits=limits, max_step_tokens=64)
     mk = lambda i, policy, max_tokens=20, prompt=5, drafter="pl": _state(
         [1] * prompt, Params(max_tokens=max_tokens, stop=(), drafter=drafter, policy=policy), rid=f"r-{i}"
     )
@@ -164,7 +181,9 @@ def test_scheduler_runs_each_policy_phase_on_its_own_requests_and_clamps():
     ]
     for request in requests:
         scheduler.submit(request)
-    asyncio.run(scheduler.iterate())  # prefill (1 token each) + one step
+    asyncio.run(scheduler.iterate())  # admission + a step that prefills every prompt (58 tokens, within the budget): 1 token each
+    assert verifier.chunks == [[("r-0", 5), ("r-1", 5), ("r-2", 5), ("r-3", 38), ("r-4", 5)]] and verifier.verified == []
+    asyncio.run(scheduler.iterate())  # the first decoding step
     assert drafter.asked == [[9, 3, 1, 1]]
     assert custom.chosen == [["r-0", "r-2", "r-3"]]  # one call, only its own requests
     assert custom.refined == [([9, 1, 1], [4, 1, 1])]
@@ -178,6 +197,60 @@ def test_scheduler_runs_each_policy_phase_on_its_own_requests_and_clamps():
         asyncio.run(scheduler.iterate())
     assert sorted(custom.forgotten) == ["r-0", "r-2", "r-3"] and sorted(verifier.released) == [f"r-{i}" for i in range(5)]
     assert all(len(r.tokens) - len(r.prompt_ids) == r.params.max_tokens for r in requests)
+
+
+def test_prefill_goes_in_chunks_within_the_step_budget_first_come_first_served():
+    """A step's budget gives one token to each decoding request, the rest to prefill chunks in
+    admission order; the decoding requests' drafts come on top."""
+    verifier, drafter = _FakeVerifier(), _FakeDrafter()
+    limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
+    scheduler = Scheduler(verifier=verifier, drafters={"pl": drafter}, limits=limits, max_batch=4, max_step_tokens=20)
+    mk = lambda rid, prompt, max_tokens=8: _state([1] * prompt, Params(max_tokens=max_tokens, stop=(), drafter="pl", policy=FixedSpeculation(4)), rid=rid)
+    first, long, short = mk("a", 3, max_tokens=20), mk("b", 45), mk("c", 10)
+    scheduler.submit(first)
+    asyncio.run(scheduler.iterate())  # a's prompt whole, and its first token
+    assert first.tokens == [1] * 3 + [50] and verifier.verified == []
+    scheduler.submit(long)
+    scheduler.submit(short)
+    for _ in range(4):
+        asyncio.run(scheduler.iterate())
+    assert verifier.chunks == [[("a", 3)], [("b", 19)], [("b", 19)], [("b", 7), ("c", 10)]]  # 20 - 1 for a's token
+    assert verifier.verified == [[4], [4], [4], [3, 4, 4]]  # a's last: the room its 20 tokens leave
+    assert long.tokens == [1] * 45 + [50, 70, 70, 70, 70, 60] and short.first_token is not None
+    while scheduler.running:
+        asyncio.run(scheduler.iterate())
+    assert sorted(verifier.released) == ["a", "b", "c"]
+
+
+def test_with_nothing_decoding_the_first_prompt_in_line_goes_whole():
+    """No stream to hold back: the first prompt is prefilled in one forward, the budget's rest goes to
+    the next in line; once a request decodes, chunks again."""
+    verifier = _FakeVerifier()
+    limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
+    scheduler = Scheduler(verifier=verifier, drafters={}, limits=limits, max_batch=4, max_step_tokens=20)
+    mk = lambda rid, prompt: _state([1] * prompt, Params(max_tokens=4, stop=(), drafter="none", policy=NoSpeculation()), rid=rid)
+    for request in (mk("long", 45), mk("short", 10), mk("later", 30)):
+        scheduler.submit(request)
+    asyncio.run(scheduler.iterate())
+    asyncio.run(scheduler.iterate())
+    assert verifier.chunks == [[("long", 45)], [("short", 10), ("later", 9)]]  # then 20 - 1 decoding - 10
+
+
+def test_a_prefill_advances_however_many_requests_decode():
+    """A budget the decoding requests alone fill still leaves a prefill MIN_PREFILL_TOKENS a step."""
+    verifier = _FakeVerifier()
+    limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
+    scheduler = Scheduler(verifier=verifier, drafters={}, limits=limits, max_batch=8, max_step_tokens=4)
+    mk = lambda rid, prompt: _state([1] * prompt, Params(max_tokens=30, stop=(), drafter="none", policy=NoSpeculation()), rid=rid)
+    for i in range(4):
+        scheduler.submit(mk(f"d{i}", 1))
+    asyncio.run(scheduler.iterate())  # the first prompt whole (nothing decodes), the budget's rest to the others
+    scheduler.submit(mk("long", 40))
+    for _ in range(3):
+        asyncio.run(scheduler.iterate())
+    assert verifier.chunks[-3:] == [[("long", 16)], [("long", 16)], [("long", 8)]]
+    with pytest.raises(ValueError, match="at least 1"):
+        Scheduler(verifier=_FakeVerifier(), drafters={}, limits=limits, max_step_tokens=0)
 
 
 # --- incremental detokenization ------------------------------------------------------------------------

@@ -130,6 +130,9 @@ def test_one_request_is_one_trace_across_router_drafter_and_verifier(traced):
     proposes = _named(spans, PROPOSE)
     (prefill,) = _named(spans, PREFILL)
     assert prefill.parent.span_id == req.context.span_id and _service(prefill) == VERIFIER
+    # the Verify that prefilled the prompt (admitted chunked) ran before the request's first step
+    (prefilling,) = [v for v in verifies if v.parent.span_id == req.context.span_id]
+    verifies.remove(prefilling)
     assert len(verifies) == len(steps) and all(v.parent.span_id in step_ids and _service(v) == VERIFIER for v in verifies)
     assert len(proposes) == len(steps) and all(p.parent.span_id in step_ids and _service(p) == DRAFT_MODEL for p in proposes)
     assert all(s.kind == SpanKind.SERVER and s.attributes["rpc.grpc.status_code"] == 0 for s in (*verifies, *proposes, prefill))
@@ -154,7 +157,8 @@ def test_concurrent_requests_have_their_own_traces_and_share_batched_calls(trace
         steps = _named(spans, "smartspec.step")
         drafting = [s.context.span_id for s in steps if s.attributes["smartspec.k_asked"] > 0]  # the last step has no room
         assert len(drafting) >= len(steps) - 1
-        for name, parents in ((VERIFY, [s.context.span_id for s in steps]), (PROPOSE, drafting)):
+        request = _named(spans, "smartspec.request")[0].context.span_id  # the parent of the Verify that prefilled its prompt
+        for name, parents in ((VERIFY, [request] + [s.context.span_id for s in steps]), (PROPOSE, drafting)):
             assert sorted(s.parent.span_id for s in _named(spans, name)) == sorted(parents), name
     # The two requests shared Verify calls: each such call is one span in one request's trace, linked to
     # the other request's step, and a span of the same name in the other trace links back to it.

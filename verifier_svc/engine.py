@@ -13,11 +13,16 @@ A proposal may be a token tree (per draft, its parent's index; greedy requests o
 is then the tree's root, every node attends to the context, its ancestors and itself at position
 start + depth, the accepted path is the longest one the target agrees with, and its nodes' KV is moved
 into sequence order before the rest is cut. A chain goes through the same code as the tree it is.
+
+Chunked prefill: ``admit`` takes a request's context without computing it, and each Verify may carry
+prefill chunks (the next tokens of such a context) as rows of the same forward, so a long prompt never
+holds up the running requests for a whole prefill; the chunk that completes a context yields the
+request's first token. ``prefill`` is admission and one step over whole contexts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from smartspec.errors import RequestError
@@ -33,15 +38,20 @@ DECODE_ROOM_BLOCKS = 2
 
 # A request to admit: its id, context tokens and, unless greedy, its sampling parameters.
 PrefillItem = tuple[str, Sequence[int]] | tuple[str, Sequence[int], SamplingParams]
+# A prefill chunk of a step: a request admitted chunked, and how many of its context tokens to prefill.
+PrefillChunk = tuple[str, int]
+
 
 @dataclass
 class VerifyOutcome:
-    """Per request, in request order: accepted draft count and emitted tokens; and the step."""
+    """Per verified request, in request order: accepted draft count and emitted tokens; per prefill
+    chunk that completed its context, in chunk order, the request's first token; and the step."""
 
     accepted: list[int]
     emitted: list[list[int]]
     committed_lengths: list[int]
     step: StepResult
+    first_tokens: list[int] = field(default_factory=list)
 
 
 class VerifierEngine:
@@ -52,6 +62,7 @@ class VerifierEngine:
         self.vocab_size = vocab_size
         self._pending: dict[str, int] = {}
         self._sampling: dict[str, SamplingParams] = {}
+        self._unfilled: dict[str, list[int]] = {}  # admitted context tokens not prefilled yet
 
     @property
     def max_context(self) -> int:
@@ -75,9 +86,30 @@ class VerifierEngine:
         if request_id not in self.runner:
             raise RequestError("NOT_FOUND", f"request {request_id!r} is not live on this verifier (never prefilled, or released)")
 
+    def _check_chunk(self, request_id: str, count: int) -> None:
+        self._check_live(request_id)
+        left = len(self._unfilled.get(request_id, ()))
+        if not 1 <= count <= left:
+            raise RequestError(
+                "INVALID_ARGUMENT", f"request {request_id!r}: a prefill chunk of {count} tokens, but {left} of its context are left to prefill"
+            )
+
     # --- operations -----------------------------------------------------------------------------
     def prefill(self, items: Sequence[PrefillItem]) -> tuple[list[int], StepResult]:
-        """Caches each request's context and returns the target's next token for each."""
+        """Caches each request's context and returns the target's next token for each: admission and
+        one step that prefills every context whole."""
+        ids = self.admit(items)
+        try:  # nothing half-admitted survives a failure, whatever fails
+            outcome = self.verify([], [], prefill=[(request_id, len(self._unfilled[request_id])) for request_id in ids])
+        except BaseException:
+            self.release(ids)
+            raise
+        return outcome.first_tokens, outcome.step
+
+    def admit(self, items: Sequence[PrefillItem]) -> list[str]:
+        """Admits requests without computing anything: their contexts wait for prefill chunks (`verify`'s
+        `prefill`). Refused as a whole (nothing admitted) when a context, a slot or the KV room is
+        missing. Returns the ids."""
         items = [(item[0], item[1], item[2] if len(item) > 2 else GREEDY) for item in items]
         ids = [request_id for request_id, _, _ in items]
         self._check_unique(ids)
@@ -100,26 +132,19 @@ class VerifierEngine:
                 "RESOURCE_EXHAUSTED", f"{len(items)} requests to admit but only {free} of {self.runner.max_sequences} sequence slots are free"
             )
         self._check_kv_room([len(tokens) for _, tokens, _ in items])
-        for request_id in ids:
+        for request_id, tokens, sampling in items:
             self.runner.admit(request_id)
-        try:  # nothing half-admitted survives a failure, whatever fails
-            step = self._step([StepRow(request_id, list(tokens), all_logits=False) for request_id, tokens, _ in items])
-            firsts = [Proposal(row, (), (), (), sampling, len(tokens)) for (_, tokens, sampling), row in zip(items, step.first_rows)]
-            next_tokens = [decision.token for decision in decide(step.flat_logits, firsts)]
-        except BaseException:
-            for request_id in ids:
-                self.runner.release(request_id)
-            raise
-        for (request_id, _, sampling), token in zip(items, next_tokens):
+            self._unfilled[request_id] = list(tokens)
             self._sampling[request_id] = sampling
-            self._pending[request_id] = token
-        return next_tokens, step
+        return ids
 
     def _check_kv_room(self, lengths: list[int]) -> None:
-        """Admits contexts only while the KV cache keeps DECODE_ROOM_BLOCKS of room per live sequence
-        besides them, so the running requests can go on verifying; the router queues what is refused."""
+        """Admits contexts only while the KV cache keeps, besides them and the chunks still to prefill of
+        requests admitted before, DECODE_ROOM_BLOCKS of room per live sequence, so the running requests
+        can go on verifying; the router queues what is refused."""
         cache = self.runner.cache
-        need = sum(cache.blocks_for(n) for n in lengths) + DECODE_ROOM_BLOCKS * (self.runner.live + len(lengths))
+        unfilled = sum(cache.extra_blocks(i, self.runner.length(i) + len(rest)) for i, rest in self._unfilled.items())
+        need = sum(cache.blocks_for(n) for n in lengths) + unfilled + DECODE_ROOM_BLOCKS * (self.runner.live + len(lengths))
         if need > cache.free_blocks:
             raise RequestError(
                 "RESOURCE_EXHAUSTED",
@@ -141,19 +166,25 @@ class VerifierEngine:
         drafts: Sequence[Sequence[int]],
         dists: Sequence[Sequence[DraftDistribution | None]] | None = None,
         parents: Sequence[Sequence[int] | None] | None = None,
+        prefill: Sequence[PrefillChunk] = (),
     ) -> VerifyOutcome:
         """Verifies one proposal per request in a single batched forward (a proposal may be empty).
         `dists` gives, per request and draft token, the distribution it was sampled from (None, or no
         `dists` at all: deterministic proposals); greedy requests ignore it. `parents` makes a request's
         proposal a token tree (per draft, its parent's index or -1; None, or no `parents` at all: a chain);
-        trees are verified greedily only."""
-        self._check_unique(ids)
+        trees are verified greedily only. `prefill` adds chunks of admitted contexts to the same forward."""
+        self._check_unique([*ids, *(request_id for request_id, _ in prefill)])
         if parents is not None and len(parents) != len(ids):
             raise RequestError("INVALID_ARGUMENT", f"{len(parents)} parent lists for {len(ids)} requests")
         dists = dists if dists is not None else [[None] * len(draft) for draft in drafts]
         trees = [list(tree) if tree is not None else chain_parents(len(draft)) for tree, draft in zip(parents or [None] * len(ids), drafts)]
         for request_id, draft, draft_dists, tree in zip(ids, drafts, dists, trees):
             self._check_live(request_id)
+            if request_id in self._unfilled:
+                raise RequestError(
+                    "INVALID_ARGUMENT",
+                    f"request {request_id!r} has {len(self._unfilled[request_id])} context tokens left to prefill: it verifies once they are",
+                )
             if len(draft) > MAX_DRAFT_TOKENS:
                 raise RequestError("INVALID_ARGUMENT", f"request {request_id!r}: {len(draft)} draft tokens, at most {MAX_DRAFT_TOKENS} per step")
             self._check_tokens(request_id, draft, "draft")
@@ -172,29 +203,47 @@ class VerifierEngine:
                     f"({cache.capacity_tokens} tokens)",
                 )
             self._check_distributions(request_id, draft, draft_dists)
-        starts = [self.runner.length(request_id) for request_id in ids]
+        for request_id, count in prefill:
+            self._check_chunk(request_id, count)
+        completes = [count == len(self._unfilled[request_id]) for request_id, count in prefill]
+        starts = {request_id: self.runner.length(request_id) for request_id in [*ids, *(request_id for request_id, _ in prefill)]}
         rows = [
             StepRow(request_id, [self._pending[request_id], *draft], parents=None if is_chain(tree) else [-1, *(p + 1 for p in tree)])
             for request_id, draft, tree in zip(ids, drafts, trees)
+        ] + [
+            StepRow(request_id, self._unfilled[request_id][:count], logits_at=[count - 1] if last else [])
+            for (request_id, count), last in zip(prefill, completes)
         ]
         step = self._step(rows)
         try:  # decide every row before changing any state, so a failure leaves the step undone
+            firsts = [(request_id, row, starts[request_id] + count)
+                      for (request_id, count), last, row in zip(prefill, completes, step.first_rows[len(ids):]) if last]
             decisions = decide(step.flat_logits, [  # the whole step at once: one device-to-host transfer
-                Proposal(row, draft, tree, draft_dists, self._sampling[request_id], start + 1)
-                for request_id, draft, draft_dists, tree, start, row in zip(ids, drafts, dists, trees, starts, step.first_rows)
+                *(Proposal(row, draft, tree, draft_dists, self._sampling[request_id], starts[request_id] + 1)
+                  for request_id, draft, draft_dists, tree, row in zip(ids, drafts, dists, trees, step.first_rows)),
+                *(Proposal(row, (), (), (), self._sampling[request_id], position) for request_id, row, position in firsts),
             ])
+            first_tokens = [decision.token for decision in decisions[len(ids):]]
         except BaseException:
-            for request_id, start in zip(ids, starts):
+            for request_id, start in starts.items():
                 self.runner.truncate(request_id, start)
             raise
         accepted, emitted, committed = [], [], []
-        for request_id, draft, start, decision in zip(ids, drafts, starts, decisions):
+        for request_id, draft, decision in zip(ids, drafts, decisions):
+            start = starts[request_id]
             self.runner.keep(request_id, start, [0, *(node + 1 for node in decision.path)])  # pending + the accepted path
             self._pending[request_id] = decision.token
             accepted.append(len(decision.path))
             emitted.append([*(draft[node] for node in decision.path), decision.token])
             committed.append(start + len(decision.path) + 2)
-        return VerifyOutcome(accepted, emitted, committed, step)
+        tokens = iter(first_tokens)
+        for (request_id, count), last in zip(prefill, completes):
+            if last:
+                del self._unfilled[request_id]
+                self._pending[request_id] = next(tokens)
+            else:
+                del self._unfilled[request_id][:count]
+        return VerifyOutcome(accepted, emitted, committed, step, first_tokens)
 
     def _check_tree(self, request_id: str, draft: Sequence[int], tree: list[int]) -> None:
         problem = parents_problem(tree, len(draft))
@@ -224,5 +273,6 @@ class VerifierEngine:
             if self.runner.release(request_id):
                 self._pending.pop(request_id, None)
                 self._sampling.pop(request_id, None)
+                self._unfilled.pop(request_id, None)
                 freed += 1
         return freed

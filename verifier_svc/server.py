@@ -26,6 +26,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     async def Prefill(self, request: verifier_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> verifier_pb2.PrefillResponse:
         started = time.perf_counter()
         items = [(item.request_id, list(item.token_ids), SamplingParams.from_wire(item.sampling)) for item in request.items]
+        if request.chunked:
+            await self.thread.run(self.engine.admit, items)
+            return verifier_pb2.PrefillResponse(stats=step_stats(started, 0.0, len(items), 0, 0, 0))
         next_tokens, step = await self.thread.run(self.engine.prefill, items)
         return verifier_pb2.PrefillResponse(next_token_ids=next_tokens, stats=step_stats(started, step.forward_s, len(items), step.new_tokens, step.context_tokens, step.num_forwards))
 
@@ -45,12 +48,19 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                     f"draft_parents has {len(request.draft_parents)} entries; it needs one per draft token ({len(request.draft_token_ids)}) or none",
                 )
             parents = split_ragged(list(request.draft_parents), list(request.draft_counts), "draft_parents")
-        outcome = await self.thread.run(self.engine.verify, ids, drafts, dists, parents)
+        if len(request.prefill_counts) != len(request.prefill_request_ids):
+            raise RequestError(
+                "INVALID_ARGUMENT", f"{len(request.prefill_request_ids)} prefill request ids but {len(request.prefill_counts)} prefill counts"
+            )
+        prefill = list(zip(request.prefill_request_ids, request.prefill_counts))
+        outcome = await self.thread.run(self.engine.verify, ids, drafts, dists, parents, prefill)
+        step = outcome.step
         return verifier_pb2.VerifyResponse(
             accepted_counts=outcome.accepted,
             emitted_token_ids=[token for tokens in outcome.emitted for token in tokens],
             committed_lengths=outcome.committed_lengths,
-            stats=step_stats(started, outcome.step.forward_s, len(ids), outcome.step.new_tokens, outcome.step.context_tokens, outcome.step.num_forwards),
+            stats=step_stats(started, step.forward_s, len(ids) + len(prefill), step.new_tokens, step.context_tokens, step.num_forwards),
+            prefill_next_token_ids=outcome.first_tokens,
         )
 
     @rpc_errors

@@ -20,6 +20,10 @@ approximation (tests/test_controller_allocator.py bounds the gap against brute f
 
 The published baseline ("uniform") picks one k for the whole batch: argmax of goodput over k = 0..K,
 stopping at the first k that is worse than the one before.
+
+A step that also prefills (chunked prefill) completes its chunks' tokens whatever k is: they count in
+goodput like generated tokens (``StepCost.fixed_tokens``), so a draft token must then beat a higher rate
+to be worth its time, and speculation shrinks while prefill is heavy and grows when it is light.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class StepCost:
     token_s: float
     jump_s: float
     drafters: dict[str, DrafterCost] = field(default_factory=dict)
+    fixed_tokens: float = 0.0  # tokens the step completes whatever k is: its prefill chunks'
 
     def step_time(self, ks: Sequence[int], drafters: Sequence[str]) -> float:
         total = self.base_s + self.token_s * sum(ks) + (self.jump_s if any(ks) else 0.0)
@@ -84,8 +89,9 @@ def expected_total(candidates: Sequence[Candidate], ks: Sequence[int]) -> float:
 
 
 def predicted_goodput(candidates: Sequence[Candidate], ks: Sequence[int], cost: StepCost) -> float:
-    """Expected generated tokens per second of the whole batch for speculation lengths `ks`."""
-    return expected_total(candidates, ks) / cost.step_time(ks, [c.drafter for c in candidates])
+    """Expected tokens per second of the whole step for speculation lengths `ks`: generated, and
+    prefilled beside them (cost.fixed_tokens)."""
+    return (expected_total(candidates, ks) + cost.fixed_tokens) / cost.step_time(ks, [c.drafter for c in candidates])
 
 
 def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[int]:
@@ -128,7 +134,7 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
         walks += [drafter_of[rows] != index for index, d in enumerate(drafter_costs) if d.any_s > 0 or d.position_s > 0]
     keep = np.stack(walks)  # [W, M]
     zero = np.zeros((len(keep), 1))
-    tokens = n + np.hstack([zero, np.cumsum(walk_gain * keep, axis=1)])  # [W, M + 1]
+    tokens = n + cost.fixed_tokens + np.hstack([zero, np.cumsum(walk_gain * keep, axis=1)])  # [W, M + 1]
     time_s = cost.base_s + np.hstack([zero, np.cumsum(walk_cost * keep, axis=1)])  # [W, M + 1]
     time_s[:, 1:] += cost.jump_s * (np.cumsum(keep, axis=1) > 0)
     for index, drafter in enumerate(drafter_costs):

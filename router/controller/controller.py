@@ -10,6 +10,10 @@ Token trees: k is a tree's node budget. A request's E(k) comes from its drafter'
 the tree just proposed (to choose how many of its nodes to verify), and from its previous tree, with a
 geometric tail past that tree's size, to choose the next budget before drafting. Until a request has
 proposed a tree, its drafter's geometric acceptance stands in.
+
+Chunked prefill: a step may also carry prefill chunks (``begin_step``). They are rows of the same
+forward, so every prediction of the step prices them, and their tokens count in the step's goodput like
+generated ones (allocator.py): speculation shrinks while prefill is heavy and grows when it is light.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
+
+import numpy as np
 
 from router.controller.acceptance import DrafterRates, RequestAcceptance
 from router.controller.allocator import (
@@ -28,7 +34,8 @@ from router.controller.allocator import (
     expected_total,
     predicted_goodput,
 )
-from router.controller.cost_model import LinearCostModel, draft_features, new_draft_model, new_verify_model, verify_features
+from router.controller.cost_model import LinearCostModel, draft_features, new_draft_model, new_verify_model
+from router.controller.profile import step_features
 from router.controller.tree import TreeCalibration, path_probs
 
 # Drafters that run no model: their proposals cost next to nothing (prompt lookup proposes K_max,
@@ -44,6 +51,21 @@ class Slot:
     drafter: str  # "none" when it has no drafter (or its drafter is unavailable this step)
     cap: int  # most tokens it may speculate (budget, context, proposal length already applied)
     context_tokens: int
+
+
+@dataclass(frozen=True)
+class PrefillRow:
+    """A prefill chunk in a step, as the cost model sees it: a row of `tokens` new tokens after the
+    `cached` tokens of its context already in the KV cache (each attends to at most cached + tokens)."""
+
+    cached: int
+    tokens: int
+
+
+def features(contexts: Sequence[int], ks: Sequence[int], prefill: Sequence[PrefillRow] = ()) -> np.ndarray:
+    """The verify cost model's features of a step: requests with these contexts verifying these ks,
+    beside these prefill chunks (each a row of `tokens` new tokens over `cached + tokens` keys)."""
+    return step_features([*contexts, *(p.cached + p.tokens for p in prefill)], [*ks, *(p.tokens - 1 for p in prefill)])
 
 
 @dataclass
@@ -90,6 +112,7 @@ class SpeculationController:
         self._trees: dict[str, dict[str, tuple[list[int], list[float]]]] = {}  # request id -> drafter -> last tree (parents, probs)
         self._unverified: set[tuple[str, str]] = set()  # (request id, drafter) whose last tree awaits its verify
         self._previous: dict[str, int] = {}
+        self._prefill: tuple[PrefillRow, ...] = ()  # this step's prefill chunks (begin_step)
         self.last: StepRecord | None = None
         self._step_errors: deque[float] = deque(maxlen=256)
         self.steps = 0
@@ -144,10 +167,13 @@ class SpeculationController:
         return self._posterior(request_id, drafter).mean(self.drafter_rates(drafter).rate, self.prior_strength)
 
     def step_cost(self, slots: Sequence[Slot]) -> StepCost:
-        """The cost model flattened for this batch (its base is the step with every k = 0)."""
+        """The cost model flattened for this batch (its base is the step with every k = 0, this step's
+        prefill chunks included, whose tokens it completes whatever k is; a chunk of several tokens
+        already pays the jump to multi-token rows)."""
         coef = self.verify_cost.as_dict()
         context = sum(s.context_tokens for s in slots)
-        base = self.verify_cost.predict(verify_features(len(slots), len(slots), context, False, attended_tokens=context))
+        base = self.verify_cost.predict(features([s.context_tokens for s in slots], [0] * len(slots), self._prefill))
+        jump = 0.0 if any(p.tokens > 1 for p in self._prefill) else coef["any_speculation"]
         drafters = {}
         for name in {s.drafter for s in slots if s.drafter != "none"}:
             d = self.drafter_cost(name).as_dict()
@@ -155,12 +181,18 @@ class SpeculationController:
         # a draft token costs its share of the step's tokens and attention over its request's context
         # (at the batch's mean context: the allocator prices every request's tokens alike)
         token_s = coef["new_tokens"] + coef["attended_tokens"] * context / max(len(slots), 1)
-        return StepCost(base_s=max(base, 1e-4), token_s=token_s, jump_s=coef["any_speculation"], drafters=drafters)
+        fixed = float(sum(p.tokens for p in self._prefill))
+        return StepCost(base_s=max(base, 1e-4), token_s=token_s, jump_s=jump, drafters=drafters, fixed_tokens=fixed)
 
     def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
         return [self._candidate(s.request_id, s.drafter, min(s.cap, self.k_max)) if s.drafter != "none" else Candidate(0.0, 0, "none") for s in slots]
 
     # --- decisions ------------------------------------------------------------------------------
+    def begin_step(self, prefill: Sequence[PrefillRow] = ()) -> None:
+        """The prefill chunks the step about to be decided carries besides its requests' verification,
+        priced into every prediction until the next call."""
+        self._prefill = tuple(prefill)
+
     def choose_drafter(self, request_id: str, drafters: Sequence[str], cap: int, context_tokens: int) -> str:
         """For drafter 'auto': the drafter that gives this request the best predicted goodput on its
         own (best over k <= cap), from its acceptance estimate for this request, how often it has
@@ -168,7 +200,7 @@ class SpeculationController:
         if not drafters or cap <= 0:
             return "none"
         coef = self.verify_cost.as_dict()
-        base = max(self.verify_cost.predict(verify_features(1, 1, context_tokens, False, attended_tokens=context_tokens)), 1e-4)
+        base = max(self.verify_cost.predict(features([context_tokens], [0])), 1e-4)
         best, best_value = "none", 1.0 / base
         for name in drafters:
             candidate = self._candidate(request_id, name, min(cap, self.k_max))
@@ -249,15 +281,15 @@ class SpeculationController:
 
     def observe_step(
         self,
-        num_sequences: int,
-        new_tokens: int,
-        context_tokens: int,
+        contexts: Sequence[int],
+        ks: Sequence[int],
         drafts: dict[str, tuple[Sequence[int], float]],
         step_s: float,
-        attended_tokens: float | None = None,
+        prefill: Sequence[PrefillRow] = (),
     ) -> None:
-        """A step's measurements: its shape, each drafter's ks and Propose time, and the step's wall
-        time, which is compared with the prediction made at decision time.
+        """A step's measurements: its shape (each verified request's context and k, the prefill chunks
+        that ran beside them), each drafter's ks and Propose time, and the step's wall time, which is
+        compared with the prediction made at decision time.
 
         The verify model is fitted to the wall time minus the slowest Propose (drafters run in
         parallel), so router and RPC overheads are part of what it predicts, as they are part of
@@ -267,13 +299,11 @@ class SpeculationController:
             rates.decay(self.rate_decay)
         for calibration in self.calibrations.values():
             calibration.decay(self.rate_decay)
-        any_spec = new_tokens > num_sequences
         drafting_s = max((seconds for _, seconds in drafts.values()), default=0.0)
-        features = verify_features(num_sequences, new_tokens, context_tokens, any_spec, attended_tokens)
-        self.verify_cost.observe(features, max(step_s - drafting_s, 0.0))
-        for drafter, (ks, seconds) in drafts.items():
-            if any(ks):
-                self.drafter_cost(drafter).observe(draft_features(ks), seconds)
+        self.verify_cost.observe(features(contexts, ks, prefill), max(step_s - drafting_s, 0.0))
+        for drafter, (asked, seconds) in drafts.items():
+            if any(asked):
+                self.drafter_cost(drafter).observe(draft_features(asked), seconds)
         if self.last is not None and step_s > 0:
             self._step_errors.append(abs(self.last.predicted_s - step_s) / step_s)
 

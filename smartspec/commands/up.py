@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--drafters", default=",".join(DRAFTER_KINDS), help="drafter services to start, comma-separated (empty: none)")
     add_flag(parser, "--max-batch", type=int, default=16, help="router: most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="router: most requests waiting for admission")
+    add_flag(parser, "--max-step-tokens", type=int, default=0,
+             help="router: token budget of a step, for the running requests and chunks of the prompts being prefilled (0: the router's default)")
     add_flag(parser, "--startup-timeout-s", type=float, default=600.0, help="how long every service may take to come up")
     add_flag(parser, "--grace-s", type=float, default=5.0, help="seconds each service may drain on shutdown")
     add_flag(parser, "--log-level", default="INFO", help="logging level (also passed to the services)")
@@ -113,6 +115,8 @@ def router_argv(args: argparse.Namespace, target: str, addresses: dict[str, str]
         argv += ["--drafter-address", f"{kind}={addresses[kind]}"]
     if "prompt_lookup" not in addresses:
         argv += ["--default-drafter", "none"]
+    if args.max_step_tokens:
+        argv += ["--max-step-tokens", str(args.max_step_tokens)]
     if args.redis_url:
         argv += ["--redis-url", args.redis_url]
     if args.metrics_port:

@@ -82,7 +82,8 @@ class StepRow:
     # A token tree: per token, the index of its parent among this row's tokens, or -1 for a token that
     # follows the cached history directly (it sits at position start). None: a chain.
     parents: list[int] | None = None
-    # Offsets of the tokens whose logits are returned, in this order (overrides all_logits).
+    # Offsets of the tokens whose logits are returned, in this order (overrides all_logits; empty: none,
+    # as for a prefill chunk that does not end its context).
     logits_at: list[int] | None = None
 
     def picked(self) -> list[int]:
@@ -314,7 +315,7 @@ class BatchedRunner:
             ragged_step=plan,
         ).last_hidden_state[0]  # [N, hidden]
         flat_picks = [p for row_picks in picks for p in row_picks]
-        logits = self._head(hidden[torch.tensor(flat_picks, device=device)]).float()  # [picked, vocab]
+        logits = self._head(hidden[torch.tensor(flat_picks, dtype=torch.long, device=device)]).float()  # [picked, vocab]
         if self._final_softcap is not None:
             logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
         if device.type == "cuda":

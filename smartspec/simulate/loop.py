@@ -1,7 +1,8 @@
 """The router's step loop on a virtual clock, driving the real policies and controller.
 
-One iteration mirrors ``router.scheduler.Scheduler.iterate``: admit waiting requests with one Prefill
-(the loop waits for it), then one step: ``choose`` per policy, the drafter proposes, ``refine``,
+One iteration mirrors ``router.scheduler.Scheduler.iterate``, except that prompts are prefilled whole,
+in one Prefill the loop waits for (the router prefills them in chunks inside its steps): admit waiting
+requests, then one step: ``choose`` per policy, the drafter proposes, ``refine``,
 ``controller.record``, one Verify, then ``controller.observe_request`` per request,
 ``controller.observe_step`` and the policy's ``observe``; finished requests are forgotten by both. The
 clock advances by the world's (noisy) times; the controller and the policies see only what the router
@@ -199,7 +200,7 @@ class _Loop:
             request.generated = min(request.generated + n + 1, request.spec.output_tokens)
         for view, k, a, n in zip(views, final, asked, accepted):
             self.controller.observe_request(view.request_id, view.drafter, k, n, asked=a)
-        self.controller.observe_step(len(batch), new_tokens, context, drafts, step_s, attended_tokens=attended)
+        self.controller.observe_step([v.context_tokens for v in views], final, drafts, step_s)
         self.policy.observe(StepOutcome(
             requests=tuple(RequestOutcome(v.request_id, v.drafter, a, k, n, v.context_tokens) for v, a, k, n in zip(views, asked, final, accepted)),
             num_sequences=len(batch), new_tokens=new_tokens, context_tokens=context, verify_s=step_s - draft_s, step_s=step_s, drafts=drafts,

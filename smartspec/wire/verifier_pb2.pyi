@@ -18,10 +18,12 @@ class PrefillItem(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "chunked")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[PrefillItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[PrefillItem, _Mapping]]] = ...) -> None: ...
+    chunked: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[PrefillItem, _Mapping]]] = ..., chunked: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("next_token_ids", "stats")
@@ -32,30 +34,36 @@ class PrefillResponse(_message.Message):
     def __init__(self, next_token_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("request_ids", "draft_counts", "draft_token_ids", "draft_distributions", "draft_parents")
+    __slots__ = ("request_ids", "draft_counts", "draft_token_ids", "draft_distributions", "draft_parents", "prefill_request_ids", "prefill_counts")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PARENTS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     draft_counts: _containers.RepeatedScalarFieldContainer[int]
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_distributions: _common_pb2.DraftDistributions
     draft_parents: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., draft_counts: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Union[_common_pb2.DraftDistributions, _Mapping]] = ..., draft_parents: _Optional[_Iterable[int]] = ...) -> None: ...
+    prefill_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    prefill_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., draft_counts: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Union[_common_pb2.DraftDistributions, _Mapping]] = ..., draft_parents: _Optional[_Iterable[int]] = ..., prefill_request_ids: _Optional[_Iterable[str]] = ..., prefill_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("accepted_counts", "emitted_token_ids", "committed_lengths", "stats")
+    __slots__ = ("accepted_counts", "emitted_token_ids", "committed_lengths", "stats", "prefill_next_token_ids")
     ACCEPTED_COUNTS_FIELD_NUMBER: _ClassVar[int]
     EMITTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_NEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     accepted_counts: _containers.RepeatedScalarFieldContainer[int]
     emitted_token_ids: _containers.RepeatedScalarFieldContainer[int]
     committed_lengths: _containers.RepeatedScalarFieldContainer[int]
     stats: _common_pb2.StepStats
-    def __init__(self, accepted_counts: _Optional[_Iterable[int]] = ..., emitted_token_ids: _Optional[_Iterable[int]] = ..., committed_lengths: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ...) -> None: ...
+    prefill_next_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted_counts: _Optional[_Iterable[int]] = ..., emitted_token_ids: _Optional[_Iterable[int]] = ..., committed_lengths: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ..., prefill_next_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids",)

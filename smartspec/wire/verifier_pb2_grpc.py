@@ -60,15 +60,17 @@ class VerifierServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
-        """Caches the context of each request and returns the target's next token for it. Also used to
-        re-admit a request from its committed tokens (e.g. after another verifier replica died).
+        """Caches the context of each request and returns the target's next token for it (or, chunked, only
+        admits it). Also used to re-admit a request from its committed tokens (e.g. after another verifier
+        replica died).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
-        """Verifies one proposal per request in a single batched forward and returns the emitted tokens.
+        """Verifies one proposal per request, and prefills the chunks it carries, in a single batched forward;
+        returns the emitted tokens (and the first token of each request whose prefill it completes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
