@@ -82,7 +82,7 @@ def main() -> None:
     mape = statistics.mean(errors)
     print(f"profile sweep: {len(rows)} steps in {sweep_s:.1f} s; coefficients {model.as_dict()}")
     print(f"held-out: {len(errors)} steps, MAPE {100 * mape:.1f}% (median {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%)")
-    meta = dict(model=info.model.model, device_name=info.model.device_name, dtype=info.model.dtype, machine=platform.machine())
+    meta = dict(model=Path(info.model.model).name, device_name=info.model.device_name, dtype=info.model.dtype, machine=platform.machine())
     result = dict(meta=meta, sweep_steps=len(rows), sweep_s=sweep_s, coefficients=model.as_dict(), held_out_mape=mape,
                   held_out=[dict(shape, features=x.tolist(), measured_s=s, predicted_s=p)
                             for shape, x, s, p in zip(shapes, test_rows, test_seconds, predicted)],

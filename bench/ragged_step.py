@@ -104,7 +104,7 @@ def main() -> None:
     print(f"prefill: 1000 alone {prefill['median_ms']['long']:.1f} ms, ten 100 {prefill['median_ms']['short']:.1f} ms, together "
           f"{prefill['median_ms']['together']:.1f} ms; together/(sum) = {prefill['together_over_apart']:.3f} "
           f"[{prefill['interval'][0]:.3f}, {prefill['interval'][1]:.3f}]")
-    meta = dict(model=info.model.model, device_name=info.model.device_name, dtype=info.model.dtype, repeats=args.repeats,
+    meta = dict(model=Path(info.model.model).name, device_name=info.model.device_name, dtype=info.model.dtype, repeats=args.repeats,
                 machine=platform.machine(), verifier_flags=args.verifier_flag)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "verify": verify, "prefill": prefill}, indent=2) + "\n")
