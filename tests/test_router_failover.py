@@ -111,7 +111,7 @@ def test_with_every_replica_gone_requests_fail_cleanly(replicas):
     router, servers = replicas
     scheduler = router.servicer.scheduler
     # a longer first backoff, so that waiting it out is visible even on a loaded machine
-    scheduler.verifiers._base_backoff = 3.0
+    scheduler.verifiers._base_backoff = 10.0
     for server in servers:
         server.stop()
     replies = generate_many(router.stub, requests()[:4], timeout=60)
