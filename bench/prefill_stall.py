@@ -213,6 +213,24 @@ def table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def to_json(runs: dict) -> str:
+    """The results, indented, with each list of numbers (a stream's message times) on one line."""
+    numbers: list[str] = []
+
+    def hide(value):
+        if isinstance(value, dict):
+            return {k: hide(v) for k, v in value.items()}
+        if isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value):
+            numbers.append(json.dumps(value))
+            return f"@{len(numbers) - 1}@"
+        return [hide(v) for v in value] if isinstance(value, list) else value
+
+    text = json.dumps({"runs": hide(runs)}, indent=1)
+    for i, dumped in enumerate(numbers):
+        text = text.replace(f'"@{i}@"', dumped, 1)
+    return text + "\n"
+
+
 def main() -> None:
     from smartspec.client import Client
 
@@ -238,7 +256,7 @@ def main() -> None:
     runs = json.loads(out.read_text())["runs"] if out.exists() else {}
     runs[label] = run
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    out.write_text(to_json(runs))
     print(table(runs))
 
 

@@ -49,7 +49,7 @@ PASS_THROUGH = {"INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED"}
 
 # A step's token budget (--max-step-tokens): one token per decoding request, the rest for prefill
 # chunks, so that running streams slow down, never stall, while a prompt is prefilled. On one core of
-# the reference CPU a decode step of 8 requests costs ~240 ms and a prefill token ~6 ms: 40 prefill
+# the reference CPU a decode step of 8 requests costs ~170 ms and a prefill token ~4 ms: 40 prefill
 # tokens beside 8 decoding keep such a step near 2x a decode step (docs/engine.md, "Chunked prefill").
 # A GPU affords far more: a few thousand.
 DEFAULT_MAX_STEP_TOKENS = 48
