@@ -29,7 +29,7 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the client and the lifeline come from this checkout
 
-from smartspec.bench.checkout import commit_of, up_from  # noqa: E402
+from smartspec.bench.checkout import add_checkout_flags, commit_of, up_from  # noqa: E402
 from smartspec.commands.demo import PROMPTS  # noqa: E402
 from smartspec.lifeline import child_env  # noqa: E402
 
@@ -50,8 +50,7 @@ while True:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tree", default=str(ROOT), help="checkout whose stack is measured (default: this one)")
-    parser.add_argument("--label", default="", help="name of this run in the results (default: the tree's commit)")
+    add_checkout_flags(parser, ROOT)
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (the demo's default)")
     parser.add_argument("--repeats", type=int, default=2, help="requests per prompt, variant and condition; the median counts")
     parser.add_argument("--neighbour-threads", type=int, default=0, help="the neighbour's torch threads (0: one per core)")

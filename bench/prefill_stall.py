@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the client and the tokenizer come from this checkout
 
-from smartspec.bench.checkout import commit_of, up_from  # noqa: E402
+from smartspec.bench.checkout import add_checkout_flags, commit_of, up_from  # noqa: E402
 
 WORDS = (
     "the river stone cloud paper green quick brown fox jumps over lazy dog seven eleven market garden window silver music "
@@ -52,8 +52,7 @@ OPTIONS = dict(drafter="none", policy="none", ignore_eos=True)
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tree", default=str(ROOT), help="checkout whose stack is measured (default: this one)")
-    parser.add_argument("--label", default="", help="name of this run in the results (default: the tree's commit)")
+    add_checkout_flags(parser, ROOT)
     parser.add_argument("--max-step-tokens", type=int, default=0, help="passed to `smartspec up` (0: the tree's default; an old tree has no such flag)")
     parser.add_argument("--streams", type=int, default=8, help="requests streaming when the long prompt arrives")
     parser.add_argument("--long-tokens", type=int, default=1500, help="tokens of the long prompt")

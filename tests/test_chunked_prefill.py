@@ -5,9 +5,7 @@ mid-prefill frees everything; and the KV cache accounts for contexts still to pr
 
 from __future__ import annotations
 
-import asyncio
 import random
-import threading
 
 import grpc
 import pytest
@@ -18,6 +16,7 @@ from smartspec.runtime.runner import BatchedRunner
 from smartspec.sampling import SamplingParams
 from smartspec.wire import router_pb2, verifier_pb2, verifier_pb2_grpc
 from tests.support import ServerThread, first_mismatch, reference_greedy
+from tests.test_router_behaviour import GatedVerifier
 from tests.test_router_lossless import assert_lossless
 from tests.test_router_stack import RouterThread, generate_many, lookup_drafter, tokenizer_for, verifier_for, wait_until
 from tests.test_verifier_lossless import drive, make_engine, proposal, random_prompts
@@ -158,36 +157,6 @@ def test_a_long_prompt_prefilled_beside_speculating_requests_through_the_router_
         router.stop()
 
 
-class ChunkGate(verifier_pb2_grpc.VerifierServiceServicer):
-    """Delegates to a real verifier, but the Verify calls that carry prefill chunks after the first
-    `passing` ones wait at a gate."""
-
-    def __init__(self, inner, passing: int) -> None:
-        self.inner = inner
-        self.passing = passing
-        self.gate = threading.Event()
-        self.stuck = threading.Event()
-        self.chunk_calls = 0
-
-    async def Prefill(self, request, context):
-        return await self.inner.Prefill(request, context)
-
-    async def Verify(self, request, context):
-        if request.prefill_request_ids:
-            self.chunk_calls += 1
-            if self.chunk_calls > self.passing:
-                self.stuck.set()
-                while not self.gate.is_set():
-                    await asyncio.sleep(0.01)
-        return await self.inner.Verify(request, context)
-
-    async def Release(self, request, context):
-        return await self.inner.Release(request, context)
-
-    async def Info(self, request, context):
-        return await self.inner.Info(request, context)
-
-
 def verifier_holds(address: str) -> tuple[int, int]:
     """(live sequences, KV tokens) of a verifier."""
     with grpc.insecure_channel(address) as channel:
@@ -201,7 +170,7 @@ def test_a_request_cancelled_mid_prefill_frees_its_state(tiny_target):
     from verifier_svc.main import build_servicer
     from verifier_svc.server import SERVICE_NAME
 
-    verifier = ChunkGate(build_servicer(str(tiny_target), max_sequences=4), passing=2)  # the short prompt, the first chunk
+    verifier = GatedVerifier(build_servicer(str(tiny_target), max_sequences=4), holds=lambda request: bool(request.prefill_request_ids), passing=2)  # the short prompt, the first chunk
     engine = verifier.inner.engine
     server = ServerThread(lambda s: verifier_pb2_grpc.add_VerifierServiceServicer_to_server(verifier, s), [SERVICE_NAME])
     router = RouterThread(tokenizer_for(str(tiny_target)), server.address, {}, drafter="none", max_step_tokens=20)
@@ -209,7 +178,7 @@ def test_a_request_cancelled_mid_prefill_frees_its_state(tiny_target):
         decoding = router.stub.GenerateStream(router_pb2.GenerateRequest(prompt="Hello", max_tokens=400, ignore_eos=True), timeout=60)
         next(decoding)
         stream = router.stub.GenerateStream(router_pb2.GenerateRequest(prompt="word " * 100, max_tokens=5), timeout=60)
-        assert verifier.stuck.wait(30)  # one chunk prefilled, the second in flight
+        assert verifier.verifying.wait(30)  # one chunk prefilled, the second in flight
         (held,) = engine._unfilled
         assert engine.runner.length(held) == 19 and verifier_holds(server.address)[0] == 2  # 20 - 1 for the decoding request
         stream.cancel()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Callable
 
 import grpc
 import pytest
 
 from router.detokenize import tokenizer_decoder
-from smartspec.wire import router_pb2, verifier_pb2_grpc
+from smartspec.wire import router_pb2, verifier_pb2, verifier_pb2_grpc
 from tests.support import ServerThread, reference_greedy
 from tests.test_router_stack import (
     RouterThread,
@@ -133,24 +134,29 @@ def test_validation_errors_over_grpc(stack, fields, code, message):
 
 # --- overload and cancellation: a verifier whose Verify waits at a gate --------------------------------
 class GatedVerifier(verifier_pb2_grpc.VerifierServiceServicer):
-    """Delegates to a real verifier, but a Verify that verifies waits until the gate is open (one that
-    only prefills passes: the first token streams)."""
+    """Delegates to a real verifier, but the Verify calls that `holds` picks, after the first `passing`
+    of them, wait until the gate is open. By default it holds every Verify that verifies (one that only
+    prefills passes: the first token streams)."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, holds: Callable[[verifier_pb2.VerifyRequest], bool] = lambda request: bool(request.request_ids),
+                 passing: int = 0) -> None:
         self.inner = inner
+        self.holds = holds
+        self.passing = passing
         self.gate = threading.Event()
-        self.verifying = threading.Event()
-        self.verify_calls = 0
+        self.verifying = threading.Event()  # a held call is waiting at the gate
+        self.verify_calls = 0  # calls that `holds` picked
 
     async def Prefill(self, request, context):
         return await self.inner.Prefill(request, context)
 
     async def Verify(self, request, context):
-        if request.request_ids:
+        if self.holds(request):
             self.verify_calls += 1
-            self.verifying.set()
-            while not self.gate.is_set():
-                await asyncio.sleep(0.01)
+            if self.verify_calls > self.passing:
+                self.verifying.set()
+                while not self.gate.is_set():
+                    await asyncio.sleep(0.01)
         return await self.inner.Verify(request, context)
 
     async def Release(self, request, context):

@@ -3,6 +3,7 @@ that compare a change with what came before it."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -40,3 +41,9 @@ def commit_of(tree: Path) -> str:
     """The tree's commit, with '-dirty' when it has changes of its own."""
     done = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True, text=True)
     return done.stdout.strip() or "unknown"
+
+
+def add_checkout_flags(parser: argparse.ArgumentParser, root: Path) -> None:
+    """--tree and --label: which checkout's stack a before/after benchmark measures, and its name."""
+    parser.add_argument("--tree", default=str(root), help="checkout whose stack is measured (default: this one)")
+    parser.add_argument("--label", default="", help="name of this run in the results (default: the tree's commit)")
