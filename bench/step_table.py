@@ -2,14 +2,14 @@
 of batch x new tokens per sequence x context per sequence, Prefill time by prompt tokens, and the
 step-to-step noise, written as the `cpu-smollm2` cost profile of `smartspec simulate`.
 
-    python bench/step_table.py [--repeats 5] [--out smartspec/simulate/profiles/cpu-smollm2.json]
+    python bench/step_table.py [--repeats 7] [--out smartspec/simulate/profiles/cpu-smollm2.json]
                                [--raw bench/results/step_table.json]
 
-Starts `smartspec serve verifier` (embedded target, float32) as its own process. For each context
-length, each batch size gets requests of its own (so contexts grow only by the steps of that batch:
-about one token per step, random drafts being rejected), prefilled together, which also samples the
-Prefill cost. Each point is the median of `repeats` Verify calls after one warm-up, the new-token counts
-interleaved so that drift spreads over every point. The noise is the standard deviation of
+Starts `smartspec serve verifier` (embedded target, float32) as its own process. Each context length
+and batch size gets requests of its own (so contexts grow only by the steps of that point: about one
+token per step, random drafts being rejected), prefilled together, which also samples the Prefill
+cost. Each point is the median of `repeats` Verify calls after one warm-up, every call of the grid in
+one random order so that drift spreads over every point. The noise is the standard deviation of
 log(time / its point's median) over every repeat: what the simulator multiplies its steps by. The
 drafters' costs are kept from the existing profile (estimates; the file says so).
 """
@@ -17,6 +17,7 @@ drafters' costs are kept from the existing profile (estimates; the file says so)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -32,42 +33,53 @@ from smartspec.wire import verifier_pb2
 
 BATCHES = (1, 4, 16, 32)
 NEW_TOKENS = (1, 2, 4, 8)  # per sequence: k + 1
-CONTEXTS = (128, 512, 1536)
+CONTEXTS = (128, 512, 1024)
 PROFILE = Path("smartspec/simulate/profiles/cpu-smollm2.json")
 
 
 def measure(verifier: VerifierProcess, repeats: int) -> tuple[np.ndarray, list[float], list[tuple[int, float]]]:
     """Returns seconds[batch, new tokens, context], the log ratios of every repeat to its median, and
-    (prompt tokens, seconds) of every Prefill."""
+    (prompt tokens, seconds) of every Prefill.
+
+    Every point's repeats run in one random order over the whole grid (all contexts held at once), so
+    the machine's drift over the run (a neighbour, heat) is noise on every point rather than aliased
+    into one axis: measured context after context, a slow first minute once read as short contexts
+    costing more than long ones."""
     rng = random.Random(0)
     vocab = verifier.info.model.vocab_size
+    groups = {(context, batch): [f"c{context}-b{batch}-{i}" for i in range(batch)] for context in CONTEXTS for batch in BATCHES}
+    prefills: list[tuple[int, float]] = []
+    for (context, _), ids in groups.items():
+        items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(context)]) for i in ids]
+        started = time.perf_counter()
+        verifier.stub.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=900)
+        prefills.append((len(ids) * context, time.perf_counter() - started))
+    points = list(itertools.product(range(len(CONTEXTS)), range(len(BATCHES)), range(len(NEW_TOKENS))))
+    order = [point for point in points for _ in range(repeats + 1)]
+    rng.shuffle(order)
+    times: dict[tuple[int, int, int], list[float]] = {point: [] for point in points}
+    warmed: set[tuple[int, int, int]] = set()
+    for done, (ci, bi, ni) in enumerate(order, 1):
+        batch, n = BATCHES[bi], NEW_TOKENS[ni]
+        drafts = [rng.randrange(3, vocab) for _ in range(batch * (n - 1))]
+        ids = groups[CONTEXTS[ci], batch]
+        request = verifier_pb2.VerifyRequest(request_ids=ids, draft_counts=[n - 1] * batch, draft_token_ids=drafts)
+        started = time.perf_counter()
+        verifier.stub.Verify(request, timeout=900)
+        if (ci, bi, ni) in warmed:  # each point's first call warms it up
+            times[ci, bi, ni].append(time.perf_counter() - started)
+        warmed.add((ci, bi, ni))
+        if done % 48 == 0:
+            print(f"{done}/{len(order)} verifies", flush=True)
     seconds = np.zeros((len(BATCHES), len(NEW_TOKENS), len(CONTEXTS)))  # [batch, new tokens, context]
     spread: list[float] = []
-    prefills: list[tuple[int, float]] = []
+    for (ci, bi, ni), measured in times.items():
+        median = statistics.median(measured)
+        seconds[bi, ni, ci] = median
+        spread += [math.log(t / median) for t in measured]
     for ci, context in enumerate(CONTEXTS):
-        groups = {batch: [f"c{context}-b{batch}-{i}" for i in range(batch)] for batch in BATCHES}
-        for ids in groups.values():
-            items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(context)]) for i in ids]
-            started = time.perf_counter()
-            verifier.stub.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=900)
-            prefills.append((len(ids) * context, time.perf_counter() - started))
         for bi, batch in enumerate(BATCHES):
-            times: dict[int, list[float]] = {n: [] for n in NEW_TOKENS}
-            for repeat in range(repeats + 1):
-                for n in NEW_TOKENS:
-                    drafts = [rng.randrange(3, vocab) for _ in range(batch * (n - 1))]
-                    request = verifier_pb2.VerifyRequest(request_ids=groups[batch], draft_counts=[n - 1] * batch, draft_token_ids=drafts)
-                    started = time.perf_counter()
-                    verifier.stub.Verify(request, timeout=900)
-                    if repeat:  # the first round warms up
-                        times[n].append(time.perf_counter() - started)
-            for ni, n in enumerate(NEW_TOKENS):
-                median = statistics.median(times[n])
-                seconds[bi, ni, ci] = median
-                spread += [math.log(t / median) for t in times[n]]
-            print(f"context {context} batch {batch}: " + ", ".join(f"{n} new {1000 * seconds[bi, ni, ci]:.0f} ms" for ni, n in enumerate(NEW_TOKENS)),
-                  flush=True)
-        verifier.stub.Release(verifier_pb2.ReleaseRequest(request_ids=[i for ids in groups.values() for i in ids]), timeout=60)
+            print(f"context {context} batch {batch}: " + ", ".join(f"{n} new {1000 * seconds[bi, ni, ci]:.0f} ms" for ni, n in enumerate(NEW_TOKENS)))
     return seconds, spread, prefills
 
 
@@ -110,18 +122,19 @@ def write_profile(out: Path, raw: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=PROFILE, help="the cost profile to write")
-    parser.add_argument("--kv-cache-gb", type=int, default=6, help="the verifier's KV cache (the grid holds about 90,000 tokens)")
+    parser.add_argument("--kv-cache-gb", type=int, default=8, help="the verifier's KV cache (the whole grid is held at once: about 100,000 tokens)")
     parser.add_argument("--raw", type=Path, default=Path("bench/results/step_table.json"), help="every measurement, with the machine")
     parser.add_argument("--from-raw", action="store_true", help="measure nothing: rewrite the profile from --raw")
     args = parser.parse_args()
     if args.from_raw:
         write_profile(args.out, json.loads(args.raw.read_text()))
         return
-    held = sum(BATCHES) * (max(CONTEXTS) + 8 * (args.repeats + 1) * len(NEW_TOKENS) + 32)
+    # every group at once; a step adds about one token to each of its requests (random drafts are rejected)
+    held = sum(BATCHES) * (sum(CONTEXTS) + len(CONTEXTS) * (2 * (args.repeats + 1) * len(NEW_TOKENS) + 32))
     started = time.monotonic()
-    with VerifierProcess(["--max-sequences", str(sum(BATCHES)), "--kv-cache-gb", str(args.kv_cache_gb)]) as verifier:
+    with VerifierProcess(["--max-sequences", str(sum(BATCHES) * len(CONTEXTS)), "--kv-cache-gb", str(args.kv_cache_gb)]) as verifier:
         if verifier.info.kv_capacity_tokens < held:
             raise SystemExit(f"--kv-cache-gb {args.kv_cache_gb} holds {verifier.info.kv_capacity_tokens} tokens; the grid needs {held}")
         seconds, spread, prefills = measure(verifier, args.repeats)

@@ -6,9 +6,9 @@ requests by policy and, per group:
 
 1. ``choose(views)``: k to ask each request's drafter for (0 = plain decoding this step);
 2. the drafters propose (up to that k; possibly fewer tokens come back);
-3. ``refine(views, asked, lengths)``: k to actually verify, at most the proposal's length. This is
-   where "propose K_max with a model-free drafter, then verify only what pays" (docs/design.md section 3)
-   goes; the default verifies everything that came back;
+3. ``refine(views, asked, lengths)``: k to actually verify, at most the proposal's length (the
+   controller decides again once it knows which proposals came back, docs/design.md section 3); the
+   default verifies everything that came back;
 4. after the Verify, ``observe(outcome)`` with what was proposed, accepted and measured; and
    ``forget(request_id)`` when a request leaves.
 

@@ -11,7 +11,9 @@ import pytest
 from smartspec import cli
 from smartspec.simulate import loop as sim_loop
 from smartspec.simulate import world as sim_world
-from smartspec.simulate.loop import simulate
+from router.prefill_budget import plan_chunks
+from smartspec.simulate.load import RequestSpec
+from smartspec.simulate.loop import Cell, simulate
 from smartspec.simulate.sweep import BEST_FIXED, SweepConfig, best_fixed, cell_of, run_sweep
 from smartspec.bench.traces import RequestTrace, TraceSet, write_traces
 from smartspec.simulate.traces import TraceAcceptance, TraceTruth, load_traces, trace_names
@@ -364,3 +366,37 @@ def test_cli_replays_a_trace_file(tmp_path):
     want = [walk(hand_traces().traces.requests[i % 2], 3) for i in range(6)]
     fixed = next(r for r in rows if r["policy"] == "fixed:3")
     assert (fixed["proposed"], fixed["accepted"]) == tuple(map(sum, zip(*want)))
+
+
+@pytest.mark.parametrize(
+    ("decoding", "left", "expected"),
+    [
+        (8, [100, 30], [40, 0]),  # the budget left after one token per decoding request, first come first served
+        (8, [30, 100], [30, 10]),
+        (40, [100], [16]),  # however many decode, a prefill advances
+        (0, [100, 30], [100, 0]),  # nothing decodes: the first prompt in line goes whole
+        (0, [30, 100], [30, 18]),
+    ],
+)
+def test_prefill_chunks_fill_the_step_budget_in_admission_order(decoding, left, expected):
+    assert plan_chunks(48, decoding, left) == expected
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decoding_requests(monkeypatch):
+    """As in the router: no step that decodes carries more prefill than the budget leaves it, and the
+    long prompt's chunks add up to its length."""
+    steps = []
+    original = StepCosts.step_s
+
+    def spy(self, contexts, ks, chunks=()):
+        steps.append((len(ks), [c.tokens for c in chunks]))
+        return original(self, contexts, ks, chunks)
+
+    monkeypatch.setattr(StepCosts, "step_s", spy)
+    requests = [RequestSpec(i, 0, 40, 60, arrival_s=0.0) for i in range(4)] + [RequestSpec(4, 0, 1500, 8, arrival_s=2.0)]
+    cell = Cell(StepCosts(load_profile(CPU)), AcceptanceModel(0.7, 0.1), tuple(requests), "prompt_lookup", 8, None, 0, 0.0)
+    records, _ = simulate(cell, "goodput")
+    assert len(records) == 5
+    mixed = [chunks for decoding, chunks in steps if decoding and chunks]
+    assert mixed and all(sum(chunks) <= max(48 - decoding, 16) for decoding, chunks in steps if decoding)
+    assert len(mixed) >= 1500 // 48  # the long prompt went in pieces while the others decoded, never whole

@@ -38,8 +38,7 @@ from router.controller.cost_model import LinearCostModel, draft_features, new_dr
 from router.controller.profile import step_features
 from router.controller.tree import TreeCalibration, path_probs
 
-# Drafters that run no model: their proposals cost next to nothing (prompt lookup proposes K_max,
-# then the controller truncates).
+# Drafters that run no model: their proposals cost next to nothing per request (a host-side match).
 MODEL_FREE_DRAFTERS = frozenset({"prompt_lookup", "controlled"})
 
 

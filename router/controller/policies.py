@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from router.controller.controller import MODEL_FREE_DRAFTERS, Slot, SpeculationController
+from router.controller.controller import Slot, SpeculationController
 from router.policy import RequestView, SpeculationPolicy
 
 MODES = ("goodput", "uniform")
@@ -18,10 +18,12 @@ def slots_of(views: Sequence[RequestView], caps: Sequence[int]) -> list[Slot]:
 class ControllerPolicy(SpeculationPolicy):
     """Decides k from predicted goodput (docs/design.md section 3).
 
-    Propose-then-truncate: a model-free drafter (prompt lookup) is asked for everything the request may
-    verify, since proposing costs next to nothing, and ``refine`` then picks what to verify once it is
-    known which requests matched and how far. A draft model pays a forward per token, so its k is
-    decided before drafting (and may still be cut after).
+    Every drafter is asked for the k the controller decides before drafting, and ``refine`` decides again
+    once the proposals are known (a prompt-lookup request without a match drops out, which may make
+    speculation no longer pay for the others). Asking a model-free drafter (prompt lookup) for everything
+    a request may verify looks free but is not at scale: a host-side match per request and draft
+    position, for every request of a 256-request batch, adds a share of a GPU step that the allocator,
+    which prices what is asked, then rightly refuses to spend.
     """
 
     def __init__(self, controller: SpeculationController, mode: str) -> None:
@@ -36,8 +38,7 @@ class ControllerPolicy(SpeculationPolicy):
 
     def choose(self, batch: Sequence[RequestView]) -> list[int]:
         caps = [min(v.max_k, self.controller.k_max) for v in batch]
-        ks = self.controller.decide(slots_of(batch, caps), self.mode)
-        return [cap if v.drafter in MODEL_FREE_DRAFTERS else k for v, cap, k in zip(batch, caps, ks)]
+        return self.controller.decide(slots_of(batch, caps), self.mode)
 
     def refine(self, batch: Sequence[RequestView], asked: Sequence[int], lengths: Sequence[int]) -> list[int]:
         caps = [min(a, n) for a, n in zip(asked, lengths)]

@@ -1,10 +1,11 @@
 """The router's step loop on a virtual clock, driving the real policies and controller.
 
-One iteration mirrors ``router.scheduler.Scheduler.iterate``, except that prompts are prefilled whole,
-in one Prefill the loop waits for (the router prefills them in chunks inside its steps): admit waiting
-requests, then one step: ``choose`` per policy, the drafter proposes, ``refine``,
-``controller.record``, one Verify, then ``controller.observe_request`` per request,
-``controller.observe_step`` and the policy's ``observe``; finished requests are forgotten by both. The
+One iteration mirrors ``router.scheduler.Scheduler.iterate``: admit waiting requests (up to the batch
+limit), then one step: prefill chunks under the step token budget (router/prefill_budget.py, as the
+router plans them), ``choose`` per policy, the drafter proposes, ``refine``, ``controller.record``, one
+Verify carrying the chunks, then ``controller.observe_request`` per request, ``controller.observe_step``
+and the policy's ``observe``; a chunk that completes its prompt gives the request its first token;
+finished requests are forgotten by both. The
 clock advances by the world's (noisy) times; the controller and the policies see only what the router
 would show them: views, proposal lengths, accepted counts and measured seconds.
 """
@@ -17,11 +18,11 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from router.controller.controller import Slot, SpeculationController
-from router.controller.cost_model import verify_features
+from router.controller.controller import PrefillRow, Slot, SpeculationController
 from router.controller.policies import controller_policies
 from router.controller.profile import BATCHES, CONTEXT_RANGE, step_features, sweep_plan
 from router.policy import PolicyRegistry, RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
+from router.prefill_budget import plan_chunks
 from smartspec.bench.metrics import RequestRecord
 from smartspec.simulate.load import RequestSpec
 from smartspec.simulate.oracle import NAME as CLAIRVOYANT
@@ -36,6 +37,7 @@ class SimRequest:
     spec: RequestSpec
     truth: Truth
     arrival_s: float
+    prefill_left: int = 0  # prompt tokens not yet prefilled (set at admission)
     generated: int = 0
     steps: int = 0
     proposed: int = 0
@@ -49,7 +51,7 @@ class SimRequest:
 
     @property
     def context(self) -> int:
-        return self.spec.prompt_tokens + self.generated
+        return self.spec.prompt_tokens - self.prefill_left + self.generated
 
     @property
     def done(self) -> bool:
@@ -76,6 +78,11 @@ class Cell:
     seed: int
     noise_sigma: float
     profile_scale: float = 1.0  # the startup profile's coefficients times this, as a stale cached profile would be
+    max_step_tokens: int | None = None  # the router's --max-step-tokens (None: the profile's)
+
+    @property
+    def step_tokens(self) -> int:
+        return self.costs.max_step_tokens if self.max_step_tokens is None else self.max_step_tokens
 
 
 def startup_profile(controller: SpeculationController, costs: StepCosts, noise: Noise, seed: int, scale: float = 1.0) -> None:
@@ -154,15 +161,12 @@ class _Loop:
                 self._reap()
 
     def _admit(self) -> None:
+        """Waiting requests join up to the batch limit; their prompts are prefilled in the coming steps."""
         room = self.cell.max_batch - len(self.running)
-        batch = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-        if not batch:
-            return
-        self.now += self.noise(self.cell.costs.prefill_s([r.spec.prompt_tokens for r in batch]))
-        for request in batch:
-            request.first_token_s = self.now
-            request.generated = 1  # the Prefill's token
-        self.running.extend(batch)
+        for _ in range(min(room, len(self.waiting))):
+            request = self.waiting.popleft()
+            request.prefill_left = request.spec.prompt_tokens
+            self.running.append(request)
 
     def _views(self) -> list[RequestView]:
         max_context = self.cell.costs.max_context
@@ -174,23 +178,38 @@ class _Loop:
                 steps=r.steps, proposed=r.proposed, accepted=r.accepted,
             )
             for r in self.running
+            if not r.prefill_left
         ]
 
+    def _chunks(self, decoding: int) -> list[tuple[SimRequest, PrefillRow]]:
+        prefilling = [r for r in self.running if r.prefill_left]
+        sizes = plan_chunks(self.cell.step_tokens, decoding, [r.prefill_left for r in prefilling])
+        return [(r, PrefillRow(cached=r.spec.prompt_tokens - r.prefill_left, tokens=n)) for r, n in zip(prefilling, sizes) if n]
+
     def _step(self) -> None:
-        batch, views, drafter = list(self.running), self._views(), self.cell.drafter
-        asked = [clamp_k(k, v.max_k) for k, v in zip(self.policy.choose(views), views)]
-        lengths = [r.truth.proposal(r.generated, a) for r, a in zip(batch, asked)]
-        refined = self.policy.refine(views, asked, lengths)
-        final = [clamp_k(k, min(a, n)) for k, a, n in zip(refined, asked, lengths)]
-        self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
+        batch, views, drafter = [r for r in self.running if not r.prefill_left], self._views(), self.cell.drafter
+        chunks = self._chunks(len(batch))
+        rows = [row for _, row in chunks]
+        self.controller.begin_step(rows)
+        asked: list[int] = []
+        final: list[int] = []
+        if batch:  # the router asks its policies only about requests that decode
+            asked = [clamp_k(k, v.max_k) for k, v in zip(self.policy.choose(views), views)]
+            lengths = [r.truth.proposal(r.generated, a) for r, a in zip(batch, asked)]
+            refined = self.policy.refine(views, asked, lengths)
+            final = [clamp_k(k, min(a, n)) for k, a, n in zip(refined, asked, lengths)]
+            self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
 
         draft_s = self.noise(self.cell.costs.draft_s(drafter, asked)) if any(asked) else 0.0
         drafts = {drafter: (tuple(k for k in asked if k > 0), draft_s)} if any(asked) else {}
-        new_tokens = sum(k + 1 for k in final)
-        context = sum(v.context_tokens for v in views)
-        attended = sum((k + 1) * v.context_tokens for k, v in zip(final, views))
-        step_s = draft_s + self.noise(self.cell.costs.verify_s(len(batch), new_tokens, context, attended))
+        contexts = [v.context_tokens for v in views]
+        step_s = draft_s + self.noise(self.cell.costs.step_s(contexts, final, rows))
         self.now += step_s
+        for request, row in chunks:
+            request.prefill_left -= row.tokens
+            if not request.prefill_left:  # its prompt is in: the forward's last row gives its first token
+                request.first_token_s = self.now
+                request.generated = 1
 
         accepted = [r.truth.accepted(r.generated, k) for r, k in zip(batch, final)]
         for request, k, n in zip(batch, final, accepted):
@@ -200,10 +219,13 @@ class _Loop:
             request.generated = min(request.generated + n + 1, request.spec.output_tokens)
         for view, k, a, n in zip(views, final, asked, accepted):
             self.controller.observe_request(view.request_id, view.drafter, k, n, asked=a)
-        self.controller.observe_step([v.context_tokens for v in views], final, drafts, step_s)
+        if not batch:
+            return  # a step of prefill alone: the router shows its policies nothing of it
+        self.controller.observe_step(contexts, final, drafts, step_s, prefill=rows)
         self.policy.observe(StepOutcome(
             requests=tuple(RequestOutcome(v.request_id, v.drafter, a, k, n, v.context_tokens) for v, a, k, n in zip(views, asked, final, accepted)),
-            num_sequences=len(batch), new_tokens=new_tokens, context_tokens=context, verify_s=step_s - draft_s, step_s=step_s, drafts=drafts,
+            num_sequences=len(batch), new_tokens=sum(k + 1 for k in final), context_tokens=sum(contexts), verify_s=step_s - draft_s, step_s=step_s,
+            drafts=drafts, prefill_tokens=sum(row.tokens for row in rows),
         ))
 
     def _reap(self) -> None:

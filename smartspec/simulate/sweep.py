@@ -38,6 +38,7 @@ class SweepConfig:
     output_tokens: int | None = None
     noise_sigma: float | None = None  # None: the profile's
     profile_scale: float = 1.0  # the startup profile times this: a stale cached profile
+    max_step_tokens: int | None = None  # the router's --max-step-tokens (None: the profile's)
     loads: list[tuple[str, float]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +55,7 @@ def cell_of(config: SweepConfig, kind: str, load: float) -> Cell:
         costs=config.costs, acceptance=config.acceptance, requests=tuple(requests), drafter=config.drafter,
         max_batch=config.max_batch, concurrency=int(load) if kind == "concurrency" else None, seed=config.seed,
         noise_sigma=config.costs.noise_sigma if config.noise_sigma is None else config.noise_sigma, profile_scale=config.profile_scale,
+        max_step_tokens=config.max_step_tokens,
     )
 
 

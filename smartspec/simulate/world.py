@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
 import numpy as np
 
 from router.controller.allocator import DrafterCost
+from router.controller.controller import PrefillRow
+from router.prefill_budget import DEFAULT_MAX_STEP_TOKENS
 
 if TYPE_CHECKING:
     from smartspec.simulate.load import RequestSpec
@@ -87,6 +89,8 @@ class StepCosts:
         self.kind = profile["kind"]
         self.max_context = int(profile.get("max_context", 8192))
         self.noise_sigma = float(profile.get("noise_sigma", 0.0))
+        # the router's --max-step-tokens on this hardware (a GPU affords a few thousand)
+        self.max_step_tokens = int(profile.get("max_step_tokens", DEFAULT_MAX_STEP_TOKENS))
         if self.kind == "table":
             axes = profile["verify"]["axes"]
             self._axes = [[float(x) for x in axes[name]] for name in ("batch", "new_tokens_per_seq", "context_per_seq")]
@@ -104,13 +108,25 @@ class StepCosts:
             return max(interpolate(self._axes, self._table, point), self._floor)
         return self._roofline(new_tokens, context_tokens, attended_tokens)
 
-    def prefill_s(self, prompt_tokens: Sequence[int]) -> float:
-        """One Prefill of the admitted prompts (the step loop waits for it)."""
+    def step_s(self, contexts: Sequence[int], ks: Sequence[int], chunks: Sequence[PrefillRow] = ()) -> float:
+        """One Verify (chunked prefill): requests with these contexts verifying these ks, and prefill
+        chunks in the same forward. A measured table has no chunk rows, so there a chunk adds its
+        tokens at the measured prefill rate (and a step of chunks alone is a Prefill); a roofline
+        prices every row together."""
+        new = sum(k + 1 for k in ks)
+        context = sum(contexts)
+        attended = sum((k + 1) * c for k, c in zip(ks, contexts))
         if self.kind == "roofline":
-            attended = sum(n * (n + 1) / 2 for n in prompt_tokens)  # causal attention within each prompt
-            return self._roofline(sum(prompt_tokens), 0, attended)
+            for chunk in chunks:  # causal: the chunk's i-th token attends to cached + i keys
+                new += chunk.tokens
+                context += chunk.cached + chunk.tokens
+                attended += chunk.tokens * chunk.cached + chunk.tokens * (chunk.tokens + 1) / 2
+            return self._roofline(new, context, attended)
         prefill = self.profile["prefill"]
-        return prefill["base_s"] + prefill["token_s"] * sum(prompt_tokens)
+        chunk_tokens = sum(chunk.tokens for chunk in chunks)
+        if not ks:
+            return prefill["base_s"] + prefill["token_s"] * chunk_tokens
+        return self.verify_s(len(ks), new, context, attended) + prefill["token_s"] * chunk_tokens
 
     def draft_s(self, drafter: str, ks: Sequence[int]) -> float:
         """One Propose call of `drafter` for requests asking `ks` tokens."""
