@@ -52,6 +52,17 @@ def test_drafter_rate_is_smoothed_and_fades_back_when_unused():
     assert rates.position_proposed[:4] == [251] * 4 and rates.position_accepted[0] == 50 and rates.samples == 251
 
 
+def test_a_drafter_with_thin_evidence_looks_promising_and_one_measured_at_length_is_taken_at_its_word():
+    rates = DrafterRates(initial=0.5, prior_strength=4)
+    assert rates.optimistic_rate > rates.rate + 0.15  # never tried: worth a try
+    for _ in range(300):
+        rates.observe(4, 0)  # its drafts never land
+    assert rates.optimistic_rate < 0.05
+    for _ in range(1000):  # unused for long, the evidence fades: optimistic again, so it is tried again
+        rates.decay(0.98)
+    assert rates.optimistic_rate > 0.65
+
+
 def test_online_refit_recovers_the_true_step_cost():
     true = np.array([0.04, 0.006, 0.00002, 0.000002, 0.003, 0.025])
     model = LinearCostModel(VERIFY_FEATURES, prior=[0.1, 0.0, 0.0, 0.0, 0.0, 0.0], window=200, refit_every=10)

@@ -151,8 +151,9 @@ def test_a_tree_request_is_given_a_budget_from_its_gains_and_cut_to_what_pays():
     controller = SpeculationController(k_max=8)
     controller.verify_cost.reset_prior((0.050, 0.0035, 0.000012, 0.0, 0.004, 0.005))  # a small jump at the first draft token
     controller.drafter_cost("tree").reset_prior((0.001, 0.002, 0.0005))
-    # no tree yet: the drafter's geometric prior stands in
-    assert controller.expected("r", "tree", 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    # no tree yet: the drafter's geometric prior stands in (optimistic while it has no evidence)
+    a = controller.drafter_rates("tree").optimistic_rate
+    assert controller.expected("r", "tree", 3) == pytest.approx(1 + a + a**2 + a**3)
     # a confident first node, then hopeless ones: only the first node pays
     controller.observe_tree("r", "tree", [-1, 0, 1, 2], [0.97, 0.001, 0.001, 0.001])
     assert controller.expected("r", "tree", 1) == pytest.approx(1.97, abs=0.01)
@@ -165,4 +166,4 @@ def test_a_tree_request_is_given_a_budget_from_its_gains_and_cut_to_what_pays():
     # before the next tree, the budget comes from this one, its tail extended geometrically
     assert len(controller._gains("r", "tree", 8)) == 8
     controller.forget("r")
-    assert controller.expected("r", "tree", 1) == pytest.approx(1.5)
+    assert controller.expected("r", "tree", 1) == pytest.approx(1 + a)

@@ -9,10 +9,14 @@ E(k) = (1 - a^(k+1)) / (1 - a).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Rates are kept inside (0, 1): a = 1 would make E(k) unbounded in k and a = 0 is never certain.
 RATE_FLOOR, RATE_CEIL = 0.01, 0.99
+# How many posterior standard deviations above its mean a drafter's rate is taken as, for requests with
+# no evidence of their own (optimism in the face of uncertainty: DrafterRates.optimistic_rate).
+OPTIMISM = 1.0
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -81,13 +85,29 @@ class DrafterRates:
                 out[f"p{position}"], out[f"a{position}"] = proposed, accepted
         return out
 
+    def _beta(self) -> tuple[float, float]:
+        """The rate's Beta posterior: (alpha, beta), the initial rate counting as prior_strength verifies."""
+        strength = self._prior_strength
+        alpha = self._successes + self.fleet_successes + strength * self._initial
+        beta = self._failures + self.fleet_failures + strength * (1.0 - self._initial)
+        return alpha, beta
+
     @property
     def rate(self) -> float:
-        strength = self._prior_strength
-        successes = self._successes + self.fleet_successes
-        failures = self._failures + self.fleet_failures
-        value = (successes + strength * self._initial) / (successes + failures + strength)
-        return min(max(value, RATE_FLOOR), RATE_CEIL)
+        alpha, beta = self._beta()
+        return min(max(alpha / (alpha + beta), RATE_FLOOR), RATE_CEIL)
+
+    @property
+    def optimistic_rate(self) -> float:
+        """The rate plus OPTIMISM standard deviations of its posterior: what a request with no evidence
+        of its own starts from. A drafter nobody has tried lately (its evidence faded) looks promising
+        enough to be tried; one measured over many verifies is taken at its word. Without it a drafter
+        whose first token looks too dear at the initial rate is never tried, and never learns that its
+        drafts land (seen: copy at 16 requests, no speculation, 1.2x slower than fixed:7)."""
+        alpha, beta = self._beta()
+        mean = alpha / (alpha + beta)
+        spread = math.sqrt(mean * (1.0 - mean) / (alpha + beta + 1.0))
+        return min(max(mean + OPTIMISM * spread, RATE_FLOOR), RATE_CEIL)
 
 
 @dataclass

@@ -150,8 +150,9 @@ class SpeculationController:
             gains.append(gains[-1] * ratio)
         return tuple(gains)
 
-    def _candidate(self, request_id: str, drafter: str, cap: int) -> Candidate:
-        return Candidate(self.acceptance(request_id, drafter), cap, drafter, self._gains(request_id, drafter, cap))
+    def _candidate(self, request_id: str, drafter: str, cap: int, prior_rate: float | None = None) -> Candidate:
+        rate = self.acceptance(request_id, drafter) if prior_rate is None else self._posterior(request_id, drafter).mean(prior_rate, self.prior_strength)
+        return Candidate(rate, cap, drafter, self._gains(request_id, drafter, cap))
 
     def expected(self, request_id: str, drafter: str, k: int) -> float:
         """E(k) the controller predicts for the request's next verify of k tokens (tree nodes) from
@@ -159,11 +160,18 @@ class SpeculationController:
         return self._candidate(request_id, drafter, k).expected(k)
 
     def _posterior(self, request_id: str, drafter: str) -> RequestAcceptance:
-        return self._posteriors.setdefault(request_id, {}).setdefault(drafter, RequestAcceptance())
+        mine = self._posteriors.get(request_id)
+        if mine is None:
+            mine = self._posteriors[request_id] = {}
+        posterior = mine.get(drafter)
+        if posterior is None:
+            posterior = mine[drafter] = RequestAcceptance()
+        return posterior
 
     def acceptance(self, request_id: str, drafter: str) -> float:
-        """Posterior mean of the request's acceptance rate with `drafter` (prior: the drafter's rate)."""
-        return self._posterior(request_id, drafter).mean(self.drafter_rates(drafter).rate, self.prior_strength)
+        """Posterior mean of the request's acceptance rate with `drafter` (prior: the drafter's rate,
+        optimistic while the drafter's evidence is thin)."""
+        return self._posterior(request_id, drafter).mean(self.drafter_rates(drafter).optimistic_rate, self.prior_strength)
 
     def step_cost(self, slots: Sequence[Slot]) -> StepCost:
         """The cost model flattened for this batch (its base is the step with every k = 0, this step's
@@ -184,7 +192,11 @@ class SpeculationController:
         return StepCost(base_s=max(base, 1e-4), token_s=token_s, jump_s=jump, drafters=drafters, fixed_tokens=fixed)
 
     def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
-        return [self._candidate(s.request_id, s.drafter, min(s.cap, self.k_max)) if s.drafter != "none" else Candidate(0.0, 0, "none") for s in slots]
+        priors = {name: self.drafter_rates(name).optimistic_rate for name in {s.drafter for s in slots} if name != "none"}  # once per drafter
+        return [
+            self._candidate(s.request_id, s.drafter, min(s.cap, self.k_max), priors[s.drafter]) if s.drafter != "none" else Candidate(0.0, 0, "none")
+            for s in slots
+        ]
 
     # --- decisions ------------------------------------------------------------------------------
     def begin_step(self, prefill: Sequence[PrefillRow] = ()) -> None:
