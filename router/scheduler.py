@@ -121,8 +121,7 @@ class Scheduler:
     # --- called by RPC handlers -----------------------------------------------------------------
     def submit(self, request: RequestState) -> None:
         """Queues a request for admission, or refuses it at once when the queue is full."""
-        if self.draining:
-            raise RequestError("UNAVAILABLE", "the router is shutting down; retry on another router")
+        self.check_open()
         if len(self.waiting) >= self.max_queue:
             raise RequestError(
                 "RESOURCE_EXHAUSTED",
@@ -130,6 +129,11 @@ class Scheduler:
             )
         self.waiting.append(request)
         self.wake()
+
+    def check_open(self) -> None:
+        """Refuses a request while the router shuts down (before it is even tokenized)."""
+        if self.draining:
+            raise RequestError("UNAVAILABLE", "the router is shutting down; retry on another router")
 
     def reset_controller(self) -> None:
         """Forgets what every replica's controller learned (Stats(reset=true)), each at its own step

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
 
@@ -56,13 +57,16 @@ class RouterSettings:
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(
-        self, validate: Callable, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int], shared: SharedState | None = None
+        self, validate: RequestValidator, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int], shared: SharedState | None = None
     ) -> None:
         self.validate = validate
         self.scheduler = scheduler
         self.decode = decode
         self.eos_ids = eos_ids
         self.shared = shared  # syncs the controller with other router replicas (None: local state only)
+        # Prompts are tokenized here, off the event loop. One thread: a Hugging Face tokenizer is not
+        # promised to be safe for concurrent calls, and one encodes thousands of tokens a millisecond.
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize")
 
     async def drain(self, timeout_s: float) -> None:
         """Graceful shutdown: the scheduler finishes what it admitted (Scheduler.drain), then the
@@ -80,6 +84,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await self._stop_sharing()
 
     async def _stop_sharing(self) -> None:
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if self.shared is not None:
             await self.shared.close()
 
@@ -90,11 +95,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return reply
 
     # --- the request path every front end shares (gRPC here, HTTP in router/http) ---------------------
-    def submit(self, request: router_pb2.GenerateRequest) -> RequestState:
-        """Validates and queues a request; a RequestError (invalid, overloaded, shutting down) is raised
-        before anything is queued, and counted."""
+    async def submit(self, request: router_pb2.GenerateRequest) -> RequestState:
+        """Validates (tokenizing off the event loop) and queues a request; a RequestError (invalid,
+        overloaded, shutting down) is raised before anything is queued, and counted."""
         try:
-            prompt_ids, params = self.validate(request)
+            self.scheduler.check_open()
+            prompt_ids, params = await self.validate.off_loop(request, self.tokenize_pool)
             state = RequestState(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_ids=self.eos_ids)
             self.scheduler.submit(state)
         except RequestError as err:
@@ -135,11 +141,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     @rpc_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
-        return await self.complete(self.submit(request))
+        return await self.complete(await self.submit(request))
 
     @rpc_errors
     async def GenerateStream(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        state = self.submit(request)
+        state = await self.submit(request)
         async with contextlib.aclosing(self.chunks(state)) as chunks:  # a client that leaves ends the request now, not at GC
             async for chunk in chunks:
                 yield router_pb2.GenerateStreamResponse(
