@@ -5,6 +5,7 @@ calls in flight) is a failed replica: its requests move, none fails."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -12,6 +13,7 @@ import time
 
 import grpc
 
+from smartspec.serving import wait_serving
 from smartspec.wire import router_pb2, verifier_pb2_grpc
 from tests.support import ServerThread, first_mismatch, reference_greedy
 from tests.test_router_behaviour import GatedVerifier
@@ -33,6 +35,8 @@ def test_a_stopped_replica_holds_only_its_own_requests(tiny_target, tmp_path):
     tokenizer = tokenizer_for(str(tiny_target))
     argv = ["verifier", "--target-model", str(tiny_target), "--max-sequences", "16", "--threads", "1"]
     with serve(argv, tmp_path / "a.log") as (_, first), serve(argv, tmp_path / "b.log") as (victim, second):
+        for address in (first, second):
+            asyncio.run(wait_serving(address, 60))
         router = RouterThread(tokenizer, [first, second], {}, max_batch=32, drafter="none", policy="none", max_tokens=MAX_TOKENS)
         try:
             streams: list[dict] = []  # per stream: prompt ids, message times, tokens

@@ -1,6 +1,6 @@
 """The router's step loop on a virtual clock, driving the real policies and controller.
 
-One iteration mirrors ``router.scheduler.Scheduler.iterate``, except that prompts are prefilled whole,
+One iteration mirrors ``router.replica_loop.ReplicaLoop.iterate`` (one verifier replica), except that prompts are prefilled whole,
 in one Prefill the loop waits for (the router prefills them in chunks inside its steps): admit waiting
 requests, then one step: ``choose`` per policy, the drafter proposes, ``refine``,
 ``controller.record``, one Verify, then ``controller.observe_request`` per request,
