@@ -15,7 +15,7 @@ DEFAULT_PORT = 50051
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from router.scheduler import DEFAULT_MAX_STEP_TOKENS
+    from router.prefill_budget import DEFAULT_MAX_STEP_TOKENS
 
     add_server_flags(parser, default_port=DEFAULT_PORT)
     add_flag(parser, "--verifier", action="append", default=["127.0.0.1:50052"], metavar="HOST:PORT",

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from router.detokenize import Decode, IncrementalDetokenizer
+from router.detokenize import Decode, detokenizer_for
 from router.policy import SpeculationPolicy
 from router.stops import StopMatcher
 from smartspec.errors import RequestError
@@ -84,7 +84,7 @@ class RequestState:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
-        self._detok = IncrementalDetokenizer(self.decode)
+        self._detok = detokenizer_for(self.decode)
         self._stops = StopMatcher(self.params.stop)
 
     # --- views --------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence
 
@@ -55,13 +57,16 @@ class RouterSettings:
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(
-        self, validate: Callable, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int], shared: SharedState | None = None
+        self, validate: RequestValidator, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int], shared: SharedState | None = None
     ) -> None:
         self.validate = validate
         self.scheduler = scheduler
         self.decode = decode
         self.eos_ids = eos_ids
         self.shared = shared  # syncs the controller with other router replicas (None: local state only)
+        # Prompts are tokenized here, off the event loop. One thread: a Hugging Face tokenizer is not
+        # promised to be safe for concurrent calls, and one encodes thousands of tokens a millisecond.
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize")
 
     async def drain(self, timeout_s: float) -> None:
         """Graceful shutdown: the scheduler finishes what it admitted (Scheduler.drain), then the
@@ -79,36 +84,23 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await self._stop_sharing()
 
     async def _stop_sharing(self) -> None:
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if self.shared is not None:
             await self.shared.close()
 
     async def Stats(self, request: router_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> router_pb2.StatsResponse:
-        controller = self.scheduler.controller
-        reply = router_pb2.StatsResponse(
-            steps=controller.steps,
-            mean_batch_size=controller.batch_sizes / controller.steps if controller.steps else 0.0,
-            step_time_mape=controller.step_error(),
-            k_histogram=controller.k_histogram,
-            verify_cost=controller.verify_cost.as_dict(),
-        )
-        for name, rates in sorted(controller.rates.items()):
-            reply.drafters.add(
-                name=name,
-                acceptance_rate=rates.rate,
-                proposed=rates.proposed_total,
-                accepted=rates.accepted_total,
-                acceptance_by_position=[a / p for a, p in zip(rates.position_accepted, rates.position_proposed) if p],
-            )
+        reply = stats_reply(self.scheduler.controllers)
         if request.reset:  # only an authenticated caller gets here when the router has a token (BearerToken)
             self.scheduler.reset_controller()
         return reply
 
     # --- the request path every front end shares (gRPC here, HTTP in router/http) ---------------------
-    def submit(self, request: router_pb2.GenerateRequest) -> RequestState:
-        """Validates and queues a request; a RequestError (invalid, overloaded, shutting down) is raised
-        before anything is queued, and counted."""
+    async def submit(self, request: router_pb2.GenerateRequest) -> RequestState:
+        """Validates (tokenizing off the event loop) and queues a request; a RequestError (invalid,
+        overloaded, shutting down) is raised before anything is queued, and counted."""
         try:
-            prompt_ids, params = self.validate(request)
+            self.scheduler.check_open()
+            prompt_ids, params = await self.validate.off_loop(request, self.tokenize_pool)
             state = RequestState(prompt_ids=prompt_ids, params=params, decode=self.decode, eos_ids=self.eos_ids)
             self.scheduler.submit(state)
         except RequestError as err:
@@ -149,11 +141,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     @rpc_errors
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> router_pb2.GenerateResponse:
-        return await self.complete(self.submit(request))
+        return await self.complete(await self.submit(request))
 
     @rpc_errors
     async def GenerateStream(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        state = self.submit(request)
+        state = await self.submit(request)
         async with contextlib.aclosing(self.chunks(state)) as chunks:  # a client that leaves ends the request now, not at GC
             async for chunk in chunks:
                 yield router_pb2.GenerateStreamResponse(
@@ -219,6 +211,8 @@ async def build_router(
         controller=controller, telemetry=telemetry, max_step_tokens=settings.max_step_tokens,
     )
     telemetry.watch(scheduler)
+    if shared is not None:
+        shared.controllers = scheduler.controllers  # every replica's evidence, and the fleet's to each
     scheduler.start()
     if shared is not None:
         shared.start()
@@ -249,6 +243,39 @@ async def connect_verifiers(addresses: Sequence[str], timeout_s: float, default_
             )
     replicas = [VerifierReplica(a, stub, info.max_sequences or default_slots) for a, stub, info in zip(addresses, stubs, infos)]
     return VerifierPool(replicas), infos[0]
+
+
+def stats_reply(controllers: Sequence[SpeculationController]) -> router_pb2.StatsResponse:
+    """Stats over every verifier replica's controller (each replica learns on its own): steps, the
+    k histogram and drafters' counts add up; the mean batch size and the step-time error are means over
+    all steps; a drafter's acceptance rate is its replicas' rates weighted by the drafts each verified;
+    verify_cost is the first replica's model (the replicas run the same model; each refits its own)."""
+    steps = sum(c.steps for c in controllers)
+    errors = [(c.step_error(), c.steps) for c in controllers if c.steps and not math.isnan(c.step_error())]
+    histogram = [sum(c.k_histogram[k] for c in controllers if k < len(c.k_histogram)) for k in range(max(len(c.k_histogram) for c in controllers))]
+    reply = router_pb2.StatsResponse(
+        steps=steps,
+        mean_batch_size=sum(c.batch_sizes for c in controllers) / steps if steps else 0.0,
+        step_time_mape=sum(e * n for e, n in errors) / sum(n for _, n in errors) if errors else float("nan"),
+        k_histogram=histogram,
+        verify_cost=controllers[0].verify_cost.as_dict(),
+    )
+    for name in sorted({name for c in controllers for name in c.rates}):
+        rates = [c.rates[name] for c in controllers if name in c.rates]
+        proposed = sum(r.proposed_total for r in rates)
+        positions = max(len(r.position_proposed) for r in rates)
+        by_position = [
+            (sum(r.position_accepted[j] for r in rates if j < len(r.position_accepted)), sum(r.position_proposed[j] for r in rates if j < len(r.position_proposed)))
+            for j in range(positions)
+        ]
+        reply.drafters.add(
+            name=name,
+            acceptance_rate=sum(r.rate * r.proposed_total for r in rates) / proposed if proposed else rates[0].rate,
+            proposed=proposed,
+            accepted=sum(r.accepted_total for r in rates),
+            acceptance_by_position=[a / p for a, p in by_position if p],
+        )
+    return reply
 
 
 def validate_defaults(validate: RequestValidator) -> None:

@@ -62,7 +62,7 @@ def redacted(url: str) -> str:
 
 
 class SharedState:
-    """Syncs one router's controller with the fleet's Redis; also its cost-profile store."""
+    """Syncs one router's controllers (one per verifier replica) with the fleet's Redis; also its cost-profile store."""
 
     def __init__(
         self,
@@ -78,7 +78,9 @@ class SharedState:
     ) -> None:
         self.url = redacted(url)
         self.namespace = namespace
-        self.controller = controller
+        # The controllers it syncs: the router's, one per verifier replica once the scheduler made them
+        # (router.server.build_router); all their evidence is this router's, the fleet's goes to each.
+        self.controllers = [controller]
         self.interval_s = interval_s
         self.bucket_s = bucket_s
         self.buckets = max(1, round(window_s / bucket_s))
@@ -94,10 +96,15 @@ class SharedState:
         self.publishes = 0  # successful publishes that carried evidence (for tests and debugging)
         # Evidence already published, per drafter: the rates object it came from (the controller
         # replaces them on reset) and its totals then.
-        self._published: dict[str, tuple[DrafterRates, dict[str, int]]] = {}
+        self._published: dict[tuple[int, str], tuple[DrafterRates, dict[str, int]]] = {}  # by (controller, drafter)
         self.fleet: dict[str, dict[str, float]] = {}  # the other replicas' faded counts per drafter
         self._task: asyncio.Task | None = None
         self._stopping = False
+
+    @property
+    def controller(self) -> SpeculationController:
+        """The first verifier replica's controller."""
+        return self.controllers[0]
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,8 +153,9 @@ class SharedState:
             log.warning("redis unavailable at %s: using local state; will retry (%s)", self.url, describe(err))
         self.available = False
         self.fleet = {}
-        for rates in self.controller.rates.values():
-            rates.set_fleet(0.0, 0.0)
+        for controller in self.controllers:
+            for rates in controller.rates.values():
+                rates.set_fleet(0.0, 0.0)
 
     # --- acceptance evidence --------------------------------------------------------------------
     async def sync_once(self) -> None:
@@ -166,15 +174,17 @@ class SharedState:
         """Per drafter, what its counts grew by since the last publish; marks it published (evidence
         from a failed publish stays local: see the module's docstring)."""
         out: dict[str, dict[str, int]] = {}
-        for name, rates in list(self.controller.rates.items()):
-            totals = rates.totals()
-            source, before = self._published.get(name, (None, {}))
-            if source is not rates:  # new, or the controller was reset: everything counts
-                before = {}
-            delta = {stat: value - before.get(stat, 0) for stat, value in totals.items() if value != before.get(stat, 0)}
-            self._published[name] = (rates, totals)
-            if delta:
-                out[name] = delta
+        for i, controller in enumerate(self.controllers):
+            for name, rates in list(controller.rates.items()):
+                totals = rates.totals()
+                source, before = self._published.get((i, name), (None, {}))
+                if source is not rates:  # new, or the controller was reset: everything counts
+                    before = {}
+                self._published[(i, name)] = (rates, totals)
+                for stat, value in totals.items():
+                    if value != before.get(stat, 0):
+                        drafter = out.setdefault(name, {})
+                        drafter[stat] = drafter.get(stat, 0) + value - before.get(stat, 0)
         return out
 
     async def _publish(self) -> None:
@@ -208,9 +218,10 @@ class SharedState:
                 if replica != self.replica:
                     fleet[drafter][stat] += weight * int(value)
         self.fleet = {name: dict(stats) for name, stats in fleet.items()}
-        for name in set(self.fleet) | set(self.controller.rates):
-            stats = self.fleet.get(name, {})
-            self.controller.drafter_rates(name).set_fleet(stats.get("accepted", 0.0), stats.get("failures", 0.0))
+        for controller in self.controllers:
+            for name in set(self.fleet) | set(controller.rates):
+                stats = self.fleet.get(name, {})
+                controller.drafter_rates(name).set_fleet(stats.get("accepted", 0.0), stats.get("failures", 0.0))
 
     # --- cost profile (router.controller.profile.ProfileStore) ----------------------------------
     def location(self, key: str) -> str:

@@ -64,7 +64,7 @@ class RouterTelemetry:
         `scheduler` when scraped."""
         if self.metrics is not None:
             self.metrics.watch(lambda: len(scheduler.waiting), lambda: len(scheduler.running), lambda: scheduler.preemptions,
-                               lambda: scheduler.controller.verify_cost.recalibrations)
+                               lambda: sum(c.verify_cost.recalibrations for c in scheduler.controllers))
 
     def close(self) -> None:
         """Ends what is still open and stops the metrics endpoint (spans are flushed by the provider)."""

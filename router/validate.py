@@ -3,11 +3,13 @@ OUT_OF_RANGE error. Everything a client can get wrong is caught here, before the
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from router.drafters import TREE_DRAFTERS
-from router.policy import PolicyRegistry
+from router.policy import PolicyRegistry, SpeculationPolicy
 from router.request import Params
 from smartspec.errors import RequestError, shown
 from smartspec.sampling import GREEDY, SamplingParams, random_seed
@@ -48,6 +50,16 @@ class PromptEncoder:
         return [int(t) for t in ids]
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """A request's checked fields, before its prompt is tokenized."""
+
+    drafter: str
+    policy: SpeculationPolicy
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+
+
 class RequestValidator:
     """Checks a request against the router's settings and the verifier's limits."""
 
@@ -61,6 +73,20 @@ class RequestValidator:
         self.max_context = max_context
 
     def __call__(self, request: router_pb2.GenerateRequest) -> tuple[list[int], Params]:
+        """The request's prompt ids and Params, its prompt tokenized on this thread."""
+        checked = self._check(request)
+        return self._complete(request, checked, self._prompt(request))
+
+    async def off_loop(self, request: router_pb2.GenerateRequest, pool: Executor) -> tuple[list[int], Params]:
+        """As calling it, with the prompt tokenized (or chat-templated) on `pool`: a long prompt never
+        holds the router's event loop (the tokenizers library releases the GIL while it encodes). The
+        same checks in the same order, so the same errors."""
+        checked = self._check(request)
+        prompt_ids = await asyncio.get_running_loop().run_in_executor(pool, self._prompt, request)
+        return self._complete(request, checked, prompt_ids)
+
+    def _check(self, request: router_pb2.GenerateRequest) -> _Checked:
+        """Everything but the prompt (checked first, as it is cheap)."""
         drafter = self._drafter(request.drafter or self.defaults.drafter)
         policy = self.policies.get(request.policy or self.defaults.policy)
         sampling = self._sampling(request)
@@ -79,7 +105,11 @@ class RequestValidator:
                 f"max_tokens ({request.max_tokens}) leaves no room for the prompt within the model's context limit of "
                 f"{self.max_context} tokens; lower max_tokens",
             )
-        prompt_ids = self._prompt(request)
+        return _Checked(drafter, policy, sampling, stop)
+
+    def _complete(self, request: router_pb2.GenerateRequest, checked: _Checked, prompt_ids: list[int]) -> tuple[list[int], Params]:
+        """The checks that need the prompt's length, and the Params."""
+        drafter = checked.drafter
         room = self.max_context - len(prompt_ids)
         if request.HasField("max_tokens"):
             max_tokens = request.max_tokens
@@ -99,7 +129,7 @@ class RequestValidator:
             max_tokens = min(self.defaults.max_tokens, room)
         benchmark = self._benchmark(request) if drafter == "controlled" else None
         return prompt_ids, Params(
-            max_tokens=max_tokens, stop=stop, drafter=drafter, policy=policy, benchmark=benchmark, sampling=sampling, ignore_eos=request.ignore_eos
+            max_tokens=max_tokens, stop=checked.stop, drafter=drafter, policy=checked.policy, benchmark=benchmark, sampling=checked.sampling, ignore_eos=request.ignore_eos
         )
 
     @staticmethod

@@ -2,7 +2,7 @@
 requests whose replica stopped answering.
 
 A request's KV cache lives on one replica. When that replica stops answering (UNAVAILABLE,
-DEADLINE_EXCEEDED) or does not hold the request as expected (NOT_FOUND: it restarted; ALREADY_EXISTS: an
+DEADLINE_EXCEEDED, CANCELLED) or does not hold the request as expected (NOT_FOUND: it restarted; ALREADY_EXISTS: an
 old copy), the scheduler re-admits the request elsewhere by a Prefill of its committed tokens (docs/design.md
 section 7). The router owns those tokens, so nothing is lost: greedy output is exactly the same, and a
 sampling request keeps its distribution. (Its exact tokens stay the same too without drafts, since
@@ -26,7 +26,9 @@ from smartspec.wire import verifier_pb2, verifier_pb2_grpc
 log = logging.getLogger("smartspec.router.verifiers")
 
 # A replica that fails with one of these is down: its requests move, it is retried after a backoff.
-REPLICA_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED comes from the replica's side (a server stopping with calls in flight cancels them): the
+# router's own cancellation of a call surfaces as asyncio.CancelledError, never as this status.
+REPLICA_DOWN = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 # The replica answers but its state of the requests is not what the router expects: it lost them (it
 # restarted: NOT_FOUND), or still holds an old copy (ALREADY_EXISTS): release there and re-admit.
 STATE_LOST = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS})
@@ -75,25 +77,6 @@ class VerifierPool:
 
     def any_available(self, besides: VerifierReplica | None = None) -> bool:
         return any(r.available() for r in self.replicas if r is not besides)
-
-    def seconds_until_available(self) -> float:
-        """How long until the first replica that is backing off may be tried again (0 if one may now)."""
-        return max(0.0, min(r.retry_at for r in self.replicas) - time.monotonic())
-
-    def place(self, requests: Sequence[RequestState]) -> tuple[dict[VerifierReplica, list[RequestState]], list[RequestState]]:
-        """Assigns each request to the available replica with the most free slots. Returns the groups
-        and the requests that found no room (they wait)."""
-        room = {r: r.free for r in self.replicas if r.available()}
-        groups: dict[VerifierReplica, list[RequestState]] = {}
-        waiting: list[RequestState] = []
-        for request in requests:
-            replica = max(room, key=room.__getitem__, default=None)
-            if replica is None or room[replica] <= 0:
-                waiting.append(request)
-                continue
-            room[replica] -= 1
-            groups.setdefault(replica, []).append(request)
-        return groups, waiting
 
     def hold(self, replica: VerifierReplica, requests: Sequence[RequestState]) -> None:
         for request in requests:

@@ -116,8 +116,10 @@ def test_with_every_replica_gone_requests_fail_cleanly(replicas):
         server.stop()
     replies = generate_many(router.stub, requests()[:4], timeout=60)
     assert all(isinstance(r, grpc.RpcError) and r.code() == grpc.StatusCode.UNAVAILABLE for r in replies), replies
-    # Now every replica is backing off: new requests wait for the next try (which fails them) while the
-    # router keeps answering, rather than spinning on its event loop.
+    # Now every replica is backing off (each loop retries its own replica on its own clock, so one whose
+    # backoff ran out would be tried at once: back them all off together): new requests wait for the
+    # next try (which fails them) while the router keeps answering, rather than spinning on its event loop.
+    router.call(_back_off_all(scheduler.verifiers, 5.0))
     futures = [router.stub.Generate.future(r, timeout=60) for r in requests()[:4]]
     assert wait_until(lambda: len(scheduler.waiting) == 4, 5)
     started = time.monotonic()
@@ -127,6 +129,11 @@ def test_with_every_replica_gone_requests_fail_cleanly(replicas):
         with pytest.raises(grpc.RpcError) as err:
             future.result()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _back_off_all(pool, seconds: float) -> None:
+    for replica in pool.replicas:
+        replica.retry_at = max(replica.retry_at, time.monotonic() + seconds)
 
 
 def test_up_with_two_verifiers_survives_killing_one(tiny_target, tiny_draft, tmp_path):

@@ -254,23 +254,29 @@ def test_a_prefill_advances_however_many_requests_decode():
 
 
 # --- incremental detokenization ------------------------------------------------------------------------
+@pytest.fixture(params=["stream", "window"], scope="module")
+def make(request):
+    """Each detokenizer: the tokenizer library's DecodeStream, and the two-decode window (any decode)."""
+    return (lambda decode: decode.detokenizer()) if request.param == "stream" else IncrementalDetokenizer
+
+
 @pytest.mark.parametrize("text", MULTIBYTE)
-def test_detokenizer_never_streams_partial_characters(tokenizer, text):
+def test_detokenizer_never_streams_partial_characters(tokenizer, make, text):
     ids = tokenizer(text, add_special_tokens=False).input_ids
     decode = tokenizer_decoder(tokenizer)
     assert any("\ufffd" in decode([i]) for i in ids) or text.isascii()  # the case is really exercised
-    detok = IncrementalDetokenizer(decode)
+    detok = make(decode)
     chunks = [detok.add([i]) for i in ids]
     assert not any("\ufffd" in chunk for chunk in chunks)
     assert "".join(chunks) + detok.flush() == decode(ids) == text
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_detokenizer_with_ragged_groups_of_tokens(tokenizer, seed):
+def test_detokenizer_with_ragged_groups_of_tokens(tokenizer, make, seed):
     rng = random.Random(seed)
     text = " ".join(MULTIBYTE)
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    detok = IncrementalDetokenizer(tokenizer_decoder(tokenizer))
+    detok = make(tokenizer_decoder(tokenizer))
     chunks, i = [], 0
     while i < len(ids):
         n = rng.randint(1, 4)
@@ -280,32 +286,52 @@ def test_detokenizer_with_ragged_groups_of_tokens(tokenizer, seed):
     assert "".join(chunks) + detok.flush() == text
 
 
-def test_detokenizer_holds_an_incomplete_character_until_the_end(tokenizer):
+def test_detokenizer_holds_an_incomplete_character_until_the_end(tokenizer, make):
     ids = tokenizer("世", add_special_tokens=False).input_ids
     assert len(ids) > 1
     decode = tokenizer_decoder(tokenizer)
-    detok = IncrementalDetokenizer(decode)
+    detok = make(decode)
     assert detok.add(ids[:-1]) == ""
     assert detok.flush() == decode(ids[:-1])  # what the tokenizer itself shows for a cut character
     assert detok.flush() == ""
 
 
-def test_detokenizer_skips_special_tokens(tokenizer):
-    detok = IncrementalDetokenizer(tokenizer_decoder(tokenizer))
+def test_detokenizer_skips_special_tokens(tokenizer, make):
+    detok = make(tokenizer_decoder(tokenizer))
     ids = tokenizer("Hi there", add_special_tokens=False).input_ids
     assert "".join(detok.add([i]) for i in [*ids, tokenizer.eos_token_id]) + detok.flush() == "Hi there"
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"), max_size=40))
-def test_detokenizer_streams_exactly_the_decoded_text(tokenizer, text):
+def test_detokenizer_streams_exactly_the_decoded_text(tokenizer, make, text):
     ids = tokenizer(text, add_special_tokens=False).input_ids
     decode = tokenizer_decoder(tokenizer)
-    detok = IncrementalDetokenizer(decode)
+    detok = make(decode)
     chunks = [detok.add([i]) for i in ids]
     assert "".join(chunks) + detok.flush() == decode(ids)
     if "\ufffd" not in decode(ids):  # the tokenizer cannot spell some unassigned code points
         assert not any("\ufffd" in c for c in chunks)
+
+
+def test_a_streamed_request_spells_exactly_its_decoded_text_up_to_its_stop(tokenizer):
+    """Through a request's own commit: the streamed pieces concatenate to decode(all committed ids),
+    cut before the stop string, with multi-byte characters split over tokens and steps."""
+    decode = tokenizer_decoder(tokenizer)
+    text = "héllo 😀 世界 🎉🎉 END and more 🙂"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    for stop, expected in (((), text), (("END",), "héllo 😀 世界 🎉🎉 "), (("🎉🎉",), "héllo 😀 世界 ")):
+        request = RequestState(prompt_ids=[1], params=Params(max_tokens=len(ids), stop=stop, drafter="none", policy=NoSpeculation()),
+                               decode=decode, eos_ids=frozenset())
+        pieces, i = [], 0
+        while not request.done:
+            chunk = request.commit(ids[i : i + 3])
+            pieces.append(chunk.text)
+            i += 3
+        assert "".join(pieces) == expected
+        assert not any("\ufffd" in piece for piece in pieces)
+        if not stop:
+            assert "".join(pieces) == decode(request.tokens[1:])
 
 
 # --- stop sequences ----------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ async def generate(backend: Backend, body: GenerationFields, form_class: type[Co
     cancels it."""
     router = backend.router()
     backend.check_model(body.model)
-    state = router.submit(body.generate_request())
+    state = await router.submit(body.generate_request())
     form = form_class(backend.model, state.id)
     if not body.stream:
         try:

@@ -1,11 +1,11 @@
 """The router's step loop on a virtual clock, driving the real policies and controller.
 
-One iteration mirrors ``router.scheduler.Scheduler.iterate``: admit waiting requests (up to the batch
-limit), then one step: prefill chunks under the step token budget (router/prefill_budget.py, as the
-router plans them), ``choose`` per policy, the drafter proposes, ``refine``, ``controller.record``, one
-Verify carrying the chunks, then ``controller.observe_request`` per request, ``controller.observe_step``
-and the policy's ``observe``; a chunk that completes its prompt gives the request its first token;
-finished requests are forgotten by both. The
+One iteration mirrors ``router.replica_loop.ReplicaLoop.iterate`` (one verifier replica): admit waiting
+requests (up to the batch limit), then one step: prefill chunks under the step token budget
+(router/prefill_budget.py, as the router plans them), ``choose`` per policy, the drafter proposes,
+``refine``, ``controller.record``, one Verify carrying the chunks, then ``controller.observe_request`` per
+request, ``controller.observe_step`` and the policy's ``observe``; a chunk that completes its prompt gives
+the request its first token; finished requests are forgotten by both. The
 clock advances by the world's (noisy) times; the controller and the policies see only what the router
 would show them: views, proposal lengths, accepted counts and measured seconds.
 """
