@@ -150,4 +150,4 @@ def test_closed_loop_seeded_bench_at_max_batch_64(tiny_target, tiny_draft, tmp_p
     report = (out / "report.txt").read_text()
     assert "copy closed-loop / controlled:0.9" in report and "concurrency=8, 2 seeds" in report
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["config"]["max_batch"] == 64 and meta["stack_kv_cache_gb"] >= 1.0
+    assert meta["config"]["max_batch"] == 64 and meta["stack_kv_cache_gb"] >= 1.0 and meta["config"]["max_step_tokens"] is None

@@ -274,6 +274,7 @@ def test_concurrency_and_seeds_flags_build_the_grid(no_env):
     (["--concurrency", "100", "--max-queue", "100", "--workloads", "copy"], "above --max-in-flight 64"),
     (["--workloads", "copy-trace", "--concurrency", "4"], "give --rates or --trace-rates"),
     (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--max-step-tokens", "-1"], "--max-step-tokens and --kv-cache-gb at least 0"),
 ])
 def test_bad_saturation_arguments_exit_2_with_a_clear_error(no_env, tmp_path, capsys, argv, message):
     from smartspec.commands.bench import run

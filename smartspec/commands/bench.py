@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--dtype", default="float32", help="dtype of the verifier and the draft model")
     add_flag(parser, "--max-batch", type=int, default=16, help="router: most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="router: most requests waiting for admission")
+    add_flag(parser, "--max-step-tokens", type=int, default=0,
+             help="router: token budget of a step, running requests and prefill chunks (0: the router's default); it bounds how fast "
+                  "a closed loop's requests are admitted, hence the running batch")
     add_flag(parser, "--kv-cache-gb", type=float, default=0.0,
              help="KV cache of the verifier (and a draft model), GiB (0: enough for --max-batch of the longest requests, at least 1)")
     add_flag(parser, "--startup-timeout-s", type=float, default=600.0, help="how long the stack may take to come up")
@@ -136,8 +139,8 @@ def build_config(args: argparse.Namespace):
     if args.seeds is not None and args.seed is not None:
         raise ValueError("give --seed or --seeds, not both")
     seeds = _integers(args.seeds, "--seeds") or [args.seed or 0]
-    if args.max_batch < 1 or args.max_queue < 0 or args.kv_cache_gb < 0:
-        raise ValueError("--max-batch must be at least 1, --max-queue and --kv-cache-gb at least 0")
+    if args.max_batch < 1 or args.max_queue < 0 or args.kv_cache_gb < 0 or args.max_step_tokens < 0:
+        raise ValueError("--max-batch must be at least 1, --max-queue, --max-step-tokens and --kv-cache-gb at least 0")
     if not args.router and max(concurrency, default=0) > args.max_batch + args.max_queue:
         raise ValueError(f"concurrency {max(concurrency)} is more than the router holds (--max-batch {args.max_batch} + --max-queue {args.max_queue})")
     return BenchConfig(
@@ -182,7 +185,7 @@ async def _bench(args: argparse.Namespace, config, out: Path, meta: dict) -> lis
     services = config.services()
     options = stack_options(
         port=0, host="127.0.0.1", drafters=",".join(services), target_model=args.target_model, draft_model=args.draft_model,
-        device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue,
+        device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue, max_step_tokens=args.max_step_tokens,
         startup_timeout_s=args.startup_timeout_s, grace_s=2.0, log_level=args.log_level, http_port=-1,
     )
     options.kv_cache_gb = args.kv_cache_gb or _kv_budget(args, config, options.kv_cache_gb)
@@ -258,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
             "trace_requests": config.trace_requests, "seeds": list(config.seeds),
             "max_tokens": config.max_tokens, "request_timeout_s": config.request_timeout_s, "max_in_flight": config.max_in_flight,
             "record_traces": args.record_traces, "max_batch": args.max_batch, "max_queue": args.max_queue,
+            "max_step_tokens": args.max_step_tokens or None,
         },
     }
     try:
