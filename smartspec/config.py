@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 ENV_PREFIX = "SMARTSPEC_"
+DEFAULT_MAX_SEQUENCES = 32  # a model service's --max-sequences; `smartspec up` raises it for a larger --max-batch
 
 
 def env_name(flag: str) -> str:
@@ -75,7 +76,7 @@ def add_model_flags(parser: argparse.ArgumentParser, role: str) -> None:
     )
     add_flag(parser, "--device", default="cpu", help="torch device: cpu, cuda, cuda:N or auto")
     add_flag(parser, "--dtype", default="float32", help="float32, bfloat16 or float16 (exact greedy equality is promised in float32)")
-    add_flag(parser, "--max-sequences", type=int, default=32, help="most requests whose KV cache is held at once")
+    add_flag(parser, "--max-sequences", type=int, default=DEFAULT_MAX_SEQUENCES, help="most requests whose KV cache is held at once")
     add_flag(parser, "--max-context", type=int, default=0, help="longest sequence in tokens; 0 means the model's own limit")
     add_flag(
         parser,

@@ -122,3 +122,32 @@ def test_bench_records_traces_that_replay_what_the_live_stack_accepted(tiny_targ
     config = SweepConfig(costs=StepCosts(load_profile("cpu-smollm2")), acceptance=TraceAcceptance(traces, "copy.jsonl"), requests=3, concurrency=[1])
     records, _ = simulate(cell_of(config, "concurrency", 1), "fixed:3")
     assert (sum(r.proposed for r in records), sum(r.accepted for r in records)) == (live["proposed"], live["accepted"])
+
+
+def test_closed_loop_seeded_bench_at_max_batch_64(tiny_target, tiny_draft, tmp_path):
+    """Closed-loop levels over two seeds on a stack started with --max-batch 64: rows carry their
+    concurrency (rate null) and seed, every request completes losslessly, and the headline pairs the
+    policies by seed with intervals."""
+    out = tmp_path / "bench"
+    argv = [
+        sys.executable, "-m", "smartspec.cli", "bench", "--out", str(out), "--target-model", str(tiny_target), "--draft-model", str(tiny_draft),
+        "--workloads", "copy", "--drafters", "controlled:0.9", "--policies", *POLICIES, "--concurrency", "1", "8", "--seeds", "3", "4",
+        "--requests", "3", "--max-tokens", "8", "--max-batch", "64", "--request-timeout-s", "60",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=_env())
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 2 * 2 * len(POLICIES)
+    assert {(r["rate"], r["concurrency"], r["seed"]) for r in rows} == {(None, c, s) for c in (1, 8) for s in (3, 4)}
+    for row in rows:
+        assert row["requests"] == max(3, row["concurrency"]) and row["completed"] == row["requests"], row["errors"]
+        assert row["mismatched_outputs"] == 0
+    headline = json.loads((out / "headline.json").read_text())
+    assert {(e["rate"], e["concurrency"], e["seeds"]) for e in headline} == {(None, 1, 2), (None, 8, 2)}
+    for entry in headline:
+        assert entry["vs_none_low"] <= entry["vs_none"] <= entry["vs_none_high"]
+        assert set(entry["ratios"]) == {"none", "fixed:3"} and set(entry["fixed_vs_none"]) == {"fixed:3"}
+    report = (out / "report.txt").read_text()
+    assert "copy closed-loop / controlled:0.9" in report and "concurrency=8, 2 seeds" in report
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["config"]["max_batch"] == 64 and meta["stack_kv_cache_gb"] >= 1.0 and meta["config"]["max_step_tokens"] is None

@@ -138,30 +138,83 @@ def summarize(records: Sequence[RequestRecord], stats: Mapping | None = None) ->
     return row
 
 
+CONFIDENCE = 0.95  # of the intervals on latency ratios
+
+
+def paired_ratio(numerator: Mapping[int, float | None], denominator: Mapping[int, float | None], confidence: float = CONFIDENCE) -> dict | None:
+    """Over the seeds where both sides have a latency: the geometric mean of numerator / denominator, and
+    a `confidence` t-interval on the mean log ratio mapped back (pairing by seed removes what the seeds
+    share: prompts, arrivals, controlled draws). With one seed the interval is null; None when no seed
+    has both sides."""
+    logs = [math.log(numerator[s] / denominator[s]) for s in sorted(numerator) if numerator[s] and denominator.get(s)]
+    if not logs:
+        return None
+    n, centre = len(logs), sum(logs) / len(logs)
+    low = high = None
+    if n > 1:
+        from scipy.stats import t
+
+        half = t.ppf(0.5 + confidence / 2, n - 1) * math.sqrt(sum((x - centre) ** 2 for x in logs) / (n - 1) / n)
+        low, high = math.exp(centre - half), math.exp(centre + half)
+    return {"ratio": math.exp(centre), "low": low, "high": high, "seeds": n}
+
+
+def inverse(ratio: Mapping | None) -> dict | None:
+    """b / a from a / b (the interval's ends swap)."""
+    if ratio is None:
+        return None
+    flip = lambda v: None if v is None else 1.0 / v  # noqa: E731
+    return {"ratio": 1.0 / ratio["ratio"], "low": flip(ratio["high"]), "high": flip(ratio["low"]), "seeds": ratio["seeds"]}
+
+
+def above_one(ratio: Mapping | None) -> bool:
+    """Significantly above 1: the interval's lower end is (a single seed never is)."""
+    return bool(ratio and ratio["low"] is not None and ratio["low"] > 1.0)
+
+
 def headline(rows: Sequence[Mapping], policy: str = "goodput", baseline: str = "none") -> list[dict]:
-    """Per (workload, drafter, rate): `policy`'s mean latency divided by the best other policy's and by
-    `baseline`'s (below 1.0: `policy` is faster). A ratio is null when a side is missing or failed."""
-    groups: dict[tuple, dict[str, Mapping]] = {}
+    """Per cell (workload, drafter, rate or concurrency), paired by seed: every other policy's mean
+    latency / `policy`'s (`ratios`, each a geometric mean over seeds with its interval), `policy`'s
+    / the best other's (the lowest such ratio) and / `baseline`'s (below 1.0: `policy` is faster), and
+    each fixed k / `baseline` (`fixed_vs_none`), with `slower_than_none` naming the fixed ks whose
+    interval is above 1. A run that lost requests is left out of every ratio."""
+    cells: dict[tuple, dict[str, dict[int, float | None]]] = {}
+    controlled: dict[tuple, bool] = {}
     for row in rows:
-        groups.setdefault((row["workload"], row["drafter"], row["rate"]), {})[row["policy"]] = row
+        cell = (row["workload"], row["drafter"], row.get("rate"), row.get("concurrency"))
+        cells.setdefault(cell, {}).setdefault(row["policy"], {})[row.get("seed", 0)] = _latency(row)
+        controlled[cell] = controlled.get(cell, False) or bool(row.get("controlled"))
     out = []
-    for (workload, drafter, rate), by_policy in groups.items():
-        ours = _latency(by_policy.get(policy))
-        others = {name: _latency(row) for name, row in by_policy.items() if name != policy and _latency(row) is not None}
-        best = min(others, key=others.get) if others else None
-        base = _latency(by_policy.get(baseline))
-        any_row = next(iter(by_policy.values()))
+    for cell, by_policy in cells.items():
+        workload, drafter, rate, concurrency = cell
+        ours = by_policy.get(policy, {})
+        ratios = {name: paired_ratio(latencies, ours) for name, latencies in by_policy.items() if name != policy}
+        ratios = {name: r for name, r in ratios.items() if r is not None}
+        best = min(ratios, key=lambda name: ratios[name]["ratio"]) if ratios else None
+        base = by_policy.get(baseline, {})
+        fixed = {name: paired_ratio(latencies, base) for name, latencies in by_policy.items() if name.startswith("fixed:")}
+        fixed = {name: r for name, r in fixed.items() if r is not None}
+        vs_best, vs_base = inverse(ratios.get(best)), inverse(ratios.get(baseline))
         out.append({
             "workload": workload,
             "drafter": drafter,
             "rate": rate,
-            "controlled": bool(any_row.get("controlled")),
+            "concurrency": concurrency,
+            "controlled": controlled[cell],
             "policy": policy,
-            "mean_latency_s": ours,
+            "seeds": sum(1 for v in ours.values() if v is not None),
+            "mean_latency_s": mean(v for v in ours.values() if v is not None),
             "best_other_policy": best,
-            "best_other_latency_s": others.get(best) if best else None,
-            "vs_best_other": ours / others[best] if ours is not None and best else None,
-            f"vs_{baseline}": ours / base if ours is not None and base else None,
+            "best_other_latency_s": mean(v for v in by_policy[best].values() if v is not None) if best else None,
+            "vs_best_other": vs_best["ratio"] if vs_best else None,
+            "vs_best_other_low": vs_best["low"] if vs_best else None,
+            "vs_best_other_high": vs_best["high"] if vs_best else None,
+            f"vs_{baseline}": vs_base["ratio"] if vs_base else None,
+            f"vs_{baseline}_low": vs_base["low"] if vs_base else None,
+            f"vs_{baseline}_high": vs_base["high"] if vs_base else None,
+            "ratios": ratios,
+            f"fixed_vs_{baseline}": fixed,
+            f"slower_than_{baseline}": [name for name, r in fixed.items() if above_one(r)],
         })
     return out
 

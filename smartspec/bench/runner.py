@@ -1,10 +1,12 @@
 """Drives one benchmark against a router: plans the runs, replays each run's schedule with asyncio gRPC
 streams, resets and reads the router's Stats around every run, and turns each run into a results row.
 
-A run is one (workload, drafter, policy, rate): a seeded schedule of arrivals replayed against the
-router. Every policy of a (workload, drafter, rate) group replays the same schedule, the runs of a group
-are interleaved (for each rate, the policies in turn, starting at a different one at each rate), and
-the router's controller state is reset (Stats reset=true) before every run.
+A run is one (workload, drafter, load, seed, policy). A load is a Poisson rate (a seeded schedule of
+arrivals replayed against the router) or a closed-loop concurrency N (N requests always in flight, each
+completion sending the next). Every policy of a (workload, drafter, load, seed) cell replays the same
+requests (and the same controlled draws), back to back, starting at a different policy at each load and
+seed so that drift favours none; the router's controller state is reset (Stats reset=true) before
+every run. Seeds are the outer loop, so an interrupted benchmark has whole seeds of every cell.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from smartspec.bench.metrics import RequestRecord, summarize
-from smartspec.bench.workload import Arrival, Prompt, load_prompts, parse_workload, phase_counts, trace_rates, workload_schedule
+from smartspec.bench.workload import (
+    Arrival, Load, Prompt, closed_loop_schedule, load_prompts, parse_workload, phase_counts, trace_rates, workload_schedule,
+)
 
 POLICIES = ("none", "fixed:1", "fixed:3", "fixed:5", "fixed:7", "uniform", "goodput")
 REAL_DRAFTERS = ("prompt_lookup", "draft_model", "tree", "auto")
@@ -69,12 +73,13 @@ class BenchConfig:
 
     workloads: Sequence[str]
     drafters: Sequence[str]
-    rates: Sequence[float]
+    rates: Sequence[float] = ()
     policies: Sequence[str] = POLICIES
     trace_rates: Sequence[float] | None = None  # mean rates of '-trace' workloads (None: the median of `rates`)
-    requests: int = 6
+    requests: int = 6  # per run; a closed-loop run at concurrency N sends max(requests, N)
     trace_requests: int | None = None  # requests per run of a '-trace' workload (None: `requests`)
-    seed: int = 0
+    seeds: Sequence[int] = (0,)
+    concurrency: Sequence[int] = ()  # closed-loop levels (requests in flight)
     max_tokens: int | None = None
     request_timeout_s: float = 120.0
     max_in_flight: int = 64
@@ -84,13 +89,27 @@ class BenchConfig:
         self.policies = [check_policy(p) for p in self.policies]
         for name in self.workloads:
             load_prompts(parse_workload(name)[0])  # fails early on an unknown workload
-        if not self.rates or min(self.rates) <= 0:
-            raise ValueError("give at least one rate, each > 0")
+        if not self.rates and not self.concurrency:
+            raise ValueError("give at least one rate or concurrency level")
+        if self.rates and min(self.rates) <= 0:
+            raise ValueError("rates must be > 0")
+        if any(int(n) != n or n < 1 for n in self.concurrency):
+            raise ValueError(f"concurrency levels are whole numbers >= 1 (got {' '.join(map(str, self.concurrency))})")
+        self.concurrency = [int(n) for n in self.concurrency]
+        if max(self.concurrency, default=0) > self.max_in_flight:
+            raise ValueError(f"concurrency {max(self.concurrency)} is above --max-in-flight {self.max_in_flight}; raise it")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        for name in self.workloads:
+            if parse_workload(name)[1] and not self.rates and self.trace_rates is None:
+                raise ValueError(f"workload {name} is a time-varying rate, not a closed loop: give --rates or --trace-rates, or leave it out of --workloads")
         if self.trace_rates is not None and (not self.trace_rates or min(self.trace_rates) <= 0):
             raise ValueError("trace rates must be > 0")
         if self.requests < 1 or (self.trace_requests is not None and self.trace_requests < 1):
             raise ValueError("--requests and --trace-requests must be at least 1")
-        for label, values in (("workloads", self.workloads), ("drafters", [d.name for d in self.drafter_specs]), ("policies", self.policies)):
+        named = (("workloads", self.workloads), ("drafters", [d.name for d in self.drafter_specs]), ("policies", self.policies),
+                 ("seeds", list(map(str, self.seeds))), ("concurrency levels", list(map(str, self.concurrency))))
+        for label, values in named:
             if len(set(values)) != len(values):
                 raise ValueError(f"{label} repeat a name: {', '.join(values)}")
 
@@ -102,7 +121,15 @@ class BenchConfig:
         ordered = sorted(self.rates)
         return [ordered[(len(ordered) - 1) // 2]]
 
-    def requests_of(self, workload: str) -> int:
+    def loads_of(self, workload: str) -> list[Load]:
+        """The rates, then the closed-loop levels, of `workload` (a '-trace' workload: its rates only)."""
+        rates = [Load(rate=r) for r in self.rates_of(workload)]
+        return rates + ([] if parse_workload(workload)[1] else [Load(concurrency=n) for n in sorted(self.concurrency)])
+
+    def requests_of(self, workload: str, load: Load | None = None) -> int:
+        """Requests per run: at least N at concurrency N, so that every level reaches its N in flight."""
+        if load is not None and load.concurrency is not None:
+            return max(self.requests, load.concurrency)
         if parse_workload(workload)[1] and self.trace_requests is not None:
             return self.trace_requests
         return self.requests
@@ -122,29 +149,45 @@ class RunSpec:
     workload: str
     drafter: DrafterSpec
     policy: str
-    rate: float
+    load: Load
+    seed: int
     schedule: tuple[Arrival, ...]
+
+    @property
+    def rate(self) -> float | None:
+        return self.load.rate
+
+    @property
+    def concurrency(self) -> int | None:
+        return self.load.concurrency
 
     @property
     def label(self) -> str:
         tag = " [controlled]" if self.drafter.controlled else ""
-        return f"{self.workload}/{self.drafter.name}{tag} rate={self.rate:g} policy={self.policy}"
+        return f"{self.workload}/{self.drafter.name}{tag} {self.load.label} seed={self.seed} policy={self.policy}"
+
+
+def schedule_of(workload: str, load: Load, count: int, seed: int, prompts: Sequence[Prompt]) -> list[Arrival]:
+    """The requests of a run: a seeded Poisson (or trace) schedule, or a closed loop's prompts in turn."""
+    if load.concurrency is not None:
+        return closed_loop_schedule(prompts, count, seed)
+    return workload_schedule(workload, load.rate, count, seed, prompts)
 
 
 def plan(config: BenchConfig) -> list[RunSpec]:
-    """Every run, in order: per workload and drafter, for each rate the policies in turn (rotated by one
-    at each rate so that no policy always runs first). Schedules depend only on (workload, rate, count,
-    seed): the same for every policy and every drafter."""
+    """Every run, in order: for each seed, per workload, drafter and load, the policies back to back
+    (rotated by one at each load and each seed so that no policy always runs first). Schedules depend
+    only on (workload, load, count, seed): the same for every policy and every drafter."""
     runs = []
-    for workload in config.workloads:
-        base, _ = parse_workload(workload)
-        prompts = load_prompts(base)
-        for drafter in config.drafter_specs:
-            for i, rate in enumerate(config.rates_of(workload)):
-                schedule = tuple(workload_schedule(workload, rate, config.requests_of(workload), config.seed, prompts))
-                n = len(config.policies)
-                for j in range(n):
-                    runs.append(RunSpec(workload, drafter, config.policies[(i + j) % n], rate, schedule))
+    n = len(config.policies)
+    for s, seed in enumerate(config.seeds):
+        for workload in config.workloads:
+            prompts = load_prompts(parse_workload(workload)[0])
+            for drafter in config.drafter_specs:
+                for i, load in enumerate(config.loads_of(workload)):
+                    schedule = tuple(schedule_of(workload, load, config.requests_of(workload, load), seed, prompts))
+                    for j in range(n):
+                        runs.append(RunSpec(workload, drafter, config.policies[(i + s + j) % n], load, seed, schedule))
     return runs
 
 
@@ -269,6 +312,37 @@ async def replay(
             task.cancel()
 
 
+async def replay_closed(
+    connection: RouterConnection,
+    schedule: Sequence[Arrival],
+    make_request: Callable[[int, Arrival], object],
+    timeout_s: float,
+    concurrency: int,
+) -> list[RequestRecord]:
+    """A closed loop: `concurrency` requests in flight from the start, each completion (or failure)
+    sending the next request of `schedule` at once, until none is left. A request's clock starts when it
+    is sent: the load is the concurrency, so there is no arrival to be late for."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    clock = lambda: loop.time() - start  # noqa: E731
+    records: list[RequestRecord] = []
+    pending = iter(enumerate(schedule))  # shared by the workers: each takes the next request when free
+
+    async def worker() -> None:
+        for position, arrival in pending:
+            record = RequestRecord(position, arrival.index, clock())
+            records.append(record)
+            await connection.stream(make_request(position, arrival), record, clock, timeout_s)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(schedule)))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return sorted(records, key=lambda r: r.index)
+
+
 # --- the whole benchmark ------------------------------------------------------------------------------
 @dataclass
 class Progress:
@@ -320,10 +394,9 @@ async def fetch_references(
     (prompt set, prompt index): what the controlled drafters propose, what every run's output is
     checked against (greedy output is the same under every policy), and what acceptance traces replay."""
     wanted: dict[tuple[str, int], Prompt] = {}
-    for workload in config.workloads:
-        base, _ = parse_workload(workload)
-        for arrival in workload_schedule(workload, config.rates_of(workload)[0], config.requests_of(workload), config.seed):
-            wanted[(base, arrival.index)] = arrival.prompt
+    for run in plan(config):
+        for arrival in run.schedule:
+            wanted[(parse_workload(run.workload)[0], arrival.index)] = arrival.prompt
     bound = asyncio.Semaphore(concurrency)
     none = DrafterSpec("none", "none")
 
@@ -353,7 +426,7 @@ async def warm_up(connection: RouterConnection, config: BenchConfig, timeout_s: 
     await asyncio.gather(*(one(d) for d in names))
 
 
-def row_of(run: RunSpec, records: Sequence[RequestRecord], stats: Mapping | None, seed: int, references: Mapping, cap: int | None) -> dict:
+def row_of(run: RunSpec, records: Sequence[RequestRecord], stats: Mapping | None, references: Mapping, cap: int | None) -> dict:
     """The results row of one run: its key, its labels, then the metrics (see smartspec.bench.metrics)."""
     base, is_trace = parse_workload(run.workload)
     mismatched = sum(
@@ -366,13 +439,14 @@ def row_of(run: RunSpec, records: Sequence[RequestRecord], stats: Mapping | None
         "drafter": run.drafter.name,
         "policy": run.policy,
         "rate": run.rate,
+        "concurrency": run.concurrency,
         "controlled": run.drafter.controlled,
         "controlled_acceptance": run.drafter.acceptance,
         "trace": is_trace,
         "phase_rates": trace_rates(run.rate) if is_trace else None,
         "phase_requests": phase_counts(len(schedule), len(trace_rates(run.rate))) if is_trace else None,
         "schedule_rate": realized,
-        "seed": seed,
+        "seed": run.seed,
         "max_tokens_cap": cap,
     }
     row.update(summarize(records, stats))
@@ -410,14 +484,17 @@ async def run_bench(
                 # the controlled drafter's draws are seeded per request: the same for every policy
                 return connection.request(
                     arrival.prompt, max_tokens_of(arrival.prompt, config.max_tokens), run.drafter, run.policy,
-                    references.get((base, arrival.index)), config.seed * 1_000_003 + position,
+                    references.get((base, arrival.index)), run.seed * 1_000_003 + position,
                 )
 
             progress.show(run.label)
             await connection.stats(reset=True)  # forget what the controller learned in the previous run
-            records = await replay(connection, run.schedule, make_request, config.request_timeout_s, config.max_in_flight)
+            if run.concurrency is not None:
+                records = await replay_closed(connection, run.schedule, make_request, config.request_timeout_s, run.concurrency)
+            else:
+                records = await replay(connection, run.schedule, make_request, config.request_timeout_s, config.max_in_flight)
             stats = await connection.stats(reset=False)
-            row = row_of(run, records, stats, config.seed, references, config.max_tokens)
+            row = row_of(run, records, stats, references, config.max_tokens)
             rows.append(row)
             if on_row:
                 on_row(row)

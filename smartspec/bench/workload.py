@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import dataclass
 from importlib import resources
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,28 @@ class Arrival:
     at_s: float
     prompt: Prompt
     index: int  # position in the prompt set (keys per-prompt references)
+
+
+@dataclass(frozen=True)
+class Load:
+    """One load level of a run: a Poisson (or trace mean) rate in requests/s, or a closed-loop
+    concurrency (that many requests always in flight). Exactly one is set."""
+
+    rate: float | None = None
+    concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.rate is None) == (self.concurrency is None):
+            raise ValueError("a load is a rate or a concurrency, not both or neither")
+
+    @classmethod
+    def of(cls, row: Mapping) -> "Load":
+        """The load of a results row (closed-loop rows carry `concurrency` and `rate: null`)."""
+        return cls(concurrency=row["concurrency"]) if row.get("concurrency") is not None else cls(rate=row["rate"])
+
+    @property
+    def label(self) -> str:
+        return f"concurrency={self.concurrency}" if self.concurrency is not None else f"rate={self.rate:g}"
 
 
 def load_prompts(name: str) -> list[Prompt]:
@@ -60,6 +82,12 @@ def trace_schedule(prompts: Sequence[Prompt], rates: Sequence[float], per_phase:
             index = (len(out) + seed) % len(prompts)
             out.append(Arrival(at, prompts[index], index))
     return out
+
+
+def closed_loop_schedule(prompts: Sequence[Prompt], count: int, seed: int) -> list[Arrival]:
+    """`count` requests of a closed loop, prompts in the same seeded turn as the Poisson schedules'. They
+    have no arrival time (at_s 0): each is sent when a finished one frees its slot."""
+    return [Arrival(0.0, prompts[(i + seed) % len(prompts)], (i + seed) % len(prompts)) for i in range(count)]
 
 
 def mean_rate(schedule: Sequence[Arrival]) -> float:

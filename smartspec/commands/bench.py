@@ -1,12 +1,14 @@
 """`smartspec bench`: every speculation policy on the same seeded workload, side by side, in one run.
 
 It starts the stack itself (verifier, the drafter services the chosen drafters need, router; the `up`
-machinery, on loopback, free ports) unless given `--router HOST:PORT`, runs a reference pass (each
-prompt's greedy output, policy none), then for every workload, drafter and rate, every policy in turn on
-the same arrivals, resetting the router's controller state between runs. It writes, under --out:
+machinery, on loopback, free ports; sized so that --max-batch requests fit) unless given `--router
+HOST:PORT`, runs a reference pass (each prompt's greedy output, policy none), then for every seed,
+workload, drafter and load (a Poisson rate or a closed-loop concurrency), every policy in turn on the
+same requests, resetting the router's controller state between runs. It writes, under --out:
 
-    results.json         one row per (workload, drafter, policy, rate), rewritten after every run
-    headline.json        per (workload, drafter, rate): goodput latency / best other's, / none's
+    results.json         one row per (workload, drafter, policy, load, seed), rewritten after every run
+    headline.json        per (workload, drafter, load), paired by seed: goodput latency / best other's,
+                         / none's, every policy / goodput's (95% intervals), fixed ks slower than none
     report.txt           the tables and the headline (also printed on stdout)
     latency_vs_rate.png  mean latency against rate, one line per policy, one subplot per group
     meta.json            the configuration, the stack, and how long everything took
@@ -57,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--router", default=None, help="benchmark a running router HOST:PORT instead of starting a stack")
     add_flag(parser, "--rates", nargs="+", default=None, metavar="R",
              help=f"Poisson arrival rates, requests/s (space- or comma-separated; default {','.join(map(str, FULL['rates']))})")
+    add_flag(parser, "--concurrency", nargs="+", default=None, metavar="N",
+             help="closed-loop levels: N requests always in flight, each completion sending the next (a run sends max(--requests, N)); "
+                  "given alone, no Poisson rates run unless --rates is given too")
     add_flag(parser, "--trace-rates", nargs="+", default=None, metavar="R",
              help="mean rates of the '-trace' workloads (default: the median of --rates)")
     add_flag(parser, "--workloads", nargs="+", default=None, metavar="W",
@@ -68,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--requests", type=int, default=None, help=f"requests per run (default {FULL['requests']})")
     add_flag(parser, "--trace-requests", type=int, default=None,
              help=f"requests per run of a '-trace' workload, a third per phase (default {FULL['trace_requests']}, or --requests when given)")
-    add_flag(parser, "--seed", type=int, default=0, help="seed of the arrival schedules and of the controlled drafters' draws")
+    add_flag(parser, "--seed", type=int, default=None, help="seed of the schedules (arrivals, prompt order) and of the controlled drafters' draws (default 0)")
+    add_flag(parser, "--seeds", nargs="+", default=None, metavar="S",
+             help="several seeds: every cell runs every policy once per seed, and the headline pairs the policies by seed "
+                  "(geometric mean and 95%% interval of each latency ratio); instead of --seed")
     add_flag(parser, "--max-tokens", type=int, default=None,
              help=f"cap on every prompt's output length (default {FULL['max_tokens']}; 0: the prompts' own)")
     add_flag(parser, "--request-timeout-s", type=float, default=120.0, help="deadline of each request")
@@ -84,6 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--dtype", default="float32", help="dtype of the verifier and the draft model")
     add_flag(parser, "--max-batch", type=int, default=16, help="router: most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="router: most requests waiting for admission")
+    add_flag(parser, "--max-step-tokens", type=int, default=0,
+             help="router: token budget of a step, running requests and prefill chunks (0: the router's default); it bounds how fast "
+                  "a closed loop's requests are admitted, hence the running batch")
+    add_flag(parser, "--kv-cache-gb", type=float, default=0.0,
+             help="KV cache of the verifier (and a draft model), GiB (0: enough for --max-batch of the longest requests, at least 1)")
     add_flag(parser, "--startup-timeout-s", type=float, default=600.0, help="how long the stack may take to come up")
     add_flag(parser, "--log-level", default="WARNING", help="logging level of the services it starts")
 
@@ -104,25 +117,43 @@ def _numbers(values, flag: str) -> list[float] | None:
     try:
         return [float(w) for w in words]
     except ValueError:
-        raise ValueError(f"{flag} takes numbers (requests/s), got {' '.join(words)}") from None
+        raise ValueError(f"{flag} takes numbers, got {' '.join(words)}") from None
+
+
+def _integers(values, flag: str) -> list[int] | None:
+    numbers = _numbers(values, flag)
+    if numbers is not None and any(n != int(n) for n in numbers):
+        raise ValueError(f"{flag} takes whole numbers, got {' '.join(f'{n:g}' for n in numbers)}")
+    return None if numbers is None else [int(n) for n in numbers]
 
 
 def build_config(args: argparse.Namespace):
+    """The benchmark the flags describe (a profile's values where a flag is unset); ValueError names what is wrong."""
     from smartspec.bench.runner import POLICIES, BenchConfig
 
     profile = QUICK if args.quick else FULL
     pick = lambda value, key: profile[key] if value is None else value  # noqa: E731
     max_tokens = pick(args.max_tokens, "max_tokens")
+    concurrency = _integers(args.concurrency, "--concurrency") or []
+    rates = _numbers(args.rates, "--rates")
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("give --seed or --seeds, not both")
+    seeds = _integers(args.seeds, "--seeds") or [args.seed or 0]
+    if args.max_batch < 1 or args.max_queue < 0 or args.kv_cache_gb < 0 or args.max_step_tokens < 0:
+        raise ValueError("--max-batch must be at least 1, --max-queue, --max-step-tokens and --kv-cache-gb at least 0")
+    if not args.router and max(concurrency, default=0) > args.max_batch + args.max_queue:
+        raise ValueError(f"concurrency {max(concurrency)} is more than the router holds (--max-batch {args.max_batch} + --max-queue {args.max_queue})")
     return BenchConfig(
         workloads=pick(_words(args.workloads), "workloads"),
         drafters=pick(_words(args.drafters), "drafters"),
-        rates=pick(_numbers(args.rates, "--rates"), "rates"),
+        rates=rates if rates is not None else ([] if concurrency else profile["rates"]),
+        concurrency=concurrency,
+        seeds=seeds,
         policies=_words(args.policies) or list(POLICIES),
         trace_rates=pick(_numbers(args.trace_rates, "--trace-rates"), "trace_rates"),
         requests=pick(args.requests, "requests"),
         # --requests alone sets the traces' count too; the profile's own trace count goes with its own --requests
         trace_requests=args.trace_requests if args.trace_requests is not None else (profile["trace_requests"] if args.requests is None else None),
-        seed=args.seed,
         max_tokens=max_tokens or None,
         request_timeout_s=args.request_timeout_s,
         max_in_flight=args.max_in_flight,
@@ -154,9 +185,11 @@ async def _bench(args: argparse.Namespace, config, out: Path, meta: dict) -> lis
     services = config.services()
     options = stack_options(
         port=0, host="127.0.0.1", drafters=",".join(services), target_model=args.target_model, draft_model=args.draft_model,
-        device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue,
+        device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_queue=args.max_queue, max_step_tokens=args.max_step_tokens,
         startup_timeout_s=args.startup_timeout_s, grace_s=2.0, log_level=args.log_level, http_port=-1,
     )
+    options.kv_cache_gb = args.kv_cache_gb or _kv_budget(args, config, options.kv_cache_gb)
+    meta["stack_kv_cache_gb"] = options.kv_cache_gb
     started = time.monotonic()
     print(f"smartspec bench: starting the stack (verifier, {', '.join(services) or 'no drafter services'}, router)", file=sys.stderr, flush=True)
     async with running_stack(options) as addresses:
@@ -170,6 +203,18 @@ async def _bench(args: argparse.Namespace, config, out: Path, meta: dict) -> lis
         return rows
 
 
+def _kv_budget(args: argparse.Namespace, config, floor_gb: float) -> float:
+    """GiB of KV cache that hold --max-batch of the benchmark's longest requests (at least `floor_gb`)."""
+    from router.server import RouterSettings
+    from smartspec.bench.capacity import kv_cache_gb, tokens_per_sequence
+    from smartspec.bench.workload import load_prompts, parse_workload
+    from smartspec.models import resolve_model_path
+
+    prompts = [p for w in config.workloads for p in load_prompts(parse_workload(w)[0])]
+    tokens = tokens_per_sequence(prompts, config.max_tokens, RouterSettings.k_max)
+    return kv_cache_gb(resolve_model_path(args.target_model, "target"), args.dtype, args.max_batch, tokens, floor_gb)
+
+
 async def _record(args: argparse.Namespace, config, addresses: dict, references: dict, out: Path) -> list[str]:
     """Records the acceptance traces of the reference outputs with the stack's drafter services."""
     from router.server import RouterSettings
@@ -179,7 +224,7 @@ async def _record(args: argparse.Namespace, config, addresses: dict, references:
     started = time.monotonic()
     print("smartspec bench: recording acceptance traces", file=sys.stderr, flush=True)
     target = resolve_model_path(args.target_model, "target")
-    names = {"target_model": target.name, "max_tokens_cap": config.max_tokens, "seed": config.seed}
+    names = {"target_model": target.name, "max_tokens_cap": config.max_tokens, "seed": config.seeds[0]}
     if "draft_model" in addresses:
         names["draft_model"] = resolve_model_path(args.draft_model, "draft").name
     paths = await record_traces(addresses, list(addresses), references, str(target), out / TRACES_DIR, RouterSettings.k_max,
@@ -212,9 +257,11 @@ def run(args: argparse.Namespace) -> int:
         "profile": "quick" if args.quick else "default",
         "config": {
             "workloads": list(config.workloads), "drafters": list(config.drafters), "policies": list(config.policies),
-            "rates": list(config.rates), "trace_rates": config.trace_rates, "requests": config.requests, "trace_requests": config.trace_requests, "seed": config.seed,
+            "rates": list(config.rates), "concurrency": list(config.concurrency), "trace_rates": config.trace_rates, "requests": config.requests,
+            "trace_requests": config.trace_requests, "seeds": list(config.seeds),
             "max_tokens": config.max_tokens, "request_timeout_s": config.request_timeout_s, "max_in_flight": config.max_in_flight,
-            "record_traces": args.record_traces,
+            "record_traces": args.record_traces, "max_batch": args.max_batch, "max_queue": args.max_queue,
+            "max_step_tokens": args.max_step_tokens or None,
         },
     }
     try:
@@ -234,15 +281,18 @@ def run(args: argparse.Namespace) -> int:
 def finish(rows: list[dict], out: Path, meta: dict, elapsed_s: float) -> int:
     """Writes the outputs, prints the tables and the headline; non-zero when a run lost all its requests."""
     from smartspec.bench.metrics import headline
-    from smartspec.bench.report import check_rows, headline_text, plot, table, write_json
+    from smartspec.bench.report import check_rows, headline_text, plot, shown, table, write_json
+    from smartspec.bench.workload import Load
 
     check_rows(rows)
     write_json(out / "results.json", rows)
     entries = headline(rows)
     write_json(out / "headline.json", entries)
-    report = table(rows) + "\n\n" + headline_text(entries) + "\n"
+    view = shown(rows)
+    closed = " (closed-loop groups: the rate column is the concurrency)" if any(r.get("concurrency") is not None for r in rows) else ""
+    report = table(view) + closed + "\n\n" + headline_text(entries) + "\n"
     (out / "report.txt").write_text(report)
-    plot(rows, out / "latency_vs_rate.png")
+    plot(view, out / "latency_vs_rate.png")
     meta["elapsed_s"] = round(elapsed_s, 1)
     meta["stats_available"] = any(row.get("k_histogram") is not None for row in rows)
     write_json(out / "meta.json", meta)
@@ -255,7 +305,7 @@ def finish(rows: list[dict], out: Path, meta: dict, elapsed_s: float) -> int:
               "a rare difference can be a numeric tie)", file=sys.stderr)
     dead = [row for row in rows if not row["completed"]]
     for row in dead:
-        print(f"smartspec bench: {row['workload']}/{row['drafter']} {row['policy']} at rate {row['rate']:g}: every request failed: "
+        print(f"smartspec bench: {row['workload']}/{row['drafter']} {row['policy']} at {Load.of(row).label} seed {row.get('seed')}: every request failed: "
               f"{next(iter(row['errors']), '?')}", file=sys.stderr)
     print(f"smartspec bench: {len(rows)} runs in {elapsed_s:.0f}s; wrote {out}/results.json, headline.json, report.txt, "
           "latency_vs_rate.png", file=sys.stderr, flush=True)

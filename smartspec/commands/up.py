@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from smartspec.config import add_flag
+from smartspec.config import DEFAULT_MAX_SEQUENCES, add_flag
 from smartspec.lifeline import child_env
 from smartspec.telemetry import add_trace_flags, trace_argv
 from smartspec.threads import MODEL_DRAFTERS, available_cores, plan_threads, quiet_env, user_sized
@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--dtype", default="float32", help="dtype of the verifier and the draft model")
     add_flag(parser, "--kv-cache-gb", type=float, default=1.0,
              help="KV cache budget of the verifier and of each model drafter, in GiB, allocated at start-up")
+    add_flag(parser, "--max-sequences", type=int, default=0,
+             help="requests whose KV cache each verifier and model drafter holds at once (0: enough for --max-batch over the "
+                  f"verifiers, at least {DEFAULT_MAX_SEQUENCES}; the router never batches more than the verifiers hold)")
     add_flag(parser, "--cores", type=int, default=0,
              help="CPU cores the services' torch threads share (0: the cores this process may run on); "
                   "ignored when OMP_NUM_THREADS, MKL_NUM_THREADS or SMARTSPEC_THREADS is set")
@@ -96,6 +99,9 @@ def service_argvs(args: argparse.Namespace, target: str, draft: str) -> dict[str
     """Command lines of the verifier and drafters (the router's comes later: it needs their addresses)."""
     common = ["--host", args.host, "--port", "0", "--log-level", args.log_level, "--grace-s", str(args.grace_s), *trace_argv(args)]
     model = ["--device", args.device, "--dtype", args.dtype, "--kv-cache-gb", str(args.kv_cache_gb)]
+    slots = sequence_slots(args)
+    if slots != DEFAULT_MAX_SEQUENCES:  # only when it matters: the services' own default otherwise
+        model += ["--max-sequences", str(slots)]
     argvs = {role: ["serve", "verifier", *common, "--target-model", target, *model] for role in verifier_roles(args)}
     for kind in _drafter_kinds(args):
         extra = ["--draft-model", draft, *model] if kind in MODEL_DRAFTERS else []
@@ -123,6 +129,14 @@ def router_argv(args: argparse.Namespace, target: str, addresses: dict[str, str]
         argv += ["--metrics-port", str(args.metrics_port)]
     argv += ["--http-port", str(args.http_port)]  # always: -1 must not be overridden by a variable the router inherits
     return [*argv, *trace_argv(args)]
+
+
+def sequence_slots(args: argparse.Namespace) -> int:
+    """--max-sequences of each verifier and model drafter: as given, or enough for --max-batch spread over
+    the verifiers (at least the services' default), since the router caps its batch at their sum."""
+    if args.max_sequences < 0:
+        raise ValueError(f"--max-sequences must be >= 0 (got {args.max_sequences})")
+    return args.max_sequences or max(DEFAULT_MAX_SEQUENCES, math.ceil(args.max_batch / len(verifier_roles(args))))
 
 
 def verifier_roles(args: argparse.Namespace) -> list[str]:

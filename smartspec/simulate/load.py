@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smartspec.bench.workload import TRACE_SHAPE, Prompt, load_prompts, phase_counts, poisson_schedule, trace_rates, trace_schedule_counts
+from smartspec.bench.workload import (
+    TRACE_SHAPE, Prompt, closed_loop_schedule, load_prompts, phase_counts, poisson_schedule, trace_rates, trace_schedule_counts,
+)
 
 PROMPT_SETS = ("chat", "copy")
 # Prompt length estimate: English text is about 4 characters per token, and the chat template adds
@@ -53,7 +55,7 @@ def schedule(count: int, seed: int, rate: float | None, trace: bool, choices: in
     elif rate is not None:
         arrivals = poisson_schedule(prompts, rate, count, seed)
     else:
-        return [(None, (i + seed) % choices) for i in range(count)]
+        return [(None, a.index) for a in closed_loop_schedule(prompts, count, seed)]
     return [(a.at_s, a.index) for a in arrivals]
 
 

@@ -1,9 +1,5 @@
-"""The simulation's report: `smartspec bench`'s table and plot, and a headline with the reference columns.
-
-The benchmark's report groups by (workload, drafter) and puts loads on a `rate` axis; a closed-loop row
-is shown there under the workload `<workload> closed-loop` with its concurrency as the load, so the
-same table and plot serve both kinds of load (results.json keeps `rate` and `concurrency` apart).
-"""
+"""The simulation's report: `smartspec bench`'s table and plot (closed-loop rows in its `shown` view),
+and a headline with the reference columns."""
 
 from __future__ import annotations
 
@@ -11,23 +7,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from smartspec.bench.metrics import headline
-from smartspec.bench.report import check_rows, plot, table, write_json
+from smartspec.bench.report import CLOSED_LOOP, check_rows, plot, shown, table, write_json
 from smartspec.simulate.oracle import NAME as CLAIRVOYANT
 from smartspec.simulate.sweep import BEST_FIXED
-
-CLOSED_LOOP = " closed-loop"
-
-
-def shown(rows: Sequence[Mapping]) -> list[dict]:
-    """Rows as the benchmark's report reads them: the load on `rate`."""
-    out = []
-    for row in rows:
-        if row.get("concurrency") is not None:
-            out.append({**row, "workload": row["workload"] + CLOSED_LOOP, "rate": row["concurrency"]})
-        else:
-            out.append(dict(row))
-    return out
-
 
 def headline_entries(rows: Sequence[Mapping]) -> list[dict]:
     """Per cell: goodput / the best other policy (references left out), / none, / best-fixed and
