@@ -316,8 +316,8 @@ class DrafterReplicas:
         self.leaving.discard(address)
         self.clients.pop(address, None)
         channel = self._channels.pop(address, None)
-        if channel is not None:
-            self._spawn(channel.close())
+        if channel is not None:  # a call still in flight ends by its deadline (closing cancels it: CancelledError)
+            self._spawn(channel.close(grace=self.timeout_s))
         moved = [request_id for request_id, home in self.home.items() if home == address]
         log.info("drafter %s: replica %s left; %d requests move to another at their next step", self.name, address, len(moved))
 

@@ -101,13 +101,23 @@ class Follower:
     def start(self, members: Members) -> None:
         """Follows the name from now on: known addresses not in use yet join once SERVING."""
         self.members = members
-        self._task = asyncio.get_running_loop().create_task(self._follow(), name=f"router-follow-{self.name}")
+        self._task = self._spawn(self._follow())
 
     async def close(self) -> None:
         tasks = [t for t in (self._task, *self._joining.values(), *self._leaving.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, work) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(work, name=f"router-follow-{self.name}")
+        task.add_done_callback(self._report)
+        return task
+
+    def _report(self, task: asyncio.Task) -> None:
+        """A bug in following must not pass silently: the router would stop seeing replica changes."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("following %s failed", self.name, exc_info=task.exception())
 
     async def _follow(self) -> None:
         for address in self.discovery.addresses:
@@ -125,7 +135,7 @@ class Follower:
             self.members.back(address)
             log.info("%s: %s is back within its grace period", self.name, address)
         elif not self.members.has(address) and address not in self._joining:
-            self._joining[address] = asyncio.get_running_loop().create_task(self._join(address))
+            self._joining[address] = self._spawn(self._join(address))
 
     async def _join(self, address: str) -> None:
         try:
@@ -148,11 +158,12 @@ class Follower:
         elif self.members.has(address) and address not in self._leaving:
             log.info("%s: %s vanished from DNS: no new requests; its requests move on a failed call or in %.1fs", self.name, address, self.grace_s)
             self.members.leave(address)
-            self._leaving[address] = asyncio.get_running_loop().create_task(self._drop_later(address, since))
+            self._leaving[address] = self._spawn(self._drop_later(address, since))
 
     async def _drop_later(self, address: str, since: float) -> None:
         await asyncio.sleep(max(0.0, since + self.grace_s - self.discovery.clock()))
         del self._leaving[address]
+        log.info("%s: %s gone past its grace period: dropped", self.name, address)
         self.members.drop(address)
 
 

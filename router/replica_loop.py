@@ -131,6 +131,14 @@ class ReplicaLoop:
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run(), name=f"router-replica-{self.replica.address}")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """A loop ends when the router closes or its replica left; any other end strands its requests."""
+        if not (self.scheduler.closing or self.retiring):
+            error = None if task.cancelled() else task.exception()
+            log.error("the step loop of verifier %s ended unexpectedly (%s)", self.replica.address, "cancelled" if task.cancelled() else error,
+                      exc_info=error)
 
     async def run(self) -> None:
         s = self.scheduler

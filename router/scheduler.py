@@ -307,5 +307,5 @@ async def _release_and_close(replica: VerifierReplica, ids: Sequence[str], timeo
     except grpc.RpcError as err:
         log.debug("verifier %s left: release of %d requests failed (%s)", replica.address, len(ids), err.code())
     finally:
-        if replica.channel is not None:
-            await replica.channel.close()
+        if replica.channel is not None:  # a release of orphans may still be in flight: it ends by its deadline
+            await replica.channel.close(grace=LEFT_RELEASE_TIMEOUT_S)

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 from dnslib import AAAA, QTYPE, RCODE, RR, A
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 from router.discovery import Change, DnsTarget, ReplicaDiscovery, parse_address, reconcile
 
@@ -52,7 +52,7 @@ class Records(BaseResolver):
 @pytest.fixture
 def zone() -> Iterator[tuple[Records, int]]:
     records = Records()
-    server = DNSServer(records, address="127.0.0.1", port=0)
+    server = DNSServer(records, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda line: None))
     server.start_thread()
     try:
         yield records, server.server.server_address[1]
