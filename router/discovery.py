@@ -35,6 +35,9 @@ SCHEME = "dns:"
 DNS_PORT = 53
 DEFAULT_REFRESH_S = 5.0
 DEFAULT_TIMEOUT_S = 2.0
+# How long a replica whose address vanished keeps its requests (router/follow.py): a readiness flap
+# shorter than this moves nothing.
+DEFAULT_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class ReplicaDiscovery:
         self.target = target
         self.refresh_s = refresh_s
         self.addresses: frozenset[str] = frozenset()
-        self._clock = clock
+        self.clock = clock  # stamps vanished addresses; a caller counts grace periods on it
         self._failing = False
         # The system's resolver uses the search domains of resolv.conf (a short name works as with gRPC);
         # a named resolver gets the name as given, made absolute.
@@ -159,7 +162,7 @@ class ReplicaDiscovery:
         if self._failing:
             log.info("resolving %s works again", self.target.name)
         self._failing = False
-        change = reconcile(self.addresses, found, self._clock())
+        change = reconcile(self.addresses, found, self.clock())
         self.addresses = found
         return change
 

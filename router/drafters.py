@@ -9,6 +9,7 @@ drafter is skipped for a backoff period that doubles on each consecutive failure
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import grpc
 from router.request import RequestState
 from smartspec.errors import RequestError
 from smartspec.sampling import DraftDistribution, unpack_distributions
+from smartspec.serving import CHANNEL_OPTIONS
 from smartspec.telemetry import Metadata
 from smartspec.tree import chain_parents, is_chain, longest_path, parents_problem
 from smartspec.wire import drafter_pb2, drafter_pb2_grpc
@@ -214,3 +216,115 @@ def describe_rpc_error(err: BaseException) -> str:
     if isinstance(err, grpc.RpcError):
         return f"{err.code().name}: {err.details()}"
     return f"{type(err).__name__}: {err}"
+
+
+class DrafterReplicas:
+    """Several replicas of one drafter kind, found by DNS (router/follow.py drives `join`, `leave`,
+    `back` and `drop`); the scheduler calls it as one DrafterClient. A request's drafter state lives on
+    one replica, so a request sticks to the one it was placed on (the least loaded when placed) and
+    moves, with a full resync, only when that one is dropped or is backing off after a failure. A
+    replica whose address vanished keeps its requests through the grace period but gets no new ones."""
+
+    def __init__(
+        self, name: str, timeout_s: float, trace_metadata: Callable[[Sequence[RequestState]], Metadata | None] = lambda requests: None,
+        connect: Callable[[str], grpc.aio.Channel] | None = None,
+    ) -> None:
+        self.name = name
+        self.timeout_s = timeout_s
+        self.trace_metadata = trace_metadata
+        self._connect = connect or (lambda address: grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
+        self.clients: dict[str, DrafterClient] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.leaving: set[str] = set()
+        self.home: dict[str, str] = {}  # request id -> the replica holding its state
+        self.moved = 0  # requests placed again after their replica went away (each with a full resync)
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def failures(self) -> int:
+        return sum(c.failures for c in self.clients.values())
+
+    def available(self) -> bool:
+        """Whether any replica can propose (a leaving one still serves the requests it holds)."""
+        return any(c.available() for c in self.clients.values())
+
+    async def propose(self, requests: Sequence[RequestState], ks: Sequence[int]) -> tuple[list[Draft], float]:
+        """Each request's proposal from its replica, the replicas called in parallel; a request no
+        replica can take gets none. Returns the proposals and the slowest call's wall time."""
+        by_replica: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            address = self._place(request)
+            if address is not None:
+                by_replica.setdefault(address, []).append(i)
+        proposals = [Draft() for _ in requests]
+        calls = [self.clients[a].propose([requests[i] for i in members], [ks[i] for i in members]) for a, members in by_replica.items()]
+        seconds = 0.0
+        for members, (drafts, took) in zip(by_replica.values(), await asyncio.gather(*calls)):
+            seconds = max(seconds, took)
+            for i, draft in zip(members, drafts):
+                proposals[i] = draft
+        return proposals, seconds
+
+    def _place(self, request: RequestState) -> str | None:
+        """The request's replica: its home while that one serves, else the least loaded replica that
+        takes new requests (its state there starts with a full resync), else None."""
+        home = self.home.get(request.id)
+        if home in self.clients and self.clients[home].available():
+            return home
+        candidates = [a for a, c in self.clients.items() if a not in self.leaving and c.available()]
+        if not candidates:
+            return None
+        loads = collections.Counter(self.home.values())
+        address = min(candidates, key=lambda a: (loads[a], a))
+        if home in self.clients:  # it backs off: free the state it may still hold once it answers
+            self._spawn(self.clients[home].release([request.id]))
+        if home is not None:
+            self.moved += 1
+            log.debug("drafter %s: request %s moves from %s to %s (resync)", self.name, request.id, home, address)
+        self.home[request.id] = address
+        request.drafter_synced[self.name] = 0  # the new replica gets the request's whole context
+        return address
+
+    async def release(self, request_ids: Sequence[str]) -> None:
+        by_replica: dict[str, list[str]] = {}
+        for request_id in request_ids:
+            address = self.home.pop(request_id, None)
+            if address in self.clients:
+                by_replica.setdefault(address, []).append(request_id)
+        await asyncio.gather(*(self.clients[a].release(ids) for a, ids in by_replica.items()))
+
+    # --- membership (router/follow.py) ------------------------------------------------------------
+    def has(self, address: str) -> bool:
+        return address in self.clients
+
+    async def join(self, address: str) -> None:
+        channel = self._connect(address)
+        self._channels[address] = channel
+        self.clients[address] = DrafterClient(
+            self.name, drafter_pb2_grpc.DrafterServiceStub(channel), self.timeout_s, trace_metadata=self.trace_metadata
+        )
+        log.info("drafter %s: replica %s joined (%d now)", self.name, address, len(self.clients))
+
+    def leave(self, address: str) -> None:
+        self.leaving.add(address)
+
+    def back(self, address: str) -> None:
+        self.leaving.discard(address)
+
+    def drop(self, address: str) -> None:
+        """Gone past its grace period: its requests are placed elsewhere at their next step."""
+        self.leaving.discard(address)
+        self.clients.pop(address, None)
+        channel = self._channels.pop(address, None)
+        if channel is not None:  # a call still in flight ends by its deadline (closing cancels it: CancelledError)
+            self._spawn(channel.close(grace=self.timeout_s))
+        moved = [request_id for request_id, home in self.home.items() if home == address]
+        log.info("drafter %s: replica %s left; %d requests move to another at their next step", self.name, address, len(moved))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels.values()))
+
+    def _spawn(self, work) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

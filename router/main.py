@@ -15,13 +15,20 @@ DEFAULT_PORT = 50051
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from router.discovery import DEFAULT_GRACE_S, DEFAULT_REFRESH_S
     from router.prefill_budget import DEFAULT_MAX_STEP_TOKENS
 
     add_server_flags(parser, default_port=DEFAULT_PORT)
     add_flag(parser, "--verifier", action="append", default=["127.0.0.1:50052"], metavar="HOST:PORT",
-             help="a verifier replica (repeatable; env: comma-separated); requests of a replica that fails move to another")
+             help="a verifier replica (repeatable; env: comma-separated); requests of a replica that fails move to another. "
+             "dns:///NAME:PORT or dns://RESOLVER/NAME:PORT: every address NAME resolves to, followed as replicas come and go")
     add_flag(parser, "--drafter-address", action="append", default=[], metavar="NAME=HOST:PORT",
-             help="a drafter service, e.g. prompt_lookup=127.0.0.1:50053 (repeatable; env: comma-separated)")
+             help="a drafter service, e.g. prompt_lookup=127.0.0.1:50053 (repeatable; env: comma-separated); "
+             "NAME=dns:///HOST:PORT: its replicas found by DNS, each request sticking to one")
+    add_flag(parser, "--dns-refresh-s", type=float, default=DEFAULT_REFRESH_S, help="how often the name of a dns: address is resolved again")
+    add_flag(parser, "--replica-grace-s", type=float, default=DEFAULT_GRACE_S,
+             help="how long a replica whose address vanished from DNS keeps its requests (unless a call to it fails) before they "
+             "move to another (re-prefilled; drafters: resynced), so a readiness flap moves nothing")
     add_flag(parser, "--target-model", default="embedded", help="folder whose tokenizer the router uses (the verifier's target), or 'embedded'")
     add_flag(parser, "--max-batch", type=int, default=16, help="most requests in the running batch")
     add_flag(parser, "--max-queue", type=int, default=64, help="most requests waiting for admission; beyond it, RESOURCE_EXHAUSTED")
@@ -71,6 +78,7 @@ def load_tokenizer(spec: str):
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from router.discovery import parse_address
     from router.server import SERVICE_NAME, RouterSettings, build_router, parse_drafters
     from router.telemetry import telemetry_from_args
     from router.validate import Defaults
@@ -89,6 +97,8 @@ async def serve(args: argparse.Namespace) -> None:
         k_max=args.k_max,
         redis_url=args.redis_url,
         redis_namespace=args.redis_namespace,
+        dns_refresh_s=args.dns_refresh_s,
+        replica_grace_s=args.replica_grace_s,
     )
     drafters = parse_drafters(args.drafter_address)
     security = ServerSecurity.from_args(args)
@@ -101,8 +111,10 @@ async def serve(args: argparse.Namespace) -> None:
 
     async def load() -> LoadedService:
         tokenizer = await asyncio.to_thread(load_tokenizer, args.target_model)
-        # The verifier binds before loading its model: wait for SERVING, not just for a connection.
-        await asyncio.gather(*(wait_serving(address, args.startup_timeout_s) for address in args.verifier))
+        # The verifier binds before loading its model: wait for SERVING, not just for a connection
+        # (build_router waits so for the replicas of a dns: address).
+        static = [address for address in args.verifier if parse_address(address) is None]
+        await asyncio.gather(*(wait_serving(address, args.startup_timeout_s) for address in static))
         servicer = await build_router(tokenizer, args.verifier, drafters, settings, startup_timeout_s=args.startup_timeout_s, telemetry=telemetry)
         if http is not None:
             http.backend.attach(servicer, root=str(tokenizer.name_or_path))

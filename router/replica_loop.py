@@ -124,14 +124,28 @@ class ReplicaLoop:
         self._stepping = False
         self._reset_pending = False
         self._own_policies: dict[str, ControllerPolicy] = {}  # the controller policies, on this loop's controller
+        # Set when its replica, found by DNS, is gone past its grace period: the loop moves its requests
+        # to the other replicas and ends (Scheduler.retire_replica).
+        self.retiring = False
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run(), name=f"router-replica-{self.replica.address}")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """A loop ends when the router closes or its replica left; any other end strands its requests."""
+        if not (self.scheduler.closing or self.retiring):
+            error = None if task.cancelled() else task.exception()
+            log.error("the step loop of verifier %s ended unexpectedly (%s)", self.replica.address, "cancelled" if task.cancelled() else error,
+                      exc_info=error)
 
     async def run(self) -> None:
         s = self.scheduler
         while not s.closing:
+            if self.retiring:
+                await self._retire()
+                return
             if not self.running and not self._room():
                 s.note_idle()
                 self.wake.clear()
@@ -158,9 +172,9 @@ class ReplicaLoop:
         return max(wait, 0.01) if wait > 0 else None
 
     def ready_soon(self, now: float) -> bool:
-        """Whether this loop will admit soon: its replica is not backing off, and it is between calls
-        or in one that has not run STALL_S yet."""
-        return self.replica.available() and (self._in_call_since is None or now - self._in_call_since < STALL_S)
+        """Whether this loop will admit soon: its replica takes requests (not backing off, not leaving),
+        and it is between calls or in one that has not run STALL_S yet."""
+        return self.replica.accepting() and (self._in_call_since is None or now - self._in_call_since < STALL_S)
 
     def reset_controller(self) -> None:
         """Forgets what the controller learned, between steps only: a step in flight reads the
@@ -190,7 +204,7 @@ class ReplicaLoop:
         """How many waiting requests this loop admits now: what its replica and the router-wide batch
         limit have room for, at most its share of the queue (the module's docstring)."""
         s = self.scheduler
-        if not s.waiting or not self.replica.available() or (self._blocked and self.running):
+        if not s.waiting or not self.replica.accepting() or (self._blocked and self.running):
             return 0
         free = self.replica.free
         room = min(free, s.max_batch - sum(len(loop.running) for loop in s.loops))
@@ -429,6 +443,13 @@ class ReplicaLoop:
             for request in batch:
                 request.fail(error)
             return
+        self._move(batch, failed=True)
+
+    def _move(self, batch: list[RequestState], failed: bool) -> None:
+        """`batch` leaves this replica for the front of the queue, to be re-admitted elsewhere from its
+        committed tokens; a request that ended meanwhile is dropped instead. A failed replica counts
+        against each request's failovers (a request that fails on every replica stops bouncing)."""
+        s = self.scheduler
         s.verifiers.forget(batch)
         self._leave(batch)
         moving = []
@@ -436,9 +457,20 @@ class ReplicaLoop:
             if request.done or request.cancelled:
                 s.drop([request])
             else:
-                request.failovers += 1
+                request.failovers += int(failed)
                 moving.append(request)
         s.requeue(moving)
+
+    async def _retire(self) -> None:
+        """The replica's grace period is over: its requests move to the other replicas (re-prefilled,
+        token-exact), what it holds is released if it still answers, and the scheduler forgets it."""
+        s = self.scheduler
+        held = [*self.running]
+        log.info("verifier %s left: %d of its requests move to another replica", self.replica.address, len(held))
+        s.moved += len(held)
+        self._move(held, failed=False)
+        leftovers = [*self.replica.holding, *self.replica.orphans, *(r.id for r in held)]
+        s.retired(self, leftovers)
 
     async def _preempt(self, batch: list[RequestState], err: grpc.RpcError) -> None:
         """The replica's KV cache cannot hold this step (nothing was changed there): the newest request

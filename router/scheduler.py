@@ -17,6 +17,12 @@ request (stop rules applied) and streamed; finished and cancelled requests are r
 Across replicas: `steps` and `preemptions` count over all loops; `controller` is the first replica's
 (the one the router's controller policies are registered with; each loop decides with its own, see
 ReplicaLoop._policy); `controllers` lists them all, and `reset_controller` resets them all.
+
+Replicas found by DNS (router/follow.py) come and go while the router runs: `add_replica` gives a new
+one its own loop and a sibling controller; `retire_replica` ends a replica's loop once its grace period
+is over (its requests move, like a failed replica's, but without counting as a failure), and the
+scheduler forgets it (`retired`). `on_replicas_changed` callbacks hear of both (the shared-state sync
+follows the set of controllers).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import asyncio
 import collections
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
+
+import grpc
 
 from router.controller.controller import SpeculationController
 from router.drafters import DrafterClient
@@ -35,7 +43,7 @@ from router.request import RequestState
 from router.telemetry import RouterTelemetry
 from router.verifiers import VerifierPool, VerifierReplica
 from smartspec.errors import RequestError
-from smartspec.wire import verifier_pb2_grpc
+from smartspec.wire import verifier_pb2, verifier_pb2_grpc
 
 log = logging.getLogger("smartspec.router.scheduler")
 
@@ -73,6 +81,7 @@ class Scheduler:
         self.telemetry = telemetry or RouterTelemetry()  # traces and metrics; off by default
         self.drafters = drafters
         self.limits = limits
+        self._max_batch = max_batch
         self.max_batch = max(1, min(max_batch, self.verifiers.capacity))  # router-wide, over every replica
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be at least 1 (got {max_step_tokens})")
@@ -81,27 +90,32 @@ class Scheduler:
         self.verifier_timeout_s = verifier_timeout_s
         self.waiting: collections.deque[RequestState] = collections.deque()
         self.preemptions = 0  # requests sent back to the queue because a verifier's KV cache was full
+        self.moved = 0  # requests moved off a replica that left (found by DNS, gone past its grace period)
         # The first replica's loop decides with `controller` (the router's controller policies are
         # bound to it); every other replica gets its own, with the same settings and cost profile.
         first = controller or SpeculationController()
+        self._controller = first
         self.loops = [
             ReplicaLoop(self, replica, first if i == 0 else sibling_controller(first)) for i, replica in enumerate(self.verifiers.replicas)
         ]
+        self.on_replicas_changed: list[Callable[[], None]] = []
         self._background: set[asyncio.Task] = set()
         self._idle = asyncio.Event()
+        self._started = False
         self.draining = False
         self.closing = False
 
     # --- views over the replicas ----------------------------------------------------------------
     @property
     def controller(self) -> SpeculationController:
-        """The first replica's controller (see the module's docstring)."""
-        return self.loops[0].controller
+        """The first replica's controller (see the module's docstring); it stays the router's after
+        that replica, found by DNS, left."""
+        return self._controller
 
     @property
     def controllers(self) -> list[SpeculationController]:
-        """Every replica's controller, in replica order."""
-        return [loop.controller for loop in self.loops]
+        """Every replica's controller, in replica order (the router's alone while it has no replica)."""
+        return [loop.controller for loop in self.loops] or [self._controller]
 
     @property
     def running(self) -> list[RequestState]:
@@ -135,6 +149,8 @@ class Scheduler:
         boundary."""
         for loop in self.loops:
             loop.reset_controller()
+        if all(loop.controller is not self._controller for loop in self.loops):
+            self._controller.reset()  # its replica left; the policies bound to it still read it
 
     def cancel(self, request: RequestState) -> None:
         """The client went away: drop a waiting request now, a running one at its loop's next step boundary."""
@@ -146,8 +162,45 @@ class Scheduler:
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
+        self._started = True
         for loop in self.loops:
             loop.start()
+
+    # --- replicas found by DNS (router/follow.py) --------------------------------------------------
+    def add_replica(self, replica: VerifierReplica) -> None:
+        """A new replica (SERVING, same model) joins with its own loop and a controller of its own."""
+        self.verifiers.add(replica)
+        loop = ReplicaLoop(self, replica, sibling_controller(self._controller))
+        self.loops.append(loop)
+        self._replicas_changed()
+        if self._started and not self.closing:
+            loop.start()
+        self.wake()
+
+    def has_replica(self, address: str) -> bool:
+        """Whether the replica at `address` is in use and not on its way out."""
+        return any(loop.replica.address == address and not loop.retiring for loop in self.loops)
+
+    def retire_replica(self, address: str) -> None:
+        """The replica's grace period is over: its loop moves its requests elsewhere and ends."""
+        for loop in self.loops:
+            if loop.replica.address == address:
+                loop.retiring = True
+                loop.wake.set()
+
+    def retired(self, loop: ReplicaLoop, held: Sequence[str]) -> None:
+        """Called by a retiring loop once its requests moved: the replica leaves the pool, and what it
+        may still hold is released (if it answers) before its channel closes."""
+        self.loops.remove(loop)
+        self.verifiers.remove(loop.replica)
+        self._replicas_changed()
+        self.in_background(_release_and_close(loop.replica, held, self.verifier_timeout_s))
+        self.wake()
+
+    def _replicas_changed(self) -> None:
+        self.max_batch = max(1, min(self._max_batch, self.verifiers.capacity))
+        for callback in self.on_replicas_changed:
+            callback()
 
     async def iterate(self) -> None:
         """One iteration of every replica's loop, concurrently (tests step the scheduler by hand)."""
@@ -221,7 +274,7 @@ class Scheduler:
             self.in_background(self.drafters[name].release(ids))
         by_replica: dict[str, list[str]] = collections.defaultdict(list)
         for request in requests:
-            if request.verifier:
+            if request.verifier in self.verifiers:
                 by_replica[request.verifier].append(request.id)
         self.verifiers.forget(requests)
         releases = [self.verifiers.release(self.verifiers[address], ids, self.verifier_timeout_s) for address, ids in by_replica.items()]
@@ -240,3 +293,19 @@ class Scheduler:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+# A replica that left may be gone already: its Release gets a short deadline.
+LEFT_RELEASE_TIMEOUT_S = 5.0
+
+
+async def _release_and_close(replica: VerifierReplica, ids: Sequence[str], timeout_s: float) -> None:
+    """Frees what a replica that left still holds, if it still answers, then closes its channel."""
+    try:
+        if ids:
+            await replica.stub.Release(verifier_pb2.ReleaseRequest(request_ids=list(dict.fromkeys(ids))), timeout=min(timeout_s, LEFT_RELEASE_TIMEOUT_S))
+    except grpc.RpcError as err:
+        log.debug("verifier %s left: release of %d requests failed (%s)", replica.address, len(ids), err.code())
+    finally:
+        if replica.channel is not None:  # a release of orphans may still be in flight: it ends by its deadline
+            await replica.channel.close(grace=LEFT_RELEASE_TIMEOUT_S)

@@ -16,7 +16,9 @@ from router.controlled import ControlledDrafter
 from router.controller.controller import SpeculationController
 from router.controller.policies import controller_policies
 from router.controller.profile import load_or_measure
-from router.drafters import DrafterClient
+from router.discovery import DEFAULT_GRACE_S, DEFAULT_REFRESH_S, ReplicaDiscovery, parse_address
+from router.drafters import DrafterClient, DrafterReplicas
+from router.follow import Follower, VerifierMembers, check_same_model
 from router.policy import PolicyRegistry
 from router.request import Chunk, RequestState
 from router.scheduler import DEFAULT_MAX_STEP_TOKENS, Limits, Scheduler
@@ -53,17 +55,23 @@ class RouterSettings:
     redis_url: str = ""
     # Prefix of every Redis key, so that separate fleets (and tests) sharing one Redis do not mix.
     redis_namespace: str = "smartspec"
+    # Replicas found by DNS (a dns: address): how often the name is resolved, and how long a replica
+    # whose address vanished keeps its requests (unless a call to it fails) before they move.
+    dns_refresh_s: float = DEFAULT_REFRESH_S
+    replica_grace_s: float = DEFAULT_GRACE_S
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(
-        self, validate: RequestValidator, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int], shared: SharedState | None = None
+        self, validate: RequestValidator, scheduler: Scheduler, decode: Callable, eos_ids: frozenset[int], shared: SharedState | None = None,
+        followers: Sequence[Follower] = (),
     ) -> None:
         self.validate = validate
         self.scheduler = scheduler
         self.decode = decode
         self.eos_ids = eos_ids
         self.shared = shared  # syncs the controller with other router replicas (None: local state only)
+        self.followers = list(followers)  # the dns: addresses' replica sets, followed until shutdown
         # Prompts are tokenized here, off the event loop. One thread: a Hugging Face tokenizer is not
         # promised to be safe for concurrent calls, and one encodes thousands of tokens a millisecond.
         self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize")
@@ -84,6 +92,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await self._stop_sharing()
 
     async def _stop_sharing(self) -> None:
+        await asyncio.gather(*(follower.close() for follower in self.followers))
+        for drafter in self.scheduler.drafters.values():
+            if isinstance(drafter, DrafterReplicas):
+                await drafter.close()
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if self.shared is not None:
             await self.shared.close()
@@ -165,13 +177,20 @@ async def build_router(
     """Connects to the verifier replicas (one address or several; reading their limits from Info) and
     the drafters, and starts the step loop. Must run on the event loop that will serve the router. `policies` may register policies
     beyond 'none' and 'fixed:K' by name (e.g. the goodput controller); `telemetry` traces and measures
-    it (default: off)."""
+    it (default: off). A `dns:` address (router/discovery.py) stands for every replica its name resolves
+    to, followed while the router runs (router/follow.py); at startup the router waits for one of its
+    verifiers to say SERVING, not for its drafters (a missing drafter costs only speculation)."""
     from router.detokenize import tokenizer_decoder
 
     telemetry = telemetry or RouterTelemetry()
 
     addresses = [verifier_address] if isinstance(verifier_address, str) else list(verifier_address)
-    pool, info = await connect_verifiers(addresses, startup_timeout_s, settings.max_batch)
+    targets = {address: parse_address(address) for address in addresses}  # raises ValueError on a malformed dns: address
+    verifier_followers = [Follower(ReplicaDiscovery(t, settings.dns_refresh_s), settings.replica_grace_s) for t in targets.values() if t]
+    found = await asyncio.gather(*(follower.first_serving(startup_timeout_s) for follower in verifier_followers))
+    static = [address for address, target in targets.items() if target is None]
+    initial = [*static, *dict.fromkeys(a for serving in found for a in serving if a not in static)]
+    pool, info = await connect_verifiers(initial, startup_timeout_s, settings.max_batch)
     verifier = pool.replicas[0].stub  # profiles the verify cost (replicas run the same model)
     limits = Limits(
         max_context=info.model.max_context,
@@ -179,13 +198,18 @@ async def build_router(
         eos_ids=frozenset(info.model.eos_token_ids),
         max_sequences=pool.capacity,
     )
-    drafters = {
-        name: DrafterClient(
-            name, drafter_pb2_grpc.DrafterServiceStub(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)), settings.drafter_timeout_s,
-            trace_metadata=telemetry.rpc_metadata,
-        )
-        for name, address in drafter_addresses.items()
-    }
+    drafters: dict[str, DrafterClient | DrafterReplicas] = {}
+    drafter_followers: dict[str, Follower] = {}
+    for name, address in drafter_addresses.items():
+        target = parse_address(address)
+        if target is None:
+            drafters[name] = DrafterClient(
+                name, drafter_pb2_grpc.DrafterServiceStub(grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)), settings.drafter_timeout_s,
+                trace_metadata=telemetry.rpc_metadata,
+            )
+        else:
+            drafters[name] = DrafterReplicas(name, settings.drafter_timeout_s, trace_metadata=telemetry.rpc_metadata)
+            drafter_followers[name] = Follower(ReplicaDiscovery(target, settings.dns_refresh_s), settings.replica_grace_s)
     drafters[ControlledDrafter.name] = ControlledDrafter(limits.vocab_size)
     controller = SpeculationController(k_max=settings.k_max)
     shared = None
@@ -213,15 +237,20 @@ async def build_router(
     telemetry.watch(scheduler)
     if shared is not None:
         shared.controllers = scheduler.controllers  # every replica's evidence, and the fleet's to each
+        scheduler.on_replicas_changed.append(lambda: setattr(shared, "controllers", scheduler.controllers))
     scheduler.start()
     if shared is not None:
         shared.start()
+    for follower in verifier_followers:
+        follower.start(VerifierMembers(scheduler, initial[0], info.model, settings.max_batch, startup_timeout_s))
+    for name, follower in drafter_followers.items():
+        follower.start(drafters[name])
     log.info(
         "router: verifier %s (%s, context %d, eos %s), drafters %s, batch %d, queue %d, step tokens %d",
         ", ".join(addresses), info.model.model, limits.max_context, sorted(limits.eos_ids), drafter_addresses or "none",
         scheduler.max_batch, scheduler.max_queue, scheduler.max_step_tokens,
     )
-    return RouterServicer(validate, scheduler, tokenizer_decoder(tokenizer), limits.eos_ids, shared)
+    return RouterServicer(validate, scheduler, tokenizer_decoder(tokenizer), limits.eos_ids, shared, [*verifier_followers, *drafter_followers.values()])
 
 
 async def connect_verifiers(addresses: Sequence[str], timeout_s: float, default_slots: int) -> tuple[VerifierPool, verifier_pb2.InfoResponse]:
@@ -233,14 +262,8 @@ async def connect_verifiers(addresses: Sequence[str], timeout_s: float, default_
         raise ValueError(f"--verifier addresses repeat: {', '.join(addresses)}")
     stubs = [verifier_pb2_grpc.VerifierServiceStub(grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS)) for a in addresses]
     infos = await asyncio.gather(*(stub.Info(verifier_pb2.InfoRequest(), timeout=timeout_s, wait_for_ready=True) for stub in stubs))
-    first = infos[0].model
     for address, info in zip(addresses[1:], infos[1:]):
-        m = info.model
-        if (m.vocab_size, m.max_context, list(m.eos_token_ids)) != (first.vocab_size, first.max_context, list(first.eos_token_ids)):
-            raise ValueError(
-                f"verifier {address} serves {m.model} (vocabulary {m.vocab_size}, context {m.max_context}) but {addresses[0]} serves "
-                f"{first.model} (vocabulary {first.vocab_size}, context {first.max_context}): replicas must run the same model"
-            )
+        check_same_model(addresses[0], infos[0].model, address, info.model)
     replicas = [VerifierReplica(a, stub, info.max_sequences or default_slots) for a, stub, info in zip(addresses, stubs, infos)]
     return VerifierPool(replicas), infos[0]
 

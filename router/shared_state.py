@@ -96,7 +96,9 @@ class SharedState:
         self.publishes = 0  # successful publishes that carried evidence (for tests and debugging)
         # Evidence already published, per drafter: the rates object it came from (the controller
         # replaces them on reset) and its totals then.
-        self._published: dict[tuple[int, str], tuple[DrafterRates, dict[str, int]]] = {}  # by (controller, drafter)
+        # Keyed by (id of the controller, drafter): replicas found by DNS come and go, so a position in
+        # `controllers` is not a controller's identity (a reused id is caught by the rates object check).
+        self._published: dict[tuple[int, str], tuple[DrafterRates, dict[str, int]]] = {}
         self.fleet: dict[str, dict[str, float]] = {}  # the other replicas' faded counts per drafter
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -174,17 +176,21 @@ class SharedState:
         """Per drafter, what its counts grew by since the last publish; marks it published (evidence
         from a failed publish stays local: see the module's docstring)."""
         out: dict[str, dict[str, int]] = {}
-        for i, controller in enumerate(self.controllers):
+        for controller in self.controllers:
             for name, rates in list(controller.rates.items()):
                 totals = rates.totals()
-                source, before = self._published.get((i, name), (None, {}))
+                key = (id(controller), name)
+                source, before = self._published.get(key, (None, {}))
                 if source is not rates:  # new, or the controller was reset: everything counts
                     before = {}
-                self._published[(i, name)] = (rates, totals)
+                self._published[key] = (rates, totals)
                 for stat, value in totals.items():
                     if value != before.get(stat, 0):
                         drafter = out.setdefault(name, {})
                         drafter[stat] = drafter.get(stat, 0) + value - before.get(stat, 0)
+        live = {id(controller) for controller in self.controllers}
+        for key in [key for key in self._published if key[0] not in live]:  # a replica that left
+            del self._published[key]
         return out
 
     async def _publish(self) -> None:

@@ -47,9 +47,17 @@ class VerifierReplica:
     retry_at: float = 0.0
     backoff_s: float = 0.0
     failures: int = 0
+    # Its address vanished from DNS (router/follow.py): it takes no new request, and keeps the ones it
+    # has until an RPC to it fails or the grace period ends (a readiness flap re-prefills nothing).
+    leaving: bool = False
+    channel: grpc.aio.Channel | None = None  # closed when a replica found by DNS is dropped
 
     def available(self) -> bool:
         return time.monotonic() >= self.retry_at
+
+    def accepting(self) -> bool:
+        """Whether it takes new requests (and requests moving off another replica)."""
+        return self.available() and not self.leaving
 
     @property
     def free(self) -> int:
@@ -71,12 +79,28 @@ class VerifierPool:
     def __getitem__(self, address: str) -> VerifierReplica:
         return self._by_address[address]
 
+    def __contains__(self, address: str) -> bool:
+        return address in self._by_address
+
+    def add(self, replica: VerifierReplica) -> None:
+        """A replica found by DNS joins (once its health check said SERVING)."""
+        if replica.address in self._by_address:
+            raise ValueError(f"verifier {replica.address} is already in the pool")
+        self.replicas.append(replica)
+        self._by_address[replica.address] = replica
+
+    def remove(self, replica: VerifierReplica) -> None:
+        """A replica that left (its grace period over, its requests moved): the pool forgets it."""
+        self.replicas.remove(replica)
+        del self._by_address[replica.address]
+
     @property
     def capacity(self) -> int:
         return sum(r.max_sequences for r in self.replicas)
 
     def any_available(self, besides: VerifierReplica | None = None) -> bool:
-        return any(r.available() for r in self.replicas if r is not besides)
+        """Whether another replica can take requests moving off `besides`."""
+        return any(r.accepting() for r in self.replicas if r is not besides)
 
     def hold(self, replica: VerifierReplica, requests: Sequence[RequestState]) -> None:
         for request in requests:
@@ -86,9 +110,10 @@ class VerifierPool:
     def forget(self, requests: Sequence[RequestState]) -> None:
         """The requests no longer live on their replica (released, or moving elsewhere)."""
         for request in requests:
-            if request.verifier:
-                self._by_address[request.verifier].holding.discard(request.id)
-                request.verifier = ""
+            replica = self._by_address.get(request.verifier)
+            if replica is not None:
+                replica.holding.discard(request.id)
+            request.verifier = ""
 
     def mark_down(self, replica: VerifierReplica, error: str, moving: Sequence[RequestState]) -> None:
         """The replica failed: skip it for a backoff that doubles per consecutive failure; the ids of

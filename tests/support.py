@@ -85,13 +85,13 @@ class ServerThread:
     """Runs an aio gRPC server (smartspec.serving.start_server) on its own event loop in a thread,
     so tests can talk to it over real loopback with plain synchronous stubs."""
 
-    def __init__(self, register: Callable, service_names: Sequence[str], tracing=None) -> None:
+    def __init__(self, register: Callable, service_names: Sequence[str], tracing=None, host: str = "127.0.0.1", port: int = 0) -> None:
         from smartspec.serving import start_server
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.running = self.call(start_server(register, service_names, "127.0.0.1", 0, tracing))
+        self.running = self.call(start_server(register, service_names, host, port, tracing))
         self.address = self.running.address
 
     def call(self, coroutine):

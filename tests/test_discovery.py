@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 from dnslib import AAAA, QTYPE, RCODE, RR, A
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 from router.discovery import Change, DnsTarget, ReplicaDiscovery, parse_address, reconcile
 
@@ -18,16 +18,17 @@ REFRESH_S = 0.2
 
 
 class Records(BaseResolver):
-    """A zone whose A/AAAA records of NAME the test sets; `failing` answers SERVFAIL to everything."""
+    """A zone whose A/AAAA records the test sets (of NAME unless named); `failing` answers SERVFAIL to
+    everything; any other name is NXDOMAIN."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._ips: list[str] = []
+        self._ips: dict[str, list[str]] = {}
         self.failing = False
 
-    def set(self, *ips: str) -> None:
+    def set(self, *ips: str, name: str = NAME) -> None:
         with self._lock:
-            self._ips = list(ips)
+            self._ips[name] = list(ips)
 
     def resolve(self, request, handler):
         reply = request.reply()
@@ -35,22 +36,23 @@ class Records(BaseResolver):
         if self.failing:
             reply.header.rcode = RCODE.SERVFAIL
             return reply
-        if str(question.qname).rstrip(".") != NAME:
+        name = str(question.qname).rstrip(".")
+        with self._lock:
+            ips = self._ips.get(name)
+        if ips is None:
             reply.header.rcode = RCODE.NXDOMAIN
             return reply
-        with self._lock:
-            ips = list(self._ips)
         for ip in ips:
             v6 = ":" in ip
             if question.qtype == (QTYPE.AAAA if v6 else QTYPE.A):
-                reply.add_answer(RR(NAME, question.qtype, rdata=AAAA(ip) if v6 else A(ip), ttl=1))
+                reply.add_answer(RR(name, question.qtype, rdata=AAAA(ip) if v6 else A(ip), ttl=1))
         return reply
 
 
 @pytest.fixture
 def zone() -> Iterator[tuple[Records, int]]:
     records = Records()
-    server = DNSServer(records, address="127.0.0.1", port=0)
+    server = DNSServer(records, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda line: None))
     server.start_thread()
     try:
         yield records, server.server.server_address[1]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.detokenize import IncrementalDetokenizer, tokenizer_decoder
-from router.drafters import Draft, DrafterClient
+from router.drafters import Draft, DrafterClient, DrafterReplicas
 from router.policy import FixedSpeculation, NoSpeculation, PolicyRegistry, RequestView, SpeculationPolicy, clamp_k, parse_policy
 from router.request import Params, RequestState
 from router.scheduler import Limits, Scheduler
@@ -550,6 +550,40 @@ def test_drafter_failure_costs_only_speculation_and_forces_a_full_resend():
     assert client.available()
     assert _tokens(client.propose([a], [1])) == [[2]]
     assert list(stub.sent[2].appended_counts) == [4] == list(stub.sent[2].committed_lengths)
+
+
+def _echo(request):
+    """A drafter's answer proposing each request's committed length (any k)."""
+    return drafter_pb2.ProposeResponse(statuses=[OK] * len(request.request_ids), draft_counts=[1] * len(request.request_ids),
+                                       draft_token_ids=list(request.committed_lengths))
+
+
+def test_drafter_replicas_keep_a_request_on_its_replica_and_move_it_with_a_full_resync():
+    stubs = {address: _FakeDrafterStub(*[_echo] * 10) for address in ("a:1", "b:1")}
+    group = DrafterReplicas("d", timeout_s=1.0)
+    group.clients = {address: DrafterClient("d", stub, timeout_s=1.0) for address, stub in stubs.items()}
+    first, second, third = (_state([1, 2, 3], _params(), rid=rid) for rid in ("r1", "r2", "r3"))
+    assert _tokens(group.propose([first, second], [1, 1])) == [[3], [3]]
+    assert group.home == {"r1": "a:1", "r2": "b:1"}  # the least loaded replica, then it sticks
+    first.commit([5])
+    group.leave("a:1")  # vanished from DNS: keeps r1, takes nothing new
+    assert _tokens(group.propose([first, third], [1, 1])) == [[4], [3]]
+    assert group.home == {"r1": "a:1", "r2": "b:1", "r3": "b:1"}
+    assert list(stubs["a:1"].sent[-1].appended_counts) == [1]  # only the new token: its state lives there
+    group.drop("a:1")  # past its grace period
+    first.commit([6])
+    assert _tokens(group.propose([first], [1])) == [[5]]
+    moved = stubs["b:1"].sent[-1]
+    assert list(moved.appended_counts) == [5] == list(moved.committed_lengths)  # the whole context: a resync
+    assert group.home["r1"] == "b:1" and group.moved == 1
+    asyncio.run(group.release(["r1", "r2", "r3"]))
+    assert not group.home
+
+
+def test_drafter_replicas_without_a_replica_propose_nothing():
+    group = DrafterReplicas("d", timeout_s=1.0)
+    assert not group.available()
+    assert _tokens(group.propose([_state([1], _params())], [2])) == [[]]
 
 
 # --- admission queue ---------------------------------------------------------------------------------------
