@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("copy", "chat")
 DRAFTER = "prompt_lookup"
 MAX_BATCH = 16  # `smartspec bench`'s router default: the simulator is given the same
+MAX_TOKENS = 40  # `smartspec bench`'s output cap, given to both
 
 
 def smartspec(*args: str) -> None:
@@ -39,14 +40,16 @@ def smartspec(*args: str) -> None:
 
 def run_real(args: argparse.Namespace) -> None:
     smartspec("bench", "--workloads", *WORKLOADS, "--drafters", DRAFTER, "--policies", *args.policies, "--concurrency", *map(str, args.concurrency),
-              "--requests", str(args.requests), "--seeds", *map(str, args.seeds), "--max-batch", str(MAX_BATCH), "--out", str(args.out / "real"))
+              "--requests", str(args.requests), "--seeds", *map(str, args.seeds), "--max-batch", str(MAX_BATCH), "--max-tokens", str(MAX_TOKENS),
+              "--out", str(args.out / "real"))
 
 
 def run_sim(args: argparse.Namespace) -> None:
     for workload in WORKLOADS:
         for seed in args.seeds:
             smartspec("simulate", "--workload", workload, "--drafter", DRAFTER, "--policies", *args.policies, "--concurrency", *map(str, args.concurrency),
-                      "--requests", str(args.requests), "--seed", str(seed), "--max-batch", str(MAX_BATCH), "--out", str(args.out / "sim" / f"{workload}-{seed}"))
+                      "--requests", str(args.requests), "--seed", str(seed), "--max-batch", str(MAX_BATCH), "--max-tokens", str(MAX_TOKENS),
+                      "--out", str(args.out / "sim" / f"{workload}-{seed}"))
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -107,9 +110,11 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=["none", "fixed:3", "goodput"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/sim_vs_real")
     parser.add_argument("--report-only", action="store_true", help="run nothing: compare the saved runs under --out")
+    parser.add_argument("--sim-only", action="store_true", help="rerun the simulations only, against the saved real runs")
     args = parser.parse_args()
     if not args.report_only:
-        run_real(args)
+        if not args.sim_only:
+            run_real(args)
         run_sim(args)
     result = compare(args)
     (args.out / "comparison.json").write_text(json.dumps(result, indent=1) + "\n")

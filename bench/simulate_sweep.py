@@ -2,6 +2,7 @@
 
     python bench/simulate_sweep.py [--requests 1000] [--jobs 2] [--out bench/results/simulate]
     python bench/simulate_sweep.py --report-only          # rebuild the headline from saved runs
+    python bench/simulate_sweep.py --profiles cpu-smollm2  # rerun one profile's runs (after re-measuring it)
 
 One `smartspec simulate` per (cost profile, workload), in parallel up to --jobs (the simulator runs on a
 virtual clock, so sharing cores changes how long it takes, never what it reports). Workloads: the
@@ -88,16 +89,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests per cell")
     parser.add_argument("--jobs", type=int, default=2, help="simulations at once")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/simulate")
+    parser.add_argument("--profiles", nargs="+", choices=list(PROFILES), default=list(PROFILES), help="rerun these profiles' runs only")
     parser.add_argument("--report-only", action="store_true", help="run nothing: rebuild the headline from --out")
     args = parser.parse_args()
     started = time.monotonic()
     if not args.report_only:
-        runs = [(profile, workload) for profile in PROFILES for workload in WORKLOADS]
+        runs = [(profile, workload) for profile in args.profiles for workload in WORKLOADS]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda run: run_one(*run, args.out, args.requests), runs))
     cells = collect(args.out)
     totals = summary(cells)
-    totals["elapsed_s"] = round(time.monotonic() - started, 1) if not args.report_only else json.loads((args.out / "headline.json").read_text())["elapsed_s"]
+    elapsed = {run["workload_run"] + "@" + run["cost_profile"]: None for run in cells}  # per run, from its meta.json
+    for profile in PROFILES:
+        for workload in WORKLOADS:
+            meta = args.out / profile / workload / "meta.json"
+            if meta.exists():
+                elapsed[f"{workload}@{profile}"] = json.loads(meta.read_text()).get("elapsed_s")
+    totals["elapsed_s"] = round(time.monotonic() - started, 1)
+    totals["run_elapsed_s"] = elapsed
     totals["requests_per_cell"] = args.requests
     (args.out / "headline.json").write_text(json.dumps({**totals, "entries": cells}, indent=1) + "\n")
     text = markdown(cells, totals)

@@ -96,7 +96,7 @@ def prefill_line(prefills: list[tuple[int, float]]) -> tuple[float, float]:
 
 def write_profile(out: Path, raw: dict) -> dict:
     """The simulator's cost profile from the raw measurements."""
-    prefills = [(p["tokens"], p["seconds"]) for p in raw["prefills"]]
+    prefills = [(p["tokens"], p["seconds"]) for p in raw["prefills"]][1:]  # the first call warms the verifier up
     base_s, token_s = prefill_line(prefills)
     previous = json.loads(PROFILE.read_text())
     profile = {

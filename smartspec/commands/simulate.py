@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--prompt-tokens", type=int, default=None, help="synthetic: every prompt's length in tokens (default: the shipped prompts')")
     add_flag(parser, "--output-tokens", type=int, default=None,
              help="synthetic: every output's length in tokens (default: the shipped prompts' max_tokens; a trace's requests keep their own)")
+    add_flag(parser, "--max-tokens", type=int, default=None,
+             help="cap on every output's length, a trace's requests too (as smartspec bench --max-tokens; default: none)")
     add_flag(parser, "--noise-sigma", type=float, default=None, help="sigma of the lognormal step-time noise (default: the profile's)")
     add_flag(parser, "--max-step-tokens", type=int, default=None,
              help="the router's step token budget: prompts are prefilled in chunks beside the decoding requests (default: the profile's)")
@@ -82,6 +84,8 @@ def build_config(args: argparse.Namespace):
         raise ValueError("--requests must be at least 1")
     if args.profile_scale <= 0:
         raise ValueError("--profile-scale must be positive")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
     if args.max_step_tokens is not None and args.max_step_tokens < 1:
         raise ValueError("--max-step-tokens must be at least 1")
     if not 0 <= args.acceptance_mean <= 1 or args.acceptance_std < 0 or not 0 < args.position_decay <= 1 or args.phases < 0 or not 0 <= args.proposal_rate <= 1:
@@ -108,7 +112,7 @@ def build_config(args: argparse.Namespace):
         costs=costs, acceptance=acceptance, policies=policies, rates=rates, trace_rates=traces, concurrency=concurrency,
         requests=args.requests, seed=args.seed, drafter=args.drafter, max_batch=args.max_batch,
         prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, noise_sigma=args.noise_sigma, profile_scale=args.profile_scale,
-        max_step_tokens=args.max_step_tokens,
+        max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
     )
 
 
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         "workload": args.workload, "acceptance": a.labels(), "trace": a.traces.header() if isinstance(a, TraceAcceptance) else None,
         "policies": list(config.policies), "rates": list(config.rates), "trace_rates": list(config.trace_rates), "concurrency": list(config.concurrency), "requests": config.requests,
         "seed": config.seed, "drafter": config.drafter, "max_batch": config.max_batch, "prompt_tokens": config.prompt_tokens,
-        "output_tokens": config.output_tokens, "noise_sigma": config.noise_sigma if config.noise_sigma is not None else config.costs.noise_sigma,
+        "output_tokens": config.output_tokens, "max_tokens": config.max_tokens, "noise_sigma": config.noise_sigma if config.noise_sigma is not None else config.costs.noise_sigma,
         "profile_scale": config.profile_scale, "max_step_tokens": config.max_step_tokens or config.costs.max_step_tokens, "elapsed_s": round(time.monotonic() - started, 1),
     }
     print(write_outputs(rows, out, meta), flush=True)

@@ -9,6 +9,7 @@ Either way they depend only on the seed and the load, never on the policy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from smartspec.bench.workload import (
@@ -61,13 +62,14 @@ def schedule(count: int, seed: int, rate: float | None, trace: bool, choices: in
 
 def cell_requests(
     count: int, seed: int, rate: float | None = None, prompt_len: int | None = None, output_len: int | None = None, trace: bool = False,
-    lengths: list[tuple[int, int]] | None = None,
+    lengths: list[tuple[int, int]] | None = None, max_tokens: int | None = None,
 ) -> list[RequestSpec]:
     """`count` requests: Poisson at `rate` requests/s (with `trace`: the benchmark's low-high-low phases
     of mean rate `rate`), or closed loop when `rate` is None. `lengths`: (prompt, output) tokens of the
-    prompts to take in turn (default: the shipped prompts'); `prompt_index` is the position in it."""
+    prompts to take in turn (default: the shipped prompts'); `prompt_index` is the position in it;
+    `max_tokens` caps every output, as `smartspec bench --max-tokens` does."""
     lengths = shipped_lengths() if lengths is None else lengths
     return [
-        RequestSpec(index=i, prompt_index=index, prompt_tokens=prompt_len or lengths[index][0], output_tokens=output_len or lengths[index][1], arrival_s=at)
+        RequestSpec(index=i, prompt_index=index, prompt_tokens=prompt_len or lengths[index][0], output_tokens=min(output_len or lengths[index][1], max_tokens or math.inf), arrival_s=at)
         for i, (at, index) in enumerate(schedule(count, seed, rate, trace, len(lengths)))
     ]

@@ -36,6 +36,7 @@ class SweepConfig:
     max_batch: int = 64
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    max_tokens: int | None = None  # a cap on every output (a trace's requests too), as `smartspec bench --max-tokens`
     noise_sigma: float | None = None  # None: the profile's
     profile_scale: float = 1.0  # the startup profile times this: a stale cached profile
     max_step_tokens: int | None = None  # the router's --max-step-tokens (None: the profile's)
@@ -49,7 +50,8 @@ class SweepConfig:
 def cell_of(config: SweepConfig, kind: str, load: float) -> Cell:
     rate = None if kind == "concurrency" else load
     requests = cell_requests(
-        config.requests, config.seed, rate, config.prompt_tokens, config.output_tokens, trace=kind == "trace", lengths=config.acceptance.lengths()
+        config.requests, config.seed, rate, config.prompt_tokens, config.output_tokens, trace=kind == "trace", lengths=config.acceptance.lengths(),
+        max_tokens=config.max_tokens,
     )
     return Cell(
         costs=config.costs, acceptance=config.acceptance, requests=tuple(requests), drafter=config.drafter,
