@@ -400,3 +400,15 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decoding_requests(monke
     mixed = [chunks for decoding, chunks in steps if decoding and chunks]
     assert mixed and all(sum(chunks) <= max(48 - decoding, 16) for decoding, chunks in steps if decoding)
     assert len(mixed) >= 1500 // 48  # the long prompt went in pieces while the others decoded, never whole
+
+
+def test_max_tokens_caps_every_output_a_trace_requests_too():
+    """As `smartspec bench --max-tokens`: what the real runs it is compared with generate."""
+    acceptance = TraceAcceptance.load("chat")
+    capped = SweepConfig(costs=StepCosts(load_profile(CPU)), acceptance=acceptance, requests=8, max_tokens=10)
+    cell = cell_of(capped, "concurrency", 2)
+    own = cell_of(SweepConfig(costs=StepCosts(load_profile(CPU)), acceptance=acceptance, requests=8), "concurrency", 2)
+    assert [r.output_tokens for r in cell.requests] == [min(r.output_tokens, 10) for r in own.requests]
+    assert max(r.output_tokens for r in own.requests) > 10
+    records, _ = simulate(cell, "goodput")
+    assert all(len(r.token_ids) <= 10 for r in records)
