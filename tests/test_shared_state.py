@@ -286,10 +286,13 @@ def test_cost_profile_measured_by_one_router_is_found_by_another(namespace, tiny
     run(scenario(), timeout_s=60)
 
 
-@pytest.mark.parametrize("scale", [0.5, 2.0])
+@pytest.mark.parametrize("scale", [0.3, 3.0])
 def test_a_stale_cached_profile_is_rescaled_by_live_steps_and_replaced_everywhere(scale, namespace, tiny_target, tmp_path, monkeypatch):
-    """A profile cached while the machine was busier (2x) or quieter (0.5x) than now: the router's
-    live steps rescale it, and the rescaled profile replaces the cached one in the file and in Redis."""
+    """A profile cached while the machine was busier (3x) or quieter (0.3x) than now: the router's
+    live steps rescale it, and the rescaled profile replaces the cached one in the file and in Redis.
+    (The simulator's test checks 0.5x and 2x exactly; here the reference is a sweep measured moments
+    before the live steps, and a neighbour that slows one of them by 1.3x would hide a 2x profile
+    inside the 1.5x margin, so the stack is given profiles that no neighbour can excuse.)"""
     monkeypatch.setenv("SMARTSPEC_CACHE_DIR", str(tmp_path))
     verifier = verifier_for(str(tiny_target))
     tokenizer = tokenizer_for(str(tiny_target))
