@@ -27,11 +27,13 @@ from pathlib import Path
 
 from scipy import stats
 
+from smartspec.commands.bench import FULL
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("copy", "chat")
 DRAFTER = "prompt_lookup"
 MAX_BATCH = 16  # `smartspec bench`'s router default: the simulator is given the same
-MAX_TOKENS = 40  # `smartspec bench`'s output cap, given to both
+MAX_TOKENS = FULL["max_tokens"]  # `smartspec bench`'s output cap, given to both
 
 
 def smartspec(*args: str) -> None:
@@ -116,6 +118,8 @@ def main() -> None:
         if not args.sim_only:
             run_real(args)
         run_sim(args)
+    if not (args.out / "real" / "results.json").exists():
+        raise SystemExit(f"no real runs under {args.out}: run without --report-only / --sim-only first")
     result = compare(args)
     (args.out / "comparison.json").write_text(json.dumps(result, indent=1) + "\n")
     text = report(result)

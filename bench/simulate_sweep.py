@@ -98,15 +98,14 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda run: run_one(*run, args.out, args.requests), runs))
     cells = collect(args.out)
+    if not cells:
+        raise SystemExit(f"no simulation runs under {args.out}: run without --report-only first")
     totals = summary(cells)
-    elapsed = {run["workload_run"] + "@" + run["cost_profile"]: None for run in cells}  # per run, from its meta.json
-    for profile in PROFILES:
-        for workload in WORKLOADS:
-            meta = args.out / profile / workload / "meta.json"
-            if meta.exists():
-                elapsed[f"{workload}@{profile}"] = json.loads(meta.read_text()).get("elapsed_s")
     totals["elapsed_s"] = round(time.monotonic() - started, 1)
-    totals["run_elapsed_s"] = elapsed
+    totals["run_elapsed_s"] = {  # per run, from its meta.json
+        f"{workload}@{profile}": json.loads(meta.read_text()).get("elapsed_s")
+        for profile in PROFILES for workload in WORKLOADS if (meta := args.out / profile / workload / "meta.json").exists()
+    }
     totals["requests_per_cell"] = args.requests
     (args.out / "headline.json").write_text(json.dumps({**totals, "entries": cells}, indent=1) + "\n")
     text = markdown(cells, totals)

@@ -293,7 +293,8 @@ class ReplicaLoop:
         chunks = self._prefill_chunks(len(batch))
         self.controller.begin_step([c.row for c in chunks])
         s.telemetry.step_started(batch)
-        views, asked, drafts, draft_times = await self._speculate(batch)
+        groups = self._groups(batch)
+        views, asked, drafts, draft_times = await self._speculate(batch, groups)
         if batch:
             final = [len(d) for d in drafts]
             self.controller.record([Slot(v.request_id, v.drafter, k, v.context_tokens) for v, k in zip(views, final)], final)
@@ -319,7 +320,7 @@ class ReplicaLoop:
         prefilled = [chunk.row for chunk, _ in reply.prefilled]
         self.controller.observe_step([v.context_tokens for v in views], [len(d) for d in drafts], draft_times, finished - started, prefill=prefilled)
         s.telemetry.step_finished(batch, views, asked, drafts, accepted_counts, draft_times, self.controller.last.predicted_s, finished - started)
-        for policy, members in self._groups(batch).items():
+        for policy, members in groups.items():
             policy.observe(
                 StepOutcome(
                     requests=tuple(
@@ -347,14 +348,13 @@ class ReplicaLoop:
         ]
 
     async def _speculate(
-        self, batch: Sequence[RequestState]
+        self, batch: Sequence[RequestState], groups: dict[SpeculationPolicy, list[int]]
     ) -> tuple[list[RequestView], list[int], list[Draft], dict[str, tuple[tuple[int, ...], float]]]:
         """Each decoding request's drafter and k (its policy's choice, clamped to its room) and the
-        drafters' proposals. Returns the views, the ks asked of the drafters, the drafts to verify and,
-        per drafter called, its ks and wall time."""
+        drafters' proposals (`groups`: the batch's indices by policy). Returns the views, the ks asked
+        of the drafters, the drafts to verify and, per drafter called, its ks and wall time."""
         assigned = [self._drafter_for(r) for r in batch]
         views = self._views(batch, assigned)
-        groups = self._groups(batch)
         asked = [0] * len(batch)
         for policy, members in groups.items():
             for i, k in zip(members, policy.choose([views[i] for i in members])):
@@ -599,6 +599,6 @@ def verifier_error(what: str, err: grpc.RpcError) -> RequestError:
     code = err.code().name if err.code() is not None else "UNKNOWN"
     if code in PASS_THROUGH:
         return RequestError(code, err.details() or f"the verifier refused the {what}")
-    if code in {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"}:
+    if err.code() in REPLICA_DOWN:
         return RequestError("UNAVAILABLE", f"the verifier did not answer the {what} ({code}: {err.details()}); retry later")
     return RequestError("INTERNAL", f"the verifier failed the {what} ({code}: {err.details()})")

@@ -73,7 +73,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.shared = shared  # syncs the controller with other router replicas (None: local state only)
         self.followers = list(followers)  # the dns: addresses' replica sets, followed until shutdown
         # Prompts are tokenized here, off the event loop. One thread: a Hugging Face tokenizer is not
-        # promised to be safe for concurrent calls, and one encodes thousands of tokens a millisecond.
+        # promised to be safe for concurrent calls, and one encodes ~250 tokens a millisecond on one core of
+        # the reference CPU (the README, 18k tokens, in 73 ms).
         self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize")
 
     async def drain(self, timeout_s: float) -> None:

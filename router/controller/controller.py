@@ -151,8 +151,8 @@ class SpeculationController:
         return tuple(gains)
 
     def _candidate(self, request_id: str, drafter: str, cap: int, prior_rate: float | None = None) -> Candidate:
-        rate = self.acceptance(request_id, drafter) if prior_rate is None else self._posterior(request_id, drafter).mean(prior_rate, self.prior_strength)
-        return Candidate(rate, cap, drafter, self._gains(request_id, drafter, cap))
+        """`prior_rate`: the drafter's optimistic rate, when the caller has it for many requests."""
+        return Candidate(self.acceptance(request_id, drafter, prior_rate), cap, drafter, self._gains(request_id, drafter, cap))
 
     def expected(self, request_id: str, drafter: str, k: int) -> float:
         """E(k) the controller predicts for the request's next verify of k tokens (tree nodes) from
@@ -168,10 +168,11 @@ class SpeculationController:
             posterior = mine[drafter] = RequestAcceptance()
         return posterior
 
-    def acceptance(self, request_id: str, drafter: str) -> float:
+    def acceptance(self, request_id: str, drafter: str, prior_rate: float | None = None) -> float:
         """Posterior mean of the request's acceptance rate with `drafter` (prior: the drafter's rate,
-        optimistic while the drafter's evidence is thin)."""
-        return self._posterior(request_id, drafter).mean(self.drafter_rates(drafter).optimistic_rate, self.prior_strength)
+        optimistic while the drafter's evidence is thin; `prior_rate` when already known)."""
+        prior = self.drafter_rates(drafter).optimistic_rate if prior_rate is None else prior_rate
+        return self._posterior(request_id, drafter).mean(prior, self.prior_strength)
 
     def step_cost(self, slots: Sequence[Slot]) -> StepCost:
         """The cost model flattened for this batch (its base is the step with every k = 0, this step's
