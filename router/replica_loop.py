@@ -88,6 +88,7 @@ class StepReply:
     results: list[tuple[int, list[int]]]
     prefilled: list[tuple[PrefillChunk, int | None]]
     context_tokens: int
+    verified: list[int]  # draft tokens verified per decoding request (fewer than sent where the verifier cut an invalid one)
 
 
 def sibling_controller(controller: SpeculationController) -> SpeculationController:
@@ -124,6 +125,7 @@ class ReplicaLoop:
         self._stepping = False
         self._reset_pending = False
         self._own_policies: dict[str, ControllerPolicy] = {}  # the controller policies, on this loop's controller
+        self._invalid_drafters: set[str] = set()  # drafters whose invalid proposals were logged
         # Set when its replica, found by DNS, is gone past its grace period: the loop moves its requests
         # to the other replicas and ends (Scheduler.retire_replica).
         self.retiring = False
@@ -303,6 +305,7 @@ class ReplicaLoop:
         finished = time.perf_counter()
         if reply is None:  # the replica failed: its requests moved or failed
             return
+        drafts = self._verified(views, drafts, reply.verified)
         self._prefilled(reply.prefilled)
         if not batch:
             return
@@ -371,6 +374,18 @@ class ReplicaLoop:
         drafts = [proposal.cut(k) for proposal, k in zip(proposals, final)]
         return views, asked, drafts, draft_times
 
+    def _verified(self, views: Sequence[RequestView], drafts: Sequence[Draft], verified: Sequence[int]) -> list[Draft]:
+        """The drafts as the verifier took them: a proposal it cut at an invalid token counts as that
+        much shorter (for the counters, the acceptance estimates and the cost model alike). A drafter
+        that sends invalid tokens is logged once per loop."""
+        cut = [draft.cut(n) if n < len(draft) else draft for draft, n in zip(drafts, verified)]
+        for view, draft, n in zip(views, drafts, verified):
+            if n < len(draft) and view.drafter not in self._invalid_drafters:
+                self._invalid_drafters.add(view.drafter)
+                log.warning("drafter %s proposed an invalid token (id outside the vocabulary, or an impossible distribution) "
+                            "for request %s: the verifier cut that proposal; further cuts are not logged", view.drafter, view.request_id)
+        return cut
+
     def _prefilled(self, prefilled: Sequence[tuple[PrefillChunk, int | None]]) -> None:
         """The chunks that ran: their requests' contexts advance, and one whose context is complete
         streams its first token (its TTFT) and decodes from the next step on."""
@@ -399,11 +414,13 @@ class ReplicaLoop:
             self._in_call_since = None
         self._answered()
         emitted, firsts = list(reply.emitted_token_ids), list(reply.prefill_next_token_ids)
+        verified = list(reply.verified_draft_counts) or [len(d) for d in drafts]  # empty from a verifier that predates the field
         completing = sum(chunk.completes for chunk in chunks)
-        if len(reply.accepted_counts) != len(batch) or len(emitted) != sum(reply.accepted_counts) + len(batch) or len(firsts) != completing:
+        if (len(reply.accepted_counts) != len(batch) or len(verified) != len(batch)
+                or len(emitted) != sum(reply.accepted_counts) + len(batch) or len(firsts) != completing):
             raise RuntimeError(
-                f"verifier answered {len(reply.accepted_counts)} counts, {len(emitted)} tokens and {len(firsts)} first tokens "
-                f"for {len(batch)} requests and {completing} completed prefills"
+                f"verifier answered {len(reply.accepted_counts)} counts, {len(verified)} verified counts, {len(emitted)} tokens "
+                f"and {len(firsts)} first tokens for {len(batch)} requests and {completing} completed prefills"
             )
         results, start = [], 0
         for accepted in reply.accepted_counts:
@@ -411,7 +428,7 @@ class ReplicaLoop:
             start += accepted + 1
         first = iter(firsts)
         prefilled = [(chunk, next(first) if chunk.completes else None) for chunk in chunks]
-        return StepReply(results, prefilled, reply.stats.num_context_tokens)
+        return StepReply(results, prefilled, reply.stats.num_context_tokens, verified)
 
     # --- verifier failures ----------------------------------------------------------------------
     async def _verifier_failed(self, batch: list[RequestState], what: str, err: grpc.RpcError) -> None:
@@ -543,9 +560,10 @@ class ReplicaLoop:
     async def _propose(
         self, batch: Sequence[RequestState], assigned: Sequence[str], ks: Sequence[int]
     ) -> tuple[list[Draft], dict[str, tuple[tuple[int, ...], float]]]:
-        """Calls every drafter that has work, in parallel. Returns each request's proposal (cut to its k
-        and to valid token ids; empty when it asked for none or its drafter failed) and, per drafter
-        called, the ks asked of it and its wall time."""
+        """Calls every drafter that has work, in parallel. Returns each request's proposal (cut to its k;
+        empty when it asked for none or its drafter failed) and, per drafter called, the ks asked of it
+        and its wall time. Token ids and distributions are checked once, by the verifier, which cuts a
+        proposal at its first invalid token (`cut_invalid_drafts`)."""
         drafters = self.scheduler.drafters
         by_drafter: dict[str, list[int]] = collections.defaultdict(list)
         for i, (name, k) in enumerate(zip(assigned, ks)):
@@ -558,7 +576,7 @@ class ReplicaLoop:
         for name, (drafted, seconds) in zip(names, results):
             times[name] = (tuple(ks[i] for i in by_drafter[name]), seconds)
             for i, proposal in zip(by_drafter[name], drafted):
-                proposals[i] = _valid_prefix(proposal.cut(ks[i]), self.scheduler.limits.vocab_size)
+                proposals[i] = proposal.cut(ks[i])
         return proposals, times
 
     # --- cleanup --------------------------------------------------------------------------------
@@ -582,17 +600,8 @@ def verify_message(batch: Sequence[RequestState], drafts: Sequence[Draft], chunk
         draft_parents=pack_parents(drafts),
         prefill_request_ids=[chunk.request.id for chunk in chunks],
         prefill_counts=[chunk.row.tokens for chunk in chunks],
+        cut_invalid_drafts=True,
     )
-
-
-def _valid_prefix(draft: Draft, vocab_size: int) -> Draft:
-    """A drafter's proposal up to the first token the verifier would refuse (a token id outside the
-    vocabulary, or a distribution it cannot have been sampled from), so that one bad drafter cannot
-    fail the whole batch's Verify."""
-    for j, (token, dist) in enumerate(zip(draft.tokens, draft.dists)):
-        if not 0 <= token < vocab_size or (dist is not None and dist.problem(token, vocab_size) is not None):
-            return draft.cut(j)
-    return draft
 
 
 def verifier_error(what: str, err: grpc.RpcError) -> RequestError:

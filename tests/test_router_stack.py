@@ -120,8 +120,9 @@ class ScriptedDrafter(drafter_pb2_grpc.DrafterServiceServicer):
 
 
 class FailingDrafter(drafter_pb2_grpc.DrafterServiceServicer):
-    """Fails every Propose: by raising (the call ends with UNKNOWN), by hanging past any deadline, or
-    by answering garbage (token ids outside the vocabulary, more tokens than asked)."""
+    """Fails every Propose: by raising (the call ends with UNKNOWN), by hanging past any deadline, by
+    answering garbage (token ids outside the vocabulary, more tokens than asked), or ("half") by
+    answering one valid token and garbage after it."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -134,9 +135,8 @@ class FailingDrafter(drafter_pb2_grpc.DrafterServiceServicer):
         if self.mode == "hang":
             await asyncio.sleep(30)
         n = len(request.request_ids)
-        return drafter_pb2.ProposeResponse(
-            statuses=[drafter_pb2.PROPOSE_STATUS_OK] * n, draft_counts=[70] * n, draft_token_ids=[VOCAB + 5] * (70 * n)
-        )
+        proposal = [1, *[VOCAB + 5] * 69] if self.mode == "half" else [VOCAB + 5] * 70
+        return drafter_pb2.ProposeResponse(statuses=[drafter_pb2.PROPOSE_STATUS_OK] * n, draft_counts=[70] * n, draft_token_ids=proposal * n)
 
     async def Release(self, request, context):
         return drafter_pb2.ReleaseResponse(released=0)

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from smartspec.sampling import DraftDistribution, SamplingParams, pack_distributions
 from smartspec.serving import CHANNEL_OPTIONS, wait_serving
 from smartspec.wire import verifier_pb2 as pb
 from smartspec.wire import verifier_pb2_grpc
@@ -104,6 +105,39 @@ def test_bad_requests_get_clear_statuses(stub):
     # a failed call changes nothing: x still verifies
     assert len(stub.Verify(pb.VerifyRequest(request_ids=["x"], draft_counts=[0])).emitted_token_ids) == 1
     stub.Release(pb.ReleaseRequest(request_ids=["x"]))
+
+
+def test_invalid_drafts_are_cut_where_the_caller_asks_and_refused_where_not(stub, tiny_target):
+    """A router passes on untrusted drafters' proposals with cut_invalid_drafts: the verifier checks
+    them once and verifies each proposal's valid prefix (chains, trees and sampled drafts alike);
+    without the flag the same call is refused with the token named."""
+    prompt = [5, 17, 300, 42]
+    ref, _ = reference_greedy(tiny_target, prompt, 12)
+    first = stub.Prefill(pb.PrefillRequest(items=[pb.PrefillItem(request_id="cut", token_ids=prompt)])).next_token_ids[0]
+    assert first == ref[0]
+    bad = 49152 + 5
+    code, msg = _status(lambda: stub.Verify(pb.VerifyRequest(request_ids=["cut"], draft_counts=[3], draft_token_ids=[ref[1], bad, ref[2]])))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and str(bad) in msg and "vocabulary" in msg
+    chain = stub.Verify(pb.VerifyRequest(request_ids=["cut"], draft_counts=[4], draft_token_ids=[ref[1], ref[2], bad, ref[3]], cut_invalid_drafts=True))
+    assert list(chain.verified_draft_counts) == [2] and list(chain.accepted_counts) == [2]
+    assert list(chain.emitted_token_ids) == ref[1:4] and chain.stats.num_new_tokens == 3
+    # a tree: node 2 (a sibling of node 1) is invalid, so nodes 2 and 3 go; the path 0 -> 1 stays
+    tree = stub.Verify(pb.VerifyRequest(request_ids=["cut"], draft_counts=[4], draft_token_ids=[ref[4], ref[5], bad, ref[6]],
+                                        draft_parents=[-1, 0, 0, 1], cut_invalid_drafts=True))
+    assert list(tree.verified_draft_counts) == [2] and list(tree.emitted_token_ids) == ref[4:7]
+    clean = stub.Verify(pb.VerifyRequest(request_ids=["cut"], draft_counts=[1], draft_token_ids=[ref[7]], cut_invalid_drafts=True))
+    assert list(clean.verified_draft_counts) == [1] and list(clean.emitted_token_ids) == ref[7:9]
+    stub.Release(pb.ReleaseRequest(request_ids=["cut"]))
+
+    sampling = SamplingParams(1.0, seed=3).to_wire()
+    stub.Prefill(pb.PrefillRequest(items=[pb.PrefillItem(request_id="q", token_ids=prompt, sampling=sampling)]))
+    impossible = DraftDistribution((7, 9), (1.0, 0.0))  # token 9 cannot have been sampled from it
+    dists = pack_distributions([[DraftDistribution((7,), (1.0,)), impossible]])
+    code, msg = _status(lambda: stub.Verify(pb.VerifyRequest(request_ids=["q"], draft_counts=[2], draft_token_ids=[7, 9], draft_distributions=dists)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "probability 0" in msg
+    reply = stub.Verify(pb.VerifyRequest(request_ids=["q"], draft_counts=[2], draft_token_ids=[7, 9], draft_distributions=dists, cut_invalid_drafts=True))
+    assert list(reply.verified_draft_counts) == [1] and reply.accepted_counts[0] <= 1
+    stub.Release(pb.ReleaseRequest(request_ids=["q"]))
 
 
 def test_health_and_reflection(server):

@@ -52,6 +52,7 @@ class VerifyOutcome:
     committed_lengths: list[int]
     step: StepResult
     first_tokens: list[int] = field(default_factory=list)
+    verified_counts: list[int] = field(default_factory=list)  # draft tokens verified per request (fewer than sent where cut)
 
 
 class VerifierEngine:
@@ -167,17 +168,26 @@ class VerifierEngine:
         dists: Sequence[Sequence[DraftDistribution | None]] | None = None,
         parents: Sequence[Sequence[int] | None] | None = None,
         prefill: Sequence[PrefillChunk] = (),
+        cut_invalid: bool = False,
     ) -> VerifyOutcome:
         """Verifies one proposal per request in a single batched forward (a proposal may be empty).
         `dists` gives, per request and draft token, the distribution it was sampled from (None, or no
         `dists` at all: deterministic proposals); greedy requests ignore it. `parents` makes a request's
         proposal a token tree (per draft, its parent's index or -1; None, or no `parents` at all: a chain);
-        trees are verified greedily only. `prefill` adds chunks of admitted contexts to the same forward."""
+        trees are verified greedily only. `prefill` adds chunks of admitted contexts to the same forward.
+        `cut_invalid` ends a proposal at its first token the verifier would refuse (an id outside the
+        vocabulary, a distribution it cannot have been sampled from) instead of failing the call: the
+        router's way of taking untrusted drafters' proposals, checked here once."""
         self._check_unique([*ids, *(request_id for request_id, _ in prefill)])
         if parents is not None and len(parents) != len(ids):
             raise RequestError("INVALID_ARGUMENT", f"{len(parents)} parent lists for {len(ids)} requests")
         dists = dists if dists is not None else [[None] * len(draft) for draft in drafts]
         trees = [list(tree) if tree is not None else chain_parents(len(draft)) for tree, draft in zip(parents or [None] * len(ids), drafts)]
+        if cut_invalid:  # a prefix of a tree whose parents come first is a tree
+            usable = [self._usable_prefix(draft, draft_dists) for draft, draft_dists in zip(drafts, dists)]
+            drafts = [draft[:n] for draft, n in zip(drafts, usable)]
+            dists = [draft_dists[:n] for draft_dists, n in zip(dists, usable)]
+            trees = [tree[:n] for tree, n in zip(trees, usable)]
         for request_id, draft, draft_dists, tree in zip(ids, drafts, dists, trees):
             self._check_live(request_id)
             if request_id in self._unfilled:
@@ -243,7 +253,15 @@ class VerifierEngine:
                 self._pending[request_id] = next(tokens)
             else:
                 del self._unfilled[request_id][:count]
-        return VerifyOutcome(accepted, emitted, committed, step, first_tokens)
+        return VerifyOutcome(accepted, emitted, committed, step, first_tokens, [len(draft) for draft in drafts])
+
+    def _usable_prefix(self, draft: Sequence[int], dists: Sequence[DraftDistribution | None]) -> int:
+        """How many leading draft tokens pass `_check_tokens` and `_check_distributions`."""
+        for j, token in enumerate(draft):
+            dist = dists[j] if j < len(dists) else None
+            if not 0 <= token < self.vocab_size or (dist is not None and dist.problem(token, self.vocab_size) is not None):
+                return j
+        return len(draft)
 
     def _check_tree(self, request_id: str, draft: Sequence[int], tree: list[int]) -> None:
         problem = parents_problem(tree, len(draft))

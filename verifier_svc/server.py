@@ -53,7 +53,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                 "INVALID_ARGUMENT", f"{len(request.prefill_request_ids)} prefill request ids but {len(request.prefill_counts)} prefill counts"
             )
         prefill = list(zip(request.prefill_request_ids, request.prefill_counts))
-        outcome = await self.thread.run(self.engine.verify, ids, drafts, dists, parents, prefill)
+        outcome = await self.thread.run(self.engine.verify, ids, drafts, dists, parents, prefill, request.cut_invalid_drafts)
         step = outcome.step
         return verifier_pb2.VerifyResponse(
             accepted_counts=outcome.accepted,
@@ -61,6 +61,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             committed_lengths=outcome.committed_lengths,
             stats=step_stats(started, step.forward_s, len(ids) + len(prefill), step.new_tokens, step.context_tokens, step.num_forwards),
             prefill_next_token_ids=outcome.first_tokens,
+            verified_draft_counts=outcome.verified_counts,
         )
 
     @rpc_errors

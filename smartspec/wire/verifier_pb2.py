@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from smartspec.wire import common_pb2 as smartspec_dot_wire_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/wire/verifier.proto\x12\x15smartspec.verifier.v1\x1a\x1bsmartspec/wire/common.proto\"k\n\x0bPrefillItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.smartspec.common.v1.SamplingParams\"T\n\x0ePrefillRequest\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".smartspec.verifier.v1.PrefillItem\x12\x0f\n\x07\x63hunked\x18\x02 \x01(\x08\"X\n\x0fPrefillResponse\x12\x16\n\x0enext_token_ids\x18\x01 \x03(\r\x12-\n\x05stats\x18\x02 \x01(\x0b\x32\x1e.smartspec.common.v1.StepStats\"\xe5\x01\n\rVerifyRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x64raft_counts\x18\x02 \x03(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\r\x12\x44\n\x13\x64raft_distributions\x18\x04 \x01(\x0b\x32\'.smartspec.common.v1.DraftDistributions\x12\x15\n\rdraft_parents\x18\x05 \x03(\x05\x12\x1b\n\x13prefill_request_ids\x18\x06 \x03(\t\x12\x16\n\x0eprefill_counts\x18\x07 \x03(\r\"\xae\x01\n\x0eVerifyResponse\x12\x17\n\x0f\x61\x63\x63\x65pted_counts\x18\x01 \x03(\r\x12\x19\n\x11\x65mitted_token_ids\x18\x02 \x03(\r\x12\x19\n\x11\x63ommitted_lengths\x18\x03 \x03(\r\x12-\n\x05stats\x18\x04 \x01(\x0b\x32\x1e.smartspec.common.v1.StepStats\x12\x1e\n\x16prefill_next_token_ids\x18\x05 \x03(\r\"%\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\r\n\x0bInfoRequest\"\xa0\x01\n\x0cInfoResponse\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.smartspec.common.v1.ModelInfo\x12\x1a\n\x12kv_capacity_tokens\x18\x02 \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x03 \x01(\x04\x12\x16\n\x0elive_sequences\x18\x04 \x01(\r\x12\x15\n\rmax_sequences\x18\x05 \x01(\r2\xed\x02\n\x0fVerifierService\x12X\n\x07Prefill\x12%.smartspec.verifier.v1.PrefillRequest\x1a&.smartspec.verifier.v1.PrefillResponse\x12U\n\x06Verify\x12$.smartspec.verifier.v1.VerifyRequest\x1a%.smartspec.verifier.v1.VerifyResponse\x12X\n\x07Release\x12%.smartspec.verifier.v1.ReleaseRequest\x1a&.smartspec.verifier.v1.ReleaseResponse\x12O\n\x04Info\x12\".smartspec.verifier.v1.InfoRequest\x1a#.smartspec.verifier.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/wire/verifier.proto\x12\x15smartspec.verifier.v1\x1a\x1bsmartspec/wire/common.proto\"k\n\x0bPrefillItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x35\n\x08sampling\x18\x03 \x01(\x0b\x32#.smartspec.common.v1.SamplingParams\"T\n\x0ePrefillRequest\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".smartspec.verifier.v1.PrefillItem\x12\x0f\n\x07\x63hunked\x18\x02 \x01(\x08\"X\n\x0fPrefillResponse\x12\x16\n\x0enext_token_ids\x18\x01 \x03(\r\x12-\n\x05stats\x18\x02 \x01(\x0b\x32\x1e.smartspec.common.v1.StepStats\"\x81\x02\n\rVerifyRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x64raft_counts\x18\x02 \x03(\r\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\r\x12\x44\n\x13\x64raft_distributions\x18\x04 \x01(\x0b\x32\'.smartspec.common.v1.DraftDistributions\x12\x15\n\rdraft_parents\x18\x05 \x03(\x05\x12\x1b\n\x13prefill_request_ids\x18\x06 \x03(\t\x12\x16\n\x0eprefill_counts\x18\x07 \x03(\r\x12\x1a\n\x12\x63ut_invalid_drafts\x18\x08 \x01(\x08\"\xcd\x01\n\x0eVerifyResponse\x12\x17\n\x0f\x61\x63\x63\x65pted_counts\x18\x01 \x03(\r\x12\x19\n\x11\x65mitted_token_ids\x18\x02 \x03(\r\x12\x19\n\x11\x63ommitted_lengths\x18\x03 \x03(\r\x12-\n\x05stats\x18\x04 \x01(\x0b\x32\x1e.smartspec.common.v1.StepStats\x12\x1e\n\x16prefill_next_token_ids\x18\x05 \x03(\r\x12\x1d\n\x15verified_draft_counts\x18\x06 \x03(\r\"%\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r\"\r\n\x0bInfoRequest\"\xa0\x01\n\x0cInfoResponse\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.smartspec.common.v1.ModelInfo\x12\x1a\n\x12kv_capacity_tokens\x18\x02 \x01(\x04\x12\x16\n\x0ekv_used_tokens\x18\x03 \x01(\x04\x12\x16\n\x0elive_sequences\x18\x04 \x01(\r\x12\x15\n\rmax_sequences\x18\x05 \x01(\r2\xed\x02\n\x0fVerifierService\x12X\n\x07Prefill\x12%.smartspec.verifier.v1.PrefillRequest\x1a&.smartspec.verifier.v1.PrefillResponse\x12U\n\x06Verify\x12$.smartspec.verifier.v1.VerifyRequest\x1a%.smartspec.verifier.v1.VerifyResponse\x12X\n\x07Release\x12%.smartspec.verifier.v1.ReleaseRequest\x1a&.smartspec.verifier.v1.ReleaseResponse\x12O\n\x04Info\x12\".smartspec.verifier.v1.InfoRequest\x1a#.smartspec.verifier.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_start=280
   _globals['_PREFILLRESPONSE']._serialized_end=368
   _globals['_VERIFYREQUEST']._serialized_start=371
-  _globals['_VERIFYREQUEST']._serialized_end=600
-  _globals['_VERIFYRESPONSE']._serialized_start=603
-  _globals['_VERIFYRESPONSE']._serialized_end=777
-  _globals['_RELEASEREQUEST']._serialized_start=779
-  _globals['_RELEASEREQUEST']._serialized_end=816
-  _globals['_RELEASERESPONSE']._serialized_start=818
-  _globals['_RELEASERESPONSE']._serialized_end=853
-  _globals['_INFOREQUEST']._serialized_start=855
-  _globals['_INFOREQUEST']._serialized_end=868
-  _globals['_INFORESPONSE']._serialized_start=871
-  _globals['_INFORESPONSE']._serialized_end=1031
-  _globals['_VERIFIERSERVICE']._serialized_start=1034
-  _globals['_VERIFIERSERVICE']._serialized_end=1399
+  _globals['_VERIFYREQUEST']._serialized_end=628
+  _globals['_VERIFYRESPONSE']._serialized_start=631
+  _globals['_VERIFYRESPONSE']._serialized_end=836
+  _globals['_RELEASEREQUEST']._serialized_start=838
+  _globals['_RELEASEREQUEST']._serialized_end=875
+  _globals['_RELEASERESPONSE']._serialized_start=877
+  _globals['_RELEASERESPONSE']._serialized_end=912
+  _globals['_INFOREQUEST']._serialized_start=914
+  _globals['_INFOREQUEST']._serialized_end=927
+  _globals['_INFORESPONSE']._serialized_start=930
+  _globals['_INFORESPONSE']._serialized_end=1090
+  _globals['_VERIFIERSERVICE']._serialized_start=1093
+  _globals['_VERIFIERSERVICE']._serialized_end=1458
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, next_token_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("request_ids", "draft_counts", "draft_token_ids", "draft_distributions", "draft_parents", "prefill_request_ids", "prefill_counts")
+    __slots__ = ("request_ids", "draft_counts", "draft_token_ids", "draft_distributions", "draft_parents", "prefill_request_ids", "prefill_counts", "cut_invalid_drafts")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class VerifyRequest(_message.Message):
     DRAFT_PARENTS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CUT_INVALID_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     draft_counts: _containers.RepeatedScalarFieldContainer[int]
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -49,21 +50,24 @@ class VerifyRequest(_message.Message):
     draft_parents: _containers.RepeatedScalarFieldContainer[int]
     prefill_request_ids: _containers.RepeatedScalarFieldContainer[str]
     prefill_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., draft_counts: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Union[_common_pb2.DraftDistributions, _Mapping]] = ..., draft_parents: _Optional[_Iterable[int]] = ..., prefill_request_ids: _Optional[_Iterable[str]] = ..., prefill_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    cut_invalid_drafts: bool
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., draft_counts: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_distributions: _Optional[_Union[_common_pb2.DraftDistributions, _Mapping]] = ..., draft_parents: _Optional[_Iterable[int]] = ..., prefill_request_ids: _Optional[_Iterable[str]] = ..., prefill_counts: _Optional[_Iterable[int]] = ..., cut_invalid_drafts: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("accepted_counts", "emitted_token_ids", "committed_lengths", "stats", "prefill_next_token_ids")
+    __slots__ = ("accepted_counts", "emitted_token_ids", "committed_lengths", "stats", "prefill_next_token_ids", "verified_draft_counts")
     ACCEPTED_COUNTS_FIELD_NUMBER: _ClassVar[int]
     EMITTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_DRAFT_COUNTS_FIELD_NUMBER: _ClassVar[int]
     accepted_counts: _containers.RepeatedScalarFieldContainer[int]
     emitted_token_ids: _containers.RepeatedScalarFieldContainer[int]
     committed_lengths: _containers.RepeatedScalarFieldContainer[int]
     stats: _common_pb2.StepStats
     prefill_next_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, accepted_counts: _Optional[_Iterable[int]] = ..., emitted_token_ids: _Optional[_Iterable[int]] = ..., committed_lengths: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ..., prefill_next_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    verified_draft_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted_counts: _Optional[_Iterable[int]] = ..., emitted_token_ids: _Optional[_Iterable[int]] = ..., committed_lengths: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[_common_pb2.StepStats, _Mapping]] = ..., prefill_next_token_ids: _Optional[_Iterable[int]] = ..., verified_draft_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids",)
