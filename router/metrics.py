@@ -23,6 +23,10 @@ router
   smartspec_router_step_duration_seconds                  a step's measured wall time (drafting + verify)
   smartspec_router_step_predicted_duration_seconds        the controller's prediction of it
   smartspec_router_step_time_error_ratio                  |predicted - measured| / measured
+  smartspec_router_verify_rpc_duration_seconds            a step's Verify call, seen by the router (part of the step)
+  smartspec_verifier_handler_duration_seconds             of it, the verifier's handler, as the verifier reports it
+  smartspec_verifier_forward_duration_seconds             of that, the model forward (what is left of each is
+                                                          router work, the RPC hop and the handler's bookkeeping)
 per drafter (label drafter: the request's drafter that step; "none" when it had none)
   smartspec_drafter_chosen_k_total{drafter,k}             request-steps that verified k draft tokens (k = 0: none)
   smartspec_drafter_drafts_total{drafter}                 request-steps that verified at least one draft token
@@ -118,6 +122,9 @@ class RouterMetrics:
         self.step_s = histogram("smartspec_router_step_duration", "s", "measured wall time of a step (drafting + verify)", STEP_BUCKETS_S)
         self.predicted_s = histogram("smartspec_router_step_predicted_duration", "s", "the controller's predicted step time", STEP_BUCKETS_S)
         self.step_error = histogram("smartspec_router_step_time_error_ratio", "1", "|predicted - measured| / measured step time", RATIO_BUCKETS)
+        self.verify_rpc_s = histogram("smartspec_router_verify_rpc_duration", "s", "a step's Verify call, seen by the router", STEP_BUCKETS_S)
+        self.handler_s = histogram("smartspec_verifier_handler_duration", "s", "the verifier's handler time of a step's Verify", STEP_BUCKETS_S)
+        self.forward_s = histogram("smartspec_verifier_forward_duration", "s", "the model forward of a step's Verify", STEP_BUCKETS_S)
         self.propose_s = histogram("smartspec_drafter_propose_duration", "s", "wall time of one Propose call, seen by the router", STEP_BUCKETS_S)
         gauge("smartspec_router_queue_length", "requests waiting for admission", lambda: self._queue_length)
         gauge("smartspec_router_running_requests", "requests in the running batch", lambda: self._running)
@@ -171,6 +178,11 @@ class RouterMetrics:
         for request in batch:
             if request.admitted is not None:
                 self.queue_wait.record(request.admitted - request.arrived)
+
+    def verified(self, rpc_s: float, handler_s: float, forward_s: float) -> None:
+        self.verify_rpc_s.record(rpc_s)
+        self.handler_s.record(handler_s)
+        self.forward_s.record(forward_s)
 
     def step(
         self,

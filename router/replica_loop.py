@@ -89,6 +89,8 @@ class StepReply:
     prefilled: list[tuple[PrefillChunk, int | None]]
     context_tokens: int
     verified: list[int]  # draft tokens verified per decoding request (fewer than sent where the verifier cut an invalid one)
+    handler_s: float  # the verifier's own time in its handler, of which
+    forward_s: float  # the model forward
 
 
 def sibling_controller(controller: SpeculationController) -> SpeculationController:
@@ -309,6 +311,7 @@ class ReplicaLoop:
         self._prefilled(reply.prefilled)
         if not batch:
             return
+        s.telemetry.verified(finished - verify_started, reply.handler_s, reply.forward_s)
         self.steps += 1
         accepted_counts = [accepted for accepted, _ in reply.results]
         for request, draft, (accepted, tokens) in zip(batch, drafts, reply.results):
@@ -428,7 +431,7 @@ class ReplicaLoop:
             start += accepted + 1
         first = iter(firsts)
         prefilled = [(chunk, next(first) if chunk.completes else None) for chunk in chunks]
-        return StepReply(results, prefilled, reply.stats.num_context_tokens, verified)
+        return StepReply(results, prefilled, reply.stats.num_context_tokens, verified, reply.stats.handler_s, reply.stats.forward_s)
 
     # --- verifier failures ----------------------------------------------------------------------
     async def _verifier_failed(self, batch: list[RequestState], what: str, err: grpc.RpcError) -> None:

@@ -166,6 +166,12 @@ class RouterTelemetry:
                 previous.end()
             self._steps[request.id] = self._tracer.start_span("smartspec.step", context=trace.set_span_in_context(parent))
 
+    def verified(self, rpc_s: float, handler_s: float, forward_s: float) -> None:
+        """A step's Verify: its wall time seen by the router and, as the verifier reported them, its
+        handler's time and the forward's (the step's time split by where it went)."""
+        if self.metrics is not None:
+            self.metrics.verified(rpc_s, handler_s, forward_s)
+
     def step_finished(
         self,
         batch: Sequence[RequestState],

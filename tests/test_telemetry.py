@@ -262,6 +262,12 @@ def test_metrics_are_scraped_with_plausible_values(traced):
     for name in ("step_duration_seconds", "step_predicted_duration_seconds", "step_time_error_ratio"):
         assert delta(f"smartspec_router_{name}_count") == steps, name
     assert delta("smartspec_router_step_duration_seconds_sum") > 0
+    # where a step's time went: the Verify call within the step, the verifier's handler within the call, the forward within that
+    split = ["smartspec_router_step_duration_seconds", "smartspec_router_verify_rpc_duration_seconds",
+             "smartspec_verifier_handler_duration_seconds", "smartspec_verifier_forward_duration_seconds"]
+    assert all(delta(f"{name}_count") == steps for name in split)
+    sums = [delta(f"{name}_sum") for name in split]
+    assert sums[0] >= sums[1] >= sums[2] >= sums[3] > 0, sums
     assert after[("smartspec_router_queue_length", frozenset())] == 0 and after[("smartspec_router_running_requests", frozenset())] == 0
     scheduler = traced.router.servicer.scheduler  # the counts are read from the scheduler when scraped
     scheduler.preemptions += 2

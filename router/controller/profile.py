@@ -183,22 +183,28 @@ async def load_or_measure(
     return f"cost profile measured in {time.perf_counter() - started:.1f}s ({len(rows)} steps), saved to {where}: {model.as_dict()}"
 
 
-_publishing: set[asyncio.Task] = set()  # store writes in flight (the loop keeps only weak references)
+_publishing: set[asyncio.Task] = set()  # profile writes in flight (the loop keeps only weak references)
 
 
 def _keep_current(model: LinearCostModel, profile: dict[str, Any], path: Path, key: str, shared: ProfileStore | None) -> None:
     """When live steps rescale the model's prior, the cached profile is replaced by the rescaled one,
-    locally at once and in the shared store in the background."""
+    locally and in the shared store, in the background: the step loop that triggered it never waits
+    for a disk or a network write. Writes go out in the order of the recalibrations (one lock)."""
+    in_order = asyncio.Lock()  # FIFO: a later rescale is never overwritten by an earlier one
+
+    async def publish(current: dict[str, Any]) -> None:
+        async with in_order:
+            await asyncio.to_thread(_save, path, current)
+            if shared is not None:
+                await shared.put_profile(key, current)
 
     def replace(prior) -> None:
         current = dict(profile, coefficients=dict(zip(VERIFY_FEATURES, map(float, prior))),
                        recalibrations=int(profile.get("recalibrations", 0)) + model.recalibrations)
-        _save(path, current)
-        log.warning("cost profile disagreed with live steps: rescaled and saved to %s: %s", path, current["coefficients"])
-        if shared is not None:
-            task = asyncio.get_running_loop().create_task(shared.put_profile(key, current))
-            _publishing.add(task)
-            task.add_done_callback(_publishing.discard)
+        log.warning("cost profile disagreed with live steps: rescaled; saving to %s: %s", path, current["coefficients"])
+        task = asyncio.get_running_loop().create_task(publish(current))
+        _publishing.add(task)
+        task.add_done_callback(_publishing.discard)
 
     model.on_recalibrate = replace
 
