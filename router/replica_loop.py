@@ -93,18 +93,6 @@ class StepReply:
     forward_s: float  # the model forward
 
 
-def sibling_controller(controller: SpeculationController) -> SpeculationController:
-    """A controller for another replica of the same model: the same settings and startup cost profile
-    (whose rescaling, should live steps contradict it, is saved the same way), nothing learned."""
-    sibling = SpeculationController(
-        k_max=controller.k_max, prior_strength=controller.prior_strength, hysteresis=controller.hysteresis,
-        initial_rate=controller.initial_rate, evidence_decay=controller.evidence_decay, rate_decay=controller.rate_decay,
-    )
-    sibling.verify_cost.reset_prior(controller.verify_cost.prior)
-    sibling.verify_cost.on_recalibrate = controller.verify_cost.on_recalibrate
-    return sibling
-
-
 class ReplicaLoop:
     """The running batch of one verifier replica and the asyncio task that steps it."""
 

@@ -38,7 +38,7 @@ import grpc
 from router.controller.controller import SpeculationController
 from router.drafters import DrafterClient
 from router.prefill_budget import DEFAULT_MAX_STEP_TOKENS
-from router.replica_loop import AUTO, BENCHMARK_ONLY, ReplicaLoop, sibling_controller
+from router.replica_loop import AUTO, BENCHMARK_ONLY, ReplicaLoop
 from router.request import RequestState
 from router.telemetry import RouterTelemetry
 from router.verifiers import VerifierPool, VerifierReplica
@@ -96,7 +96,7 @@ class Scheduler:
         first = controller or SpeculationController()
         self._controller = first
         self.loops = [
-            ReplicaLoop(self, replica, first if i == 0 else sibling_controller(first)) for i, replica in enumerate(self.verifiers.replicas)
+            ReplicaLoop(self, replica, first if i == 0 else first.sibling()) for i, replica in enumerate(self.verifiers.replicas)
         ]
         self.on_replicas_changed: list[Callable[[], None]] = []
         self._background: set[asyncio.Task] = set()
@@ -170,7 +170,7 @@ class Scheduler:
     def add_replica(self, replica: VerifierReplica) -> None:
         """A new replica (SERVING, same model) joins with its own loop and a controller of its own."""
         self.verifiers.add(replica)
-        loop = ReplicaLoop(self, replica, sibling_controller(self._controller))
+        loop = ReplicaLoop(self, replica, self._controller.sibling())
         self.loops.append(loop)
         self._replicas_changed()
         if self._started and not self.closing:

@@ -90,6 +90,8 @@ class SpeculationController:
         evidence_decay: float = 0.9,
         rate_decay: float = 0.995,
     ) -> None:
+        self._settings = dict(k_max=k_max, prior_strength=prior_strength, hysteresis=hysteresis, initial_rate=initial_rate,
+                              evidence_decay=evidence_decay, rate_decay=rate_decay)  # what sibling() copies
         self.k_max = k_max
         self.prior_strength = prior_strength
         self.hysteresis = hysteresis
@@ -99,6 +101,14 @@ class SpeculationController:
         self.verify_cost: LinearCostModel = new_verify_model()
         self.draft_cost: dict[str, LinearCostModel] = {}
         self._clear()
+
+    def sibling(self) -> "SpeculationController":
+        """A controller for another replica of the same model: these settings and this startup cost
+        prior (whose rescaling, should live steps contradict it, is saved the same way), nothing learned."""
+        sibling = SpeculationController(**self._settings)
+        sibling.verify_cost.reset_prior(self.verify_cost.prior)
+        sibling.verify_cost.on_recalibrate = self.verify_cost.on_recalibrate
+        return sibling
 
     def _clear(self) -> None:
         """Forgets what was learned while serving (the cost models go back to their priors)."""
