@@ -13,12 +13,14 @@ The stack runs with its metrics endpoint on, and the router's histograms (scrape
 each request) split the stack's time per decoding step:
 
 - forward: the verifier's model forward;
-- verifier handler: the rest of the verifier's handler (unpacking, acceptance, bookkeeping);
-- RPC hop: the router-seen Verify call minus the handler (serialisation, gRPC, the model thread hop);
+- verifier handler: the rest of the verifier's handler (unpacking, the hand-off to the model thread and
+  back, acceptance, bookkeeping);
+- RPC hop: the router-seen Verify call minus the handler (serialisation, gRPC transport, both event loops);
 - router step: the rest of the router's step (the policy, the controller, building the message);
-- first token: the router's time to first token (tokenization, admission, the prompt's prefill), per step;
-- between steps: the rest of the client's wall time per step (the client's call, the router's loop
-  between steps, the reply).
+- first token: the router's time to first token (admission and the prompt's prefill, from the moment the
+  prompt is tokenized), per step;
+- between steps: the rest of the client's wall time per step (the client's call, tokenization, the
+  router's loop between steps, the reply).
 
 Beside them, generate()'s time per token, and its first token (a max_new_tokens=1 call) per token.
 """
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: the client and the stack come 
 from bench.single_stream import PROMPTS  # noqa: E402
 from smartspec.bench.checkout import commit_of, up_from  # noqa: E402
 from smartspec.bench.metrics import paired_ratio  # noqa: E402
+from smartspec.serving import free_port  # noqa: E402
 
 SPLIT = {  # histogram -> its sum's share of the step
     "step": "smartspec_router_step_duration_seconds",
@@ -50,12 +52,6 @@ SPLIT = {  # histogram -> its sum's share of the step
     "ttft": "smartspec_router_time_to_first_token_seconds",
 }
 PARTS = ("forward", "verifier handler", "RPC hop", "router step", "first token", "between steps")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(url: str) -> dict[str, float]:

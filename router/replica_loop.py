@@ -405,7 +405,7 @@ class ReplicaLoop:
             self._in_call_since = None
         self._answered()
         emitted, firsts = list(reply.emitted_token_ids), list(reply.prefill_next_token_ids)
-        verified = list(reply.verified_draft_counts) or [len(d) for d in drafts]  # empty from a verifier that predates the field
+        verified = list(reply.verified_draft_counts)
         completing = sum(chunk.completes for chunk in chunks)
         if (len(reply.accepted_counts) != len(batch) or len(verified) != len(batch)
                 or len(emitted) != sum(reply.accepted_counts) + len(batch) or len(firsts) != completing):

@@ -9,6 +9,7 @@ import functools
 import inspect
 import logging
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
@@ -322,6 +323,13 @@ async def run_service(
     await running.add_servicer(loaded.register)
     log.info("%s serving on %s", role, running.address)
     await serve_until_signal(running, grace_s, loaded.on_stop, stop)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for a child process to bind: another may take it meanwhile)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 async def wait_serving(address: str, timeout_s: float, service: str = "") -> None:

@@ -251,3 +251,16 @@ def test_an_unlucky_first_verify_does_not_stop_speculation_for_good():
         chosen.append(sum(ks) / len(ks))
     assert sum(chosen[-30:]) / 30 >= 1.5  # at a = 0.7 and this cost, speculating pays
     assert controller.drafter_rates("controlled").rate == pytest.approx(0.7, abs=0.1)
+
+
+def test_a_sibling_for_another_replica_has_the_settings_and_the_prior_but_nothing_learned():
+    controller = SpeculationController(k_max=5, prior_strength=2.0, hysteresis=0.1, initial_rate=0.3, evidence_decay=0.8, rate_decay=0.99)
+    controller.verify_cost.reset_prior((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
+    controller.hysteresis = 0.0  # a setting changed after construction is what the sibling copies
+    controller.verify_cost.on_recalibrate = saved = lambda prior: None
+    controller.observe_request("r", "prompt_lookup", 3, 1)
+    sibling = controller.sibling()
+    settings = ("k_max", "prior_strength", "hysteresis", "initial_rate", "evidence_decay", "rate_decay")
+    assert [getattr(sibling, name) for name in settings] == [5, 2.0, 0.0, 0.3, 0.8, 0.99]
+    assert sibling.verify_cost.prior.tolist() == controller.verify_cost.prior.tolist() and sibling.verify_cost.on_recalibrate is saved
+    assert sibling.rates == {} and sibling._posteriors == {}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import socket
 import threading
 import time
 from typing import Iterator
@@ -17,6 +16,7 @@ import pytest
 
 from router.discovery import ReplicaDiscovery, parse_address
 from router.follow import Follower
+from smartspec.serving import free_port
 from smartspec.wire import drafter_pb2_grpc, router_pb2, verifier_pb2_grpc
 from tests.support import ServerThread, first_mismatch, reference_greedy
 from tests.test_discovery import Records, zone  # noqa: F401 - zone: the DNS server fixture
@@ -28,13 +28,6 @@ REFRESH_S = 0.2
 GRACE_S = 2.0
 MAX_TOKENS = 160
 FIRST, SECOND = "127.0.0.1", "127.0.0.2"
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 (the replicas bind it on each of their loopback addresses)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cell:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import math
-import socket
 import subprocess
 import time
 import uuid
@@ -20,6 +19,7 @@ from router.controller import profile
 from router.controller.controller import SpeculationController
 from router.controller.cost_model import new_verify_model
 from router.shared_state import SharedState
+from smartspec.serving import free_port
 from smartspec.wire import router_pb2, verifier_pb2, verifier_pb2_grpc
 from tests.test_router_stack import RouterThread, generate_many, lookup_drafter, tokenizer_for, verifier_for, wait_until
 
@@ -29,12 +29,6 @@ LOGGER = "smartspec.router.shared_state"
 
 def run(coroutine, timeout_s: float = 30.0):
     return asyncio.run(asyncio.wait_for(coroutine, timeout_s))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def messages(caplog, text: str) -> list[str]:

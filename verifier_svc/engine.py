@@ -183,11 +183,11 @@ class VerifierEngine:
             raise RequestError("INVALID_ARGUMENT", f"{len(parents)} parent lists for {len(ids)} requests")
         dists = dists if dists is not None else [[None] * len(draft) for draft in drafts]
         trees = [list(tree) if tree is not None else chain_parents(len(draft)) for tree, draft in zip(parents or [None] * len(ids), drafts)]
+        valid = [self._valid_length(request_id, draft, draft_dists, cut_invalid) for request_id, draft, draft_dists in zip(ids, drafts, dists)]
         if cut_invalid:  # a prefix of a tree whose parents come first is a tree
-            usable = [self._usable_prefix(draft, draft_dists) for draft, draft_dists in zip(drafts, dists)]
-            drafts = [draft[:n] for draft, n in zip(drafts, usable)]
-            dists = [draft_dists[:n] for draft_dists, n in zip(dists, usable)]
-            trees = [tree[:n] for tree, n in zip(trees, usable)]
+            drafts = [draft[:n] for draft, n in zip(drafts, valid)]
+            dists = [draft_dists[:n] for draft_dists, n in zip(dists, valid)]
+            trees = [tree[:n] for tree, n in zip(trees, valid)]
         for request_id, draft, draft_dists, tree in zip(ids, drafts, dists, trees):
             self._check_live(request_id)
             if request_id in self._unfilled:
@@ -197,7 +197,6 @@ class VerifierEngine:
                 )
             if len(draft) > MAX_DRAFT_TOKENS:
                 raise RequestError("INVALID_ARGUMENT", f"request {request_id!r}: {len(draft)} draft tokens, at most {MAX_DRAFT_TOKENS} per step")
-            self._check_tokens(request_id, draft, "draft")
             self._check_tree(request_id, draft, tree)
             end = self.runner.length(request_id) + 1 + max(depths(tree), default=0)
             if end > self.max_context:
@@ -212,7 +211,6 @@ class VerifierEngine:
                     f"request {request_id!r}: verifying {len(draft)} drafts needs more KV cache than the whole cache holds "
                     f"({cache.capacity_tokens} tokens)",
                 )
-            self._check_distributions(request_id, draft, draft_dists)
         for request_id, count in prefill:
             self._check_chunk(request_id, count)
         completes = [count == len(self._unfilled[request_id]) for request_id, count in prefill]
@@ -255,14 +253,6 @@ class VerifierEngine:
                 del self._unfilled[request_id][:count]
         return VerifyOutcome(accepted, emitted, committed, step, first_tokens, [len(draft) for draft in drafts])
 
-    def _usable_prefix(self, draft: Sequence[int], dists: Sequence[DraftDistribution | None]) -> int:
-        """How many leading draft tokens pass `_check_tokens` and `_check_distributions`."""
-        for j, token in enumerate(draft):
-            dist = dists[j] if j < len(dists) else None
-            if not 0 <= token < self.vocab_size or (dist is not None and dist.problem(token, self.vocab_size) is not None):
-                return j
-        return len(draft)
-
     def _check_tree(self, request_id: str, draft: Sequence[int], tree: list[int]) -> None:
         problem = parents_problem(tree, len(draft))
         if problem is not None:
@@ -274,15 +264,28 @@ class VerifierEngine:
                 "send a chain (no draft_parents) for a sampling request",
             )
 
-    def _check_distributions(self, request_id: str, draft: Sequence[int], dists: Sequence[DraftDistribution | None]) -> None:
+    def _valid_length(self, request_id: str, draft: Sequence[int], dists: Sequence[DraftDistribution | None], cut: bool) -> int:
+        """How many leading draft tokens the verifier accepts to verify; a token it refuses (an id
+        outside the vocabulary, a distribution it cannot have been sampled from) fails the call unless
+        `cut`, which ends the proposal before it."""
         if len(dists) != len(draft):
             raise RequestError("INVALID_ARGUMENT", f"request {request_id!r}: {len(dists)} draft distributions for {len(draft)} draft tokens")
+        bad = self._first_invalid(draft, dists)
+        if bad is None:
+            return len(draft)
+        if not cut:
+            raise RequestError("INVALID_ARGUMENT", f"request {request_id!r}: {bad[1]}")
+        return bad[0]
+
+    def _first_invalid(self, draft: Sequence[int], dists: Sequence[DraftDistribution | None]) -> tuple[int, str] | None:
+        """The first draft token the verifier refuses, and why (None: every one is valid)."""
         for j, (token, dist) in enumerate(zip(draft, dists)):
+            if not 0 <= token < self.vocab_size:
+                return j, f"draft token id {token} is outside the vocabulary (size {self.vocab_size})"
             problem = dist.problem(token, self.vocab_size) if dist is not None else None
             if problem is not None:
-                raise RequestError(
-                    "INVALID_ARGUMENT", f"request {request_id!r}: draft token {j} has a distribution it cannot have been sampled from: {problem}"
-                )
+                return j, f"draft token {j} has a distribution it cannot have been sampled from: {problem}"
+        return None
 
     def release(self, ids: Sequence[str]) -> int:
         """Frees each live request's state; unknown ids are ignored. Returns how many were freed."""

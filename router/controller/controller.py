@@ -18,6 +18,7 @@ generated ones (allocator.py): speculation shrinks while prefill is heavy and gr
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
@@ -90,8 +91,6 @@ class SpeculationController:
         evidence_decay: float = 0.9,
         rate_decay: float = 0.995,
     ) -> None:
-        self._settings = dict(k_max=k_max, prior_strength=prior_strength, hysteresis=hysteresis, initial_rate=initial_rate,
-                              evidence_decay=evidence_decay, rate_decay=rate_decay)  # what sibling() copies
         self.k_max = k_max
         self.prior_strength = prior_strength
         self.hysteresis = hysteresis
@@ -105,7 +104,8 @@ class SpeculationController:
     def sibling(self) -> "SpeculationController":
         """A controller for another replica of the same model: these settings and this startup cost
         prior (whose rescaling, should live steps contradict it, is saved the same way), nothing learned."""
-        sibling = SpeculationController(**self._settings)
+        settings = inspect.signature(SpeculationController).parameters  # each kept as an attribute of that name
+        sibling = SpeculationController(**{name: getattr(self, name) for name in settings})
         sibling.verify_cost.reset_prior(self.verify_cost.prior)
         sibling.verify_cost.on_recalibrate = self.verify_cost.on_recalibrate
         return sibling
