@@ -139,7 +139,7 @@ class _FakeVerifier:
                 firsts.append(50)
         return verifier_pb2.VerifyResponse(
             accepted_counts=list(request.draft_counts), emitted_token_ids=emitted, stats=common_pb2.StepStats(num_context_tokens=99),
-            prefill_next_token_ids=firsts,
+            prefill_next_token_ids=firsts, verified_draft_counts=list(request.draft_counts),
         )
 
     async def Release(self, request, timeout=None):
