@@ -10,8 +10,9 @@ One iteration of a loop:
   1. admit: requests from the front of the shared queue (first come, first served), as many as its
      replica has room for and its share of the queue (below); one chunked Prefill call: the verifier
      keeps their contexts, computes nothing yet;
-  2. step: a token budget (max_step_tokens) gives one token to each decoding request and the rest to
-     prefill chunks of the admitted contexts in admission order (with no request decoding, the first
+  2. step: one token to each decoding request and, paced so that such a step takes about 2.25x one
+     without (router/prefill_budget.py), prefill chunks of the admitted contexts in admission order
+     (at most max_step_tokens in all; with no request decoding, the first
      prompt in line goes whole: there is no stream to hold back); the policies pick k per decoding
      request (the controller pricing the chunks in), the drafters are called in parallel
      (asyncio.gather), and ONE Verify call checks every proposal (k = 0 is plain decoding) and
@@ -47,7 +48,7 @@ from router.controller.controller import PrefillRow, Slot, SpeculationController
 from router.controller.policies import ControllerPolicy
 from router.drafters import TREE_DRAFTERS, Draft, pack_parents
 from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
-from router.prefill_budget import plan_chunks
+from router.prefill_budget import PrefillPacer
 from router.request import RequestState
 from router.verifiers import REPLICA_DOWN, STATE_LOST, VerifierReplica
 from smartspec.errors import RequestError
@@ -101,6 +102,7 @@ class ReplicaLoop:
         self.replica = replica
         # Sees every step of this replica under every policy: learns its cost model and acceptance.
         self.controller = controller
+        self.pacer = PrefillPacer(scheduler.max_step_tokens)  # sizes prompt chunks from this replica's own step times
         self.running: list[RequestState] = []
         self.steps = 0
         self.wake = asyncio.Event()
@@ -169,12 +171,17 @@ class ReplicaLoop:
         return self.replica.accepting() and (self._in_call_since is None or now - self._in_call_since < STALL_S)
 
     def reset_controller(self) -> None:
-        """Forgets what the controller learned, between steps only: a step in flight reads the
-        controller's record of its own decision when its Verify returns."""
+        """Forgets what the controller and the prefill pacer learned (so that benchmark runs start
+        alike), between steps only: a step in flight reads the controller's record of its own decision
+        when its Verify returns."""
         if self._stepping:
             self._reset_pending = True
         else:
-            self.controller.reset()
+            self._forget()
+
+    def _forget(self) -> None:
+        self.controller.reset()
+        self.pacer = PrefillPacer(self.scheduler.max_step_tokens)
 
     async def iterate(self) -> None:
         """One admission + one step + cleanup."""
@@ -188,7 +195,7 @@ class ReplicaLoop:
                 self._stepping = False
                 if self._reset_pending:  # the step boundary: a reset asked for meanwhile applies now
                     self._reset_pending = False
-                    self.controller.reset()
+                    self._forget()
             await self._reap()
 
     # --- admission ------------------------------------------------------------------------------
@@ -297,6 +304,7 @@ class ReplicaLoop:
             return
         drafts = self._verified(views, drafts, reply.verified)
         self._prefilled(reply.prefilled)
+        self.pacer.observe(finished - started, len(batch), sum(chunk.row.tokens for chunk in chunks))
         if not batch:
             return
         s.telemetry.verified(finished - verify_started, reply.handler_s, reply.forward_s)
@@ -332,9 +340,9 @@ class ReplicaLoop:
             )
 
     def _prefill_chunks(self, decoding: int) -> list[PrefillChunk]:
-        """This step's prefill chunks, planned by router/prefill_budget.py (the simulator plans the same way)."""
+        """This step's prefill chunks, paced by router/prefill_budget.py (the simulator paces the same way)."""
         prefilling = [r for r in self.running if r.prefill_left]
-        sizes = plan_chunks(self.scheduler.max_step_tokens, decoding, [r.prefill_left for r in prefilling])
+        sizes = self.pacer.plan(decoding, [r.prefill_left for r in prefilling])
         return [
             PrefillChunk(request, PrefillRow(cached=len(request.tokens) - request.prefill_left, tokens=n), completes=n == request.prefill_left)
             for request, n in zip(prefilling, sizes)

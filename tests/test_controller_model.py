@@ -34,6 +34,21 @@ def test_posterior_learns_a_requests_rate_from_geometric_outcomes():
     assert posterior.mean(prior_rate=0.6) == pytest.approx(0.6)
 
 
+def test_posterior_follows_runs_of_acceptance():
+    """Drafts that copy a passage land verify after verify, and after a miss the next often misses:
+    the estimate for the next verify depends on how the last one ended."""
+    rng = random.Random(1)
+    posterior, full = RequestAcceptance(), True
+    for verify in range(400):
+        full = rng.random() < (0.9 if full else 0.2)  # in a passage, then out of it
+        posterior.observe(4, 4 if full else 0)
+        posterior.decay(0.98)
+        after = posterior.mean(prior_rate=0.5)
+        if verify >= 50:  # one rate for all verifies would be ~0.89 (two in three land whole)
+            assert after > 0.85 if full else after < 0.7
+    assert posterior.by_state[True][0] > posterior.by_state[False][0]  # the evidence is kept per state
+
+
 def test_drafter_rate_is_smoothed_and_fades_back_when_unused():
     rates = DrafterRates(initial=0.5, prior_strength=4)
     assert rates.rate == 0.5

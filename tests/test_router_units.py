@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from router.detokenize import IncrementalDetokenizer, tokenizer_decoder
 from router.drafters import Draft, DrafterClient, DrafterReplicas
+from router.prefill_budget import MIN_PREFILL_TOKENS, PREFILL_STRETCH, PROBE_EVERY, UNPACED_STEP_TOKENS, PrefillPacer
 from router.policy import FixedSpeculation, NoSpeculation, PolicyRegistry, RequestView, SpeculationPolicy, clamp_k, parse_policy
 from router.request import Params, RequestState
 from router.scheduler import Limits, Scheduler
@@ -199,7 +200,30 @@ def test_scheduler_runs_each_policy_phase_on_its_own_requests_and_clamps():
     assert all(len(r.tokens) - len(r.prompt_ids) == r.params.max_tokens for r in requests)
 
 
-def test_prefill_goes_in_chunks_within_the_step_budget_first_come_first_served():
+@pytest.fixture
+def fixed_budget(monkeypatch):
+    """The step's room as a fixed budget (max_step_tokens less the decoding requests, at least
+    MIN_PREFILL_TOKENS): these tests are about how the loop lays chunks out, not about pacing, which
+    would follow the fake verifier's wall times."""
+    monkeypatch.setattr(PrefillPacer, "room", lambda self, decoding: max(self.max_step_tokens - decoding, MIN_PREFILL_TOKENS))
+
+
+def test_the_loop_times_its_steps_for_the_pacer():
+    """Every step that decodes reaches the replica loop's pacer: with no prompt waiting, what a step of
+    decoding alone costs."""
+    verifier = _FakeVerifier()
+    limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
+    scheduler = Scheduler(verifier=verifier, drafters={}, limits=limits, max_batch=4)
+    for i in range(3):
+        scheduler.submit(_state([1] * 5, Params(max_tokens=6, stop=(), drafter="none", policy=NoSpeculation()), rid=f"r{i}"))
+    for _ in range(3):
+        asyncio.run(scheduler.iterate())
+    pacer = scheduler.loops[0].pacer
+    assert pacer.decode_s is not None and pacer.decode_s > 0
+    assert pacer.room(3) > 0  # measured for this batch: no probe needed
+
+
+def test_prefill_goes_in_chunks_within_the_step_budget_first_come_first_served(fixed_budget):
     """A step's budget gives one token to each decoding request, the rest to prefill chunks in
     admission order; the decoding requests' drafts come on top."""
     verifier, drafter = _FakeVerifier(), _FakeDrafter()
@@ -222,7 +246,7 @@ def test_prefill_goes_in_chunks_within_the_step_budget_first_come_first_served()
     assert sorted(verifier.released) == ["a", "b", "c"]
 
 
-def test_with_nothing_decoding_the_first_prompt_in_line_goes_whole():
+def test_with_nothing_decoding_the_first_prompt_in_line_goes_whole(fixed_budget):
     """No stream to hold back: the first prompt is prefilled in one forward, the budget's rest goes to
     the next in line; once a request decodes, chunks again."""
     verifier = _FakeVerifier()
@@ -236,7 +260,7 @@ def test_with_nothing_decoding_the_first_prompt_in_line_goes_whole():
     assert verifier.chunks == [[("long", 45)], [("short", 10), ("later", 9)]]  # then 20 - 1 decoding - 10
 
 
-def test_a_prefill_advances_however_many_requests_decode():
+def test_a_prefill_advances_however_many_requests_decode(fixed_budget):
     """A budget the decoding requests alone fill still leaves a prefill MIN_PREFILL_TOKENS a step."""
     verifier = _FakeVerifier()
     limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
@@ -251,6 +275,54 @@ def test_a_prefill_advances_however_many_requests_decode():
     assert verifier.chunks[-3:] == [[("long", 16)], [("long", 16)], [("long", 8)]]
     with pytest.raises(ValueError, match="at least 1"):
         Scheduler(verifier=_FakeVerifier(), drafters={}, limits=limits, max_step_tokens=0)
+
+
+def test_the_pacer_sizes_prefill_so_a_step_takes_the_stretch_of_a_decode_step():
+    """Fed a world where a decode step of 8 requests takes 150 ms and a prefill token adds 4 ms at the
+    start of a prompt and more as its context grows, the pacer's steps stay near 2.25x a decode step."""
+    pacer = PrefillPacer(max_step_tokens=512)
+    assert pacer.room(8) == 0  # no step of decoding alone measured yet: the next one goes without prefill
+    pacer.observe(0.150, 8, 0)
+    assert pacer.room(8) == UNPACED_STEP_TOKENS - 8  # no prefill measured yet: the unpaced budget
+    done, stretches, chunks = 0, [], []
+    while done < 1500:
+        chunk = pacer.plan(8, [1500 - done])[0]
+        chunks.append(chunk)
+        step_s = 0.150 + chunk * (0.004 + 0.002 * done / 1500)  # a later chunk attends to more context
+        pacer.observe(step_s, 8, chunk)
+        if chunk:
+            stretches.append(step_s / 0.150)
+        done += chunk
+    assert chunks[0] == UNPACED_STEP_TOKENS - 8  # the first chunk, unpaced
+    assert all(abs(s - PREFILL_STRETCH) < 0.1 for s in stretches[2:-1])  # the last chunk is what was left
+    assert chunks[-2] < chunks[2]  # smaller chunks as each token attends to more context
+    assert chunks.count(0) <= len(chunks) // PROBE_EVERY  # now and then a step of decoding alone, to stay current
+
+
+def test_the_pacer_measures_decoding_again_when_the_batch_changes():
+    pacer = PrefillPacer()
+    pacer.observe(0.100, 8, 0)
+    pacer.observe(0.220, 8, 40)
+    assert pacer.room(8) > 0 and pacer.room(9) > 0
+    assert pacer.room(16) == 0  # twice the batch: its decode step is not known
+    pacer.observe(0.180, 16, 0)
+    assert pacer.decode_s == pytest.approx(0.180)  # replaced, not blended with the smaller batch's
+
+
+def test_the_pacer_keeps_within_the_step_cap_and_the_minimum():
+    pacer = PrefillPacer(max_step_tokens=64)
+    pacer.observe(0.010, 4, 0)
+    pacer.observe(0.011, 4, 40)  # prefill looks nearly free: the cap holds
+    assert pacer.room(4) == 60
+    pacer.observe(5.0, 4, 40)
+    pacer.observe(5.0, 4, 40)  # prefill looks dear: a prefill still advances
+    assert pacer.room(4) == MIN_PREFILL_TOKENS
+    pacer.observe(1.0, 0, 500)  # a step with nothing decoding says nothing about the balance
+    assert pacer.room(4) == MIN_PREFILL_TOKENS
+    with pytest.raises(ValueError, match="above 1"):
+        PrefillPacer(stretch=1.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        PrefillPacer(max_step_tokens=0)
 
 
 # --- incremental detokenization ------------------------------------------------------------------------

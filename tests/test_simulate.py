@@ -11,7 +11,7 @@ import pytest
 from smartspec import cli
 from smartspec.simulate import loop as sim_loop
 from smartspec.simulate import world as sim_world
-from router.prefill_budget import plan_chunks
+from router.prefill_budget import PREFILL_STRETCH, plan_chunks
 from smartspec.simulate.load import RequestSpec
 from smartspec.simulate.loop import Cell, simulate
 from smartspec.simulate.sweep import BEST_FIXED, SweepConfig, best_fixed, cell_of, run_sweep
@@ -371,35 +371,42 @@ def test_cli_replays_a_trace_file(tmp_path):
 @pytest.mark.parametrize(
     ("decoding", "left", "expected"),
     [
-        (8, [100, 30], [40, 0]),  # the budget left after one token per decoding request, first come first served
+        (8, [100, 30], [40, 0]),  # the step's room, first come first served
         (8, [30, 100], [30, 10]),
-        (40, [100], [16]),  # however many decode, a prefill advances
         (0, [100, 30], [100, 0]),  # nothing decodes: the first prompt in line goes whole
-        (0, [30, 100], [30, 18]),
+        (0, [30, 100], [30, 10]),
     ],
 )
-def test_prefill_chunks_fill_the_step_budget_in_admission_order(decoding, left, expected):
-    assert plan_chunks(48, decoding, left) == expected
+def test_prefill_chunks_fill_the_room_in_admission_order(decoding, left, expected):
+    assert plan_chunks(40, decoding, left) == expected
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_beside_the_decoding_requests(monkeypatch):
-    """As in the router: no step that decodes carries more prefill than the budget leaves it, and the
-    long prompt's chunks add up to its length."""
+def test_a_long_prompt_is_prefilled_in_paced_chunks_beside_the_decoding_requests(monkeypatch):
+    """As in the router: the long prompt goes in pieces while the others decode, never whole, and once
+    the pacer has measured both kinds of step, a step that prefills takes about PREFILL_STRETCH times one
+    that only decodes (noise off, so the world's step times are what the pacer sees)."""
     steps = []
     original = StepCosts.step_s
 
     def spy(self, contexts, ks, chunks=()):
-        steps.append((len(ks), [c.tokens for c in chunks]))
-        return original(self, contexts, ks, chunks)
+        seconds = original(self, contexts, ks, chunks)
+        steps.append((len(ks), sum(c.tokens for c in chunks), seconds))
+        return seconds
 
     monkeypatch.setattr(StepCosts, "step_s", spy)
-    requests = [RequestSpec(i, 0, 40, 60, arrival_s=0.0) for i in range(4)] + [RequestSpec(4, 0, 1500, 8, arrival_s=2.0)]
+    requests = [RequestSpec(i, 0, 40, 200, arrival_s=0.0) for i in range(4)] + [RequestSpec(4, 0, 1500, 8, arrival_s=2.0)]
     cell = Cell(StepCosts(load_profile(CPU)), AcceptanceModel(0.7, 0.1), tuple(requests), "prompt_lookup", 8, None, 0, 0.0)
-    records, _ = simulate(cell, "goodput")
+    records, _ = simulate(cell, "none")
     assert len(records) == 5
-    mixed = [chunks for decoding, chunks in steps if decoding and chunks]
-    assert mixed and all(sum(chunks) <= max(48 - decoding, 16) for decoding, chunks in steps if decoding)
-    assert len(mixed) >= 1500 // 48  # the long prompt went in pieces while the others decoded, never whole
+    stretches, decode_s = [], None
+    for decoding, tokens, seconds in steps:
+        if decoding and not tokens:
+            decode_s = seconds
+        elif decoding and decode_s is not None:
+            stretches.append(seconds / decode_s)
+    assert len(stretches) >= 10  # the long prompt went in pieces while the others decoded, never whole
+    assert np.median(stretches[2:]) == pytest.approx(PREFILL_STRETCH, rel=0.1)
+    assert max(stretches[2:]) < 1.25 * PREFILL_STRETCH  # paced as its context grows, not only on average
 
 
 def test_max_tokens_caps_every_output_a_trace_requests_too():

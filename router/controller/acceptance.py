@@ -112,13 +112,20 @@ class DrafterRates:
 
 @dataclass
 class RequestAcceptance:
-    """Beta posterior over one request's acceptance rate with one drafter.
+    """Beta posterior over one request's acceptance rate with one drafter, and over the same rate given
+    how its last verify ended.
 
     The prior is `prior_strength` pseudo-observations at the drafter's *current* global rate, so what
     the drafter shows on all requests informs each one; the request's own verifies add successes and
     failures. ``decay`` lets old evidence fade: a request's acceptance drifts (a copied passage ends, a
     new one starts), and a request that stopped speculating because its drafts missed drifts back to
     the drafter's rate and so is tried again later instead of never.
+
+    Acceptance comes in runs: inside a passage the drafter can copy, a verify whose drafts were all
+    accepted is usually followed by another; after a miss, the next verify often misses too. So the
+    evidence is also kept per state, the state being whether the request's last verify accepted every
+    draft it verified (a first-order Markov model of the outcomes), and the estimate for the next verify
+    is that state's posterior, with the request's overall rate as its prior.
     """
 
     successes: float = 0.0
@@ -126,6 +133,9 @@ class RequestAcceptance:
     verifies: int = 0
     asks: float = 0.0  # times the drafter was asked for tokens (decayed like the rest)
     empty: float = 0.0  # of those, times it had nothing to propose (prompt lookup without a match)
+    last_full: bool | None = None  # whether the last verify accepted all its drafts (None: no verify yet)
+    # per state (after a full verify, after a miss): successes and failures of the verifies that followed it
+    by_state: dict[bool, list[float]] = field(default_factory=lambda: {True: [0.0, 0.0], False: [0.0, 0.0]})
 
     def decay(self, factor: float) -> None:
         """Keeps `factor` of the evidence gathered so far (1.0 keeps all of it)."""
@@ -133,6 +143,9 @@ class RequestAcceptance:
         self.failures *= factor
         self.asks *= factor
         self.empty *= factor
+        for counts in self.by_state.values():
+            counts[0] *= factor
+            counts[1] *= factor
 
     def observe_ask(self, proposed: int) -> None:
         self.asks += 1
@@ -147,11 +160,21 @@ class RequestAcceptance:
     def observe(self, proposed: int, accepted: int) -> None:
         if proposed <= 0:
             return
+        missed = int(accepted < proposed)
         self.successes += accepted
-        self.failures += int(accepted < proposed)
+        self.failures += missed
         self.verifies += 1
+        if self.last_full is not None:
+            counts = self.by_state[self.last_full]
+            counts[0] += accepted
+            counts[1] += missed
+        self.last_full = not missed
 
     def mean(self, prior_rate: float, prior_strength: float = 4.0) -> float:
-        """Posterior mean: (successes + s * rate) / (successes + failures + s)."""
+        """Posterior mean for the next verify: the overall rate (successes + s * rate) / (successes +
+        failures + s), refined by the evidence gathered in the request's current state."""
         value = (self.successes + prior_strength * prior_rate) / (self.successes + self.failures + prior_strength)
+        if self.last_full is not None:
+            hits, misses = self.by_state[self.last_full]
+            value = (hits + prior_strength * value) / (hits + misses + prior_strength)
         return min(max(value, RATE_FLOOR), RATE_CEIL)

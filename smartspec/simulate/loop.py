@@ -22,7 +22,7 @@ from router.controller.controller import PrefillRow, Slot, SpeculationController
 from router.controller.policies import controller_policies
 from router.controller.profile import BATCHES, CONTEXT_RANGE, step_features, sweep_plan
 from router.policy import PolicyRegistry, RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
-from router.prefill_budget import plan_chunks
+from router.prefill_budget import PrefillPacer
 from smartspec.bench.metrics import RequestRecord
 from smartspec.simulate.load import RequestSpec
 from smartspec.simulate.oracle import NAME as CLAIRVOYANT
@@ -136,6 +136,7 @@ class _Loop:
         self.waiting: collections.deque[SimRequest] = collections.deque()
         self.running: list[SimRequest] = []
         self.finished: list[SimRequest] = []
+        self.pacer = PrefillPacer(cell.step_tokens)
         if cell.concurrency is not None:
             for _ in range(min(cell.concurrency, len(self.pending))):
                 self._send(self.pending.popleft(), 0.0)
@@ -183,7 +184,7 @@ class _Loop:
 
     def _chunks(self, decoding: int) -> list[tuple[SimRequest, PrefillRow]]:
         prefilling = [r for r in self.running if r.prefill_left]
-        sizes = plan_chunks(self.cell.step_tokens, decoding, [r.prefill_left for r in prefilling])
+        sizes = self.pacer.plan(decoding, [r.prefill_left for r in prefilling])
         return [(r, PrefillRow(cached=r.spec.prompt_tokens - r.prefill_left, tokens=n)) for r, n in zip(prefilling, sizes) if n]
 
     def _step(self) -> None:
@@ -205,6 +206,7 @@ class _Loop:
         contexts = [v.context_tokens for v in views]
         step_s = draft_s + self.noise(self.cell.costs.step_s(contexts, final, rows))
         self.now += step_s
+        self.pacer.observe(step_s, len(batch), sum(row.tokens for row in rows))
         for request, row in chunks:
             request.prefill_left -= row.tokens
             if not request.prefill_left:  # its prompt is in: the forward's last row gives its first token
