@@ -27,14 +27,30 @@ DRAFTER = "drafter.cell.test"
 REFRESH_S = 0.2
 GRACE_S = 2.0
 MAX_TOKENS = 160
+FIRST_VERIFY_DELAY_S = 0.02  # MAX_TOKENS steps (every draft misses: one token a step) outlast GRACE_S there
 FIRST, SECOND = "127.0.0.1", "127.0.0.2"
+
+
+def slowed(servicer, delay_s: float):
+    """The verifier servicer with each Verify held back by `delay_s`, so a request there lasts long
+    enough for a test to act while it runs (the tiny model steps in milliseconds)."""
+    if delay_s:
+        verify = servicer.Verify
+
+        async def slow_verify(request, context):
+            await asyncio.sleep(delay_s)
+            return await verify(request, context)
+
+        servicer.Verify = slow_verify
+    return servicer
 
 
 class Cell:
     """Two verifier and two drafter replicas (in-process, on FIRST and SECOND), a router that finds
-    them through the zone, and clients that keep streams going until `finish`."""
+    them through the zone, and clients that keep streams going until `finish`. Verify on FIRST is
+    held back by `first_delay_s`."""
 
-    def __init__(self, target, records: Records, dns_port: int, grace_s: float, clients: int = 6) -> None:
+    def __init__(self, target, records: Records, dns_port: int, grace_s: float, clients: int = 6, first_delay_s: float = 0.0) -> None:
         from drafter_svc.server import SERVICE_NAME as DRAFTER_SERVICE
         from verifier_svc.main import build_servicer
         from verifier_svc.server import SERVICE_NAME as VERIFIER_SERVICE
@@ -45,8 +61,12 @@ class Cell:
         self.verifier = {ip: f"{ip}:{vport}" for ip in (FIRST, SECOND)}
         self.drafter = {ip: f"{ip}:{dport}" for ip in (FIRST, SECOND)}
         self.servers = {
-            ip: ServerThread(lambda s: verifier_pb2_grpc.add_VerifierServiceServicer_to_server(build_servicer(str(target), max_sequences=8), s),
-                             [VERIFIER_SERVICE], host=ip, port=vport)
+            ip: ServerThread(
+                lambda s, delay=first_delay_s if ip == FIRST else 0.0: verifier_pb2_grpc.add_VerifierServiceServicer_to_server(
+                    slowed(build_servicer(str(target), max_sequences=8), delay), s
+                ),
+                [VERIFIER_SERVICE], host=ip, port=vport,
+            )
             for ip in (FIRST, SECOND)
         }
         self.drafters = {ip: ScriptedDrafter() for ip in (FIRST, SECOND)}
@@ -83,6 +103,19 @@ class Cell:
 
         async def read() -> dict[str, int]:  # on the router's loop
             return {loop.replica.address: len(loop.running) for loop in self.scheduler.loops}
+
+        return self.router.call(read(), timeout=5)
+
+    def fresh_on(self, verifier: str, drafter: str, generated_below: int) -> bool:
+        """Whether a request on those verifier and drafter replicas has generated fewer than
+        `generated_below` tokens."""
+        homes = self.scheduler.drafters["scripted"].home
+
+        async def read() -> bool:  # on the router's loop
+            return any(
+                r.generated < generated_below and homes.get(r.id) == drafter
+                for loop in self.scheduler.loops if loop.replica.address == verifier for r in loop.running
+            )
 
         return self.router.call(read(), timeout=5)
 
@@ -133,7 +166,7 @@ def test_replicas_added_and_removed_in_dns_take_requests_and_lose_none(tiny_targ
     records.set(FIRST, name=VERIFIER)
     records.set(FIRST, name=DRAFTER)
     started = time.monotonic()
-    with cell(tiny_target, records, dns_port, GRACE_S) as c:
+    with cell(tiny_target, records, dns_port, GRACE_S, first_delay_s=FIRST_VERIFY_DELAY_S) as c:
         first, second = c.verifier[FIRST], c.verifier[SECOND]
         group = c.scheduler.drafters["scripted"]
         assert wait_until(lambda: c.drafters[FIRST].calls > 0 and c.placement().get(first, 0) > 0, 30), "the load never started"
@@ -155,7 +188,8 @@ def test_replicas_added_and_removed_in_dns_take_requests_and_lose_none(tiny_targ
         assert c.scheduler.moved == 0 and loop in c.scheduler.loops and not loop.retiring
 
         # Removed mid-load: the first replicas keep their requests through the grace, then they move.
-        assert wait_until(lambda: c.placement().get(first, 0) > 0, 20), "nothing ran on the first verifier to move"
+        # A request just started there has more steps left than the grace period lasts.
+        assert wait_until(lambda: c.fresh_on(first, c.drafter[FIRST], MAX_TOKENS // 8), 30), "no request started on the first replicas to move"
         records.set(SECOND, name=VERIFIER)
         records.set(SECOND, name=DRAFTER)
         removed = time.monotonic()
