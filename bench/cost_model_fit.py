@@ -1,14 +1,15 @@
 """Does the startup profile alone predict the verifier's step times? The router's cost-profile sweep,
 then held-out steps of shapes the sweep never ran, predicted by the fitted model with no online refit.
 
-    python bench/cost_model_fit.py [--steps 80] [--out bench/results/cost_model_fit.json]
+    python bench/cost_model_fit.py [--steps 90] [--out bench/results/cost_model_fit.json]
 
 Starts `smartspec serve verifier` (embedded target, float32) as its own process. The sweep is the one
-the router runs at start-up (router/controller/profile.py: uniform and mixed k per request at three
-contexts and four batch sizes), timed as a whole. The held-out steps draw, per step, a batch of 1-16
+the router runs at start-up (router/controller/profile.py: uniform and mixed k per request over spread
+contexts and four batch sizes, and steps that also carry a prefill chunk), timed as a whole. The held-out steps draw, per step, a batch of 1-16
 requests whose contexts differ (16 to 1,500 tokens) and a k of 0-7 per request, each timed as the median
-of 3 runs. Reported: the sweep's duration and the mean absolute percentage error of the predicted RPC
-time on the held-out steps.
+of 3 runs; every third also carries a prefill chunk (16-128 tokens) of a long prompt, as paced steps
+under load do. Reported: the sweep's duration and the mean absolute percentage error of the predicted
+RPC time on the held-out decoding steps and, apart, on the steps with a chunk.
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ from pathlib import Path
 import grpc
 
 from router.controller.cost_model import new_verify_model
-from router.controller.profile import K_MAX, measure, step_features
+from router.controller.profile import K_MAX, PrefillRow, measure, step_features
 from smartspec.bench.verifier_process import VerifierProcess
 from smartspec.serving import CHANNEL_OPTIONS
 from smartspec.wire import verifier_pb2, verifier_pb2_grpc
 
 VOCAB = 49152
 REPEATS = 3
+CHUNK_EVERY = 3  # every third held-out step also prefills a chunk
+CHUNKS = (16, 48, 128)  # its sizes, drawn per step: what the pacer gives on this CPU (tens of tokens) and more
+CHUNK_PROMPT = 4000
+CHUNKED = "h-chunked"
 
 
 async def profile(address: str, info) -> tuple[list, list[float], float]:
@@ -42,33 +47,47 @@ async def profile(address: str, info) -> tuple[list, list[float], float]:
 
 
 def held_out(stub, steps: int, rng: random.Random) -> tuple[list, list[float], list[dict]]:
+    """Every CHUNK_EVERY-th step also carries a prefill chunk of a long prompt admitted chunked, as a
+    paced step under load does."""
     ids = [f"h{i}" for i in range(16)]
     lengths = {i: rng.randint(16, 1500) for i in ids}
     stub.Prefill(verifier_pb2.PrefillRequest(items=[verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, VOCAB) for _ in range(n)]) for i, n in lengths.items()]))
+    prompt = [rng.randrange(3, VOCAB) for _ in range(CHUNK_PROMPT)]
+    stub.Prefill(verifier_pb2.PrefillRequest(items=[verifier_pb2.PrefillItem(request_id=CHUNKED, token_ids=prompt)], chunked=True))
+    cached = 0  # of the chunked prompt
     rows, seconds, shapes = [], [], []
     for n in range(steps + 2):
         batch = rng.sample(ids, rng.randint(1, 16))
         ks = [rng.randint(0, K_MAX) for _ in batch]
         contexts = [lengths[i] for i in batch]
+        chunk = rng.choice(CHUNKS) if n % CHUNK_EVERY == CHUNK_EVERY - 1 and cached + REPEATS * max(CHUNKS) < CHUNK_PROMPT else 0
+        chunks = [PrefillRow(cached, chunk)] if chunk else []
         times = []
         for _ in range(REPEATS):  # the median of a few runs of the shape: one step's own noise is large here
             drafts = [rng.randrange(3, VOCAB) for _ in range(sum(ks))]
+            message = verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts,
+                                                 prefill_request_ids=[CHUNKED] if chunk else [], prefill_counts=[chunk] if chunk else [])
             started = time.perf_counter()
-            reply = stub.Verify(verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts))
+            reply = stub.Verify(message)
             times.append(time.perf_counter() - started)
+            cached += chunk
             for i, accepted in zip(batch, reply.accepted_counts):
                 lengths[i] += accepted + 1
         if n >= 2:
-            rows.append(step_features(contexts, ks))
+            rows.append(step_features(contexts, ks, chunks))
             seconds.append(statistics.median(times))
-            shapes.append(dict(batch=len(batch), ks=ks, contexts=contexts))
-    stub.Release(verifier_pb2.ReleaseRequest(request_ids=ids))
+            shapes.append(dict(batch=len(batch), ks=ks, contexts=contexts, prefill_chunk=chunk))
+    stub.Release(verifier_pb2.ReleaseRequest(request_ids=ids + [CHUNKED]))
     return rows, seconds, shapes
+
+
+def mape(errors: list[float]) -> str:
+    return f"MAPE {100 * statistics.mean(errors):.1f}% (median {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%)" if errors else "none"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--out", default="bench/results/cost_model_fit.json")
     args = parser.parse_args()
     with VerifierProcess(["--max-sequences", "32"]) as verifier:
@@ -79,11 +98,14 @@ def main() -> None:
         info = verifier.info
     predicted = [model.predict(x) for x in test_rows]
     errors = [abs(p - s) / s for p, s in zip(predicted, test_seconds)]
-    mape = statistics.mean(errors)
+    decoding = [e for e, shape in zip(errors, shapes) if not shape["prefill_chunk"]]
+    chunked = [e for e, shape in zip(errors, shapes) if shape["prefill_chunk"]]
     print(f"profile sweep: {len(rows)} steps in {sweep_s:.1f} s; coefficients {model.as_dict()}")
-    print(f"held-out: {len(errors)} steps, MAPE {100 * mape:.1f}% (median {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%)")
+    print(f"held-out decoding steps: {len(decoding)}, {mape(decoding)}")
+    print(f"held-out steps with a prefill chunk: {len(chunked)}, {mape(chunked)}")
     meta = dict(model=Path(info.model.model).name, device_name=info.model.device_name, dtype=info.model.dtype, machine=platform.machine())
-    result = dict(meta=meta, sweep_steps=len(rows), sweep_s=sweep_s, coefficients=model.as_dict(), held_out_mape=mape,
+    result = dict(meta=meta, sweep_steps=len(rows), sweep_s=sweep_s, coefficients=model.as_dict(), held_out_mape=statistics.mean(decoding),
+                  held_out_chunk_mape=statistics.mean(chunked) if chunked else None,
                   held_out=[dict(shape, features=x.tolist(), measured_s=s, predicted_s=p)
                             for shape, x, s, p in zip(shapes, test_rows, test_seconds, predicted)],
                   sweep=[dict(features=x.tolist(), measured_s=s) for x, s in zip(rows, seconds)])

@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Sequence
 import grpc
 
 from router.controlled import NAME as CONTROLLED
-from router.controller.controller import PrefillRow, Slot, SpeculationController
+from router.controller.controller import Slot, SpeculationController
+from router.controller.profile import PrefillRow
 from router.controller.policies import ControllerPolicy
 from router.drafters import TREE_DRAFTERS, Draft, pack_parents
 from router.policy import RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k

@@ -195,3 +195,38 @@ def test_a_request_cancelled_mid_prefill_frees_its_state(tiny_target):
         router.stop()
         server.stop()
         verifier.inner.thread.close()
+
+
+def test_the_startup_sweep_also_times_steps_that_carry_a_prefill_chunk(tiny_target):
+    """The cost profile covers the paced steps of serving under load: some of its Verify calls carry a
+    chunk of a prompt admitted chunked, and the sweep leaves nothing behind in the verifier."""
+    import asyncio
+
+    from router.controller import profile
+
+    server = verifier_for(str(tiny_target), max_sequences=32)  # a slot beside the 16 swept requests
+    chunks: list[int] = []
+
+    class Watched:  # the verifier's stub, noting each Verify's prefill chunks
+        def __init__(self, stub) -> None:
+            self._stub = stub
+
+        def __getattr__(self, name: str):
+            return getattr(self._stub, name)
+
+        async def Verify(self, request, timeout=None):
+            chunks.extend(request.prefill_counts)
+            return await self._stub.Verify(request, timeout=timeout)
+
+    async def sweep():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = verifier_pb2_grpc.VerifierServiceStub(channel)
+            info = await stub.Info(verifier_pb2.InfoRequest(), timeout=10)
+            rows, seconds = await profile.measure(Watched(stub), info)
+            return rows, seconds, await stub.Info(verifier_pb2.InfoRequest(), timeout=10)
+
+    rows, seconds, after = asyncio.run(sweep())
+    decoding_only = profile.sweep_plan(16, 1, random.Random(0)).steps  # the same sweep without chunks
+    assert len(rows) == len(seconds) == len(decoding_only) + len(chunks) and min(seconds) > 0
+    assert len(chunks) >= profile.ROUNDS and set(chunks) <= set(profile.CHUNK_TOKENS)
+    assert after.live_sequences == 0 and after.kv_used_tokens == 0

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from router.controller.acceptance import DrafterRates, RequestAcceptance, expected_tokens
-from router.controller.controller import PrefillRow, Slot, SpeculationController
+from router.controller.controller import Slot, SpeculationController
+from router.controller.profile import PrefillRow
 from router.controller.cost_model import LinearCostModel, VERIFY_FEATURES, verify_features
 
 
@@ -121,21 +122,36 @@ def test_profile_fit_keeps_coefficients_non_negative_and_refits_the_rest():
 
 
 def test_sweep_plan_varies_batch_context_and_k_independently():
-    from router.controller.profile import BATCHES, CONTEXT_RANGE, K_MAX, sweep_plan
+    from router.controller.profile import BATCHES, CHUNK_TOKENS, CONTEXT_RANGE, K_MAX, ROUNDS, sweep_plan
 
-    plan = sweep_plan(16, 1200, random.Random(0))
+    plan = sweep_plan(16, 1200, random.Random(0), chunk_room=ROUNDS * sum(CHUNK_TOKENS))
     assert plan.contexts[0] == CONTEXT_RANGE[0] and plan.contexts[-1] == 1200 and plan.contexts == sorted(plan.contexts)
-    assert {len(ks) for _, ks in plan.steps} == set(BATCHES)
-    assert all(len(set(picked)) == len(picked) == len(ks) and 0 <= min(ks) and max(ks) <= K_MAX for picked, ks in plan.steps)
+    assert {len(ks) for _, ks, _ in plan.steps} == set(BATCHES)
+    assert all(len(set(picked)) == len(picked) == len(ks) and 0 <= min(ks) and max(ks) <= K_MAX for picked, ks, _ in plan.steps)
     # at one batch size, the mean context of the steps differs: context is not tied to batch size
-    singles = [plan.contexts[picked[0]] for picked, ks in plan.steps if len(ks) == 1]
+    singles = [plan.contexts[picked[0]] for picked, ks, _ in plan.steps if len(ks) == 1]
     assert max(singles) - min(singles) > 400
     # steps of every batch size are spread over the sweep, not run one size after the other
-    first_half = {len(ks) for _, ks in plan.steps[: len(plan.steps) // 2]}
+    first_half = {len(ks) for _, ks, _ in plan.steps[: len(plan.steps) // 2]}
     assert first_half == set(BATCHES)
-    assert sweep_plan(16, 1200, random.Random(0)) == plan  # reproducible
-    small = sweep_plan(3, 10, random.Random(0))  # a tiny model's context, a small cache
-    assert max(small.contexts) == 10 and {len(ks) for _, ks in small.steps} == {1}
+    # every chunk size, in every round, beside decoding requests: the paced steps of serving under load
+    assert sorted(chunk for _, _, chunk in plan.steps if chunk) == sorted(CHUNK_TOKENS * ROUNDS)
+    assert plan.chunk_tokens == ROUNDS * sum(CHUNK_TOKENS)
+    assert sweep_plan(16, 1200, random.Random(0), chunk_room=ROUNDS * sum(CHUNK_TOKENS)) == plan  # reproducible
+    small = sweep_plan(3, 10, random.Random(0), chunk_room=ROUNDS * (CHUNK_TOKENS[0] + CHUNK_TOKENS[1]))  # a tiny model, a small cache
+    assert max(small.contexts) == 10 and {len(ks) for _, ks, _ in small.steps} == {1}
+    assert {chunk for _, _, chunk in small.steps} == {0, CHUNK_TOKENS[0], CHUNK_TOKENS[1]}  # the chunks that fit
+    assert sweep_plan(3, 10, random.Random(0)).chunk_tokens == 0  # no room: no chunk steps
+
+
+def test_a_prefill_chunk_is_a_row_of_its_tokens_over_its_context():
+    """The profile and the controller describe a chunk alike: its tokens are new tokens, it leaves
+    cached + tokens in the KV cache, and each of its tokens attends causally (the mean: cached + (tokens + 1) / 2)."""
+    from router.controller.profile import step_features
+
+    row = step_features([100, 50], [3, 0], [PrefillRow(cached=200, tokens=64)])
+    assert list(row) == [1, 4 + 1 + 64, 150 + 264, 4 * 100 + 1 * 50 + 64 * 200 + 64 * 65 / 2, 3, 1]
+    assert step_features([100], [0], [PrefillRow(cached=0, tokens=1)])[-1] == 0  # one-token rows only: no jump
 
 
 def controller_with(step_cost: tuple[float, ...], initial_rate: float = 0.5) -> SpeculationController:
@@ -222,7 +238,7 @@ def test_prefill_chunks_are_priced_into_the_step_and_shrink_its_speculation():
     assert record.predicted_s == pytest.approx(0.05 + 0.004 * (4 + sum(ks) + 150) + 0.01 + drafting)  # the jump once, paid by the chunk
     controller.observe_step([100] * 4, ks, {}, step_s=0.5, prefill=[chunk])
     row = controller.verify_cost._x[-1]  # const, new tokens, context, attended, sequences, any speculation
-    assert list(row) == [1, 4 + sum(ks) + 150, 400 + 350, 100 * (4 + sum(ks)) + 150 * 350, 5, 1]
+    assert list(row) == [1, 4 + sum(ks) + 150, 400 + 350, 100 * (4 + sum(ks)) + 150 * (200 + 151 / 2), 5, 1]
     controller.begin_step()  # the next step prefills nothing
     assert controller.decide(slots) == alone
 

@@ -386,14 +386,19 @@ def test_a_long_prompt_is_prefilled_in_paced_chunks_beside_the_decoding_requests
     the pacer has measured both kinds of step, a step that prefills takes about PREFILL_STRETCH times one
     that only decodes (noise off, so the world's step times are what the pacer sees)."""
     steps = []
-    original = StepCosts.step_s
+    original, profile = StepCosts.step_s, sim_loop.startup_profile
 
     def spy(self, contexts, ks, chunks=()):
         seconds = original(self, contexts, ks, chunks)
         steps.append((len(ks), sum(c.tokens for c in chunks), seconds))
         return seconds
 
+    def profile_unseen(*args, **kwargs):  # the startup sweep's steps are not the loop's
+        profile(*args, **kwargs)
+        steps.clear()
+
     monkeypatch.setattr(StepCosts, "step_s", spy)
+    monkeypatch.setattr(sim_loop, "startup_profile", profile_unseen)
     requests = [RequestSpec(i, 0, 40, 200, arrival_s=0.0) for i in range(4)] + [RequestSpec(4, 0, 1500, 8, arrival_s=2.0)]
     cell = Cell(StepCosts(load_profile(CPU)), AcceptanceModel(0.7, 0.1), tuple(requests), "prompt_lookup", 8, None, 0, 0.0)
     records, _ = simulate(cell, "none")

@@ -36,7 +36,7 @@ from router.controller.allocator import (
     predicted_goodput,
 )
 from router.controller.cost_model import LinearCostModel, draft_features, new_draft_model, new_verify_model
-from router.controller.profile import step_features
+from router.controller.profile import PrefillRow, step_features
 from router.controller.tree import TreeCalibration, path_probs
 
 # Drafters that run no model: their proposals cost next to nothing per request (a host-side match).
@@ -51,21 +51,6 @@ class Slot:
     drafter: str  # "none" when it has no drafter (or its drafter is unavailable this step)
     cap: int  # most tokens it may speculate (budget, context, proposal length already applied)
     context_tokens: int
-
-
-@dataclass(frozen=True)
-class PrefillRow:
-    """A prefill chunk in a step, as the cost model sees it: a row of `tokens` new tokens after the
-    `cached` tokens of its context already in the KV cache (each attends to at most cached + tokens)."""
-
-    cached: int
-    tokens: int
-
-
-def features(contexts: Sequence[int], ks: Sequence[int], prefill: Sequence[PrefillRow] = ()) -> np.ndarray:
-    """The verify cost model's features of a step: requests with these contexts verifying these ks,
-    beside these prefill chunks (each a row of `tokens` new tokens over `cached + tokens` keys)."""
-    return step_features([*contexts, *(p.cached + p.tokens for p in prefill)], [*ks, *(p.tokens - 1 for p in prefill)])
 
 
 @dataclass
@@ -190,7 +175,7 @@ class SpeculationController:
         already pays the jump to multi-token rows)."""
         coef = self.verify_cost.as_dict()
         context = sum(s.context_tokens for s in slots)
-        base = self.verify_cost.predict(features([s.context_tokens for s in slots], [0] * len(slots), self._prefill))
+        base = self.verify_cost.predict(step_features([s.context_tokens for s in slots], [0] * len(slots), self._prefill))
         jump = 0.0 if any(p.tokens > 1 for p in self._prefill) else coef["any_speculation"]
         drafters = {}
         for name in {s.drafter for s in slots if s.drafter != "none"}:
@@ -222,7 +207,7 @@ class SpeculationController:
         if not drafters or cap <= 0:
             return "none"
         coef = self.verify_cost.as_dict()
-        base = max(self.verify_cost.predict(features([context_tokens], [0])), 1e-4)
+        base = max(self.verify_cost.predict(step_features([context_tokens], [0])), 1e-4)
         best, best_value = "none", 1.0 / base
         for name in drafters:
             candidate = self._candidate(request_id, name, min(cap, self.k_max))
@@ -322,7 +307,7 @@ class SpeculationController:
         for calibration in self.calibrations.values():
             calibration.decay(self.rate_decay)
         drafting_s = max((seconds for _, seconds in drafts.values()), default=0.0)
-        self.verify_cost.observe(features(contexts, ks, prefill), max(step_s - drafting_s, 0.0))
+        self.verify_cost.observe(step_features(contexts, ks, prefill), max(step_s - drafting_s, 0.0))
         for drafter, (asked, seconds) in drafts.items():
             if any(asked):
                 self.drafter_cost(drafter).observe(draft_features(asked), seconds)

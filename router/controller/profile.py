@@ -1,5 +1,5 @@
 """The startup profile: a short sweep of Verify steps over batch size x speculation length x context,
-fitted by least squares into the verify cost model's prior, cached on disk per model, device and dtype,
+some of them carrying a prefill chunk as paced steps do (router/prefill_budget.py), fitted by least squares into the verify cost model's prior, cached on disk per model, device and dtype,
 and, when router replicas share state, in a shared store under the same key (so only the first replica
 of a fleet pays for the sweep).
 
@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import grpc
 
@@ -28,7 +28,7 @@ from smartspec.wire import verifier_pb2
 
 log = logging.getLogger("smartspec.router.profile")
 
-PROFILE_VERSION = 6
+PROFILE_VERSION = 7
 BATCHES = (1, 4, 8, 16)
 # The swept requests' cached lengths are spread over this range (the contexts serving sees), and each step
 # draws its own subset of them: batch size, context and k then vary independently, as they do in serving.
@@ -41,6 +41,13 @@ MIXED_STEPS = 2
 ROUNDS = 2  # the plan's steps this many times over, each round with its own draws
 WARMUP_STEPS = 3
 PREFILL_GROUP = 4  # the swept requests are prefilled this many per call
+# Per round, one step carrying a prefill chunk of each of these sizes beside decoding requests of mixed k:
+# the router paces prompts into its steps in chunks (router/prefill_budget.py), so under load most steps
+# carry one, and a model fitted on decoding steps alone extrapolates to them (seen: 15% step-time error in
+# Poisson load runs against 7% on held-out decoding steps). One request, admitted chunked, supplies
+# them all, so its cached part grows over the sweep as a prompt's does.
+CHUNK_TOKENS = (16, 64, 256)
+CHUNK_ID = "__profile-chunk"
 
 
 @dataclass(frozen=True)
@@ -49,21 +56,31 @@ class SweepPlan:
     each step is the indices of the requests it verifies and their ks."""
 
     contexts: list[int]
-    steps: list[tuple[list[int], list[int]]]
+    steps: list[tuple[list[int], list[int], int]]  # (requests, their ks, prefill chunk tokens beside them; 0: none)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """The context the chunked request needs: all its chunks."""
+        return sum(chunk for _, _, chunk in self.steps)
 
 
-def sweep_plan(sequences: int, longest: int, rng: random.Random) -> SweepPlan:
+def sweep_plan(sequences: int, longest: int, rng: random.Random, chunk_room: int = 0) -> SweepPlan:
     """Steps in a random order, so that the machine's drift over the sweep (thermal, a neighbour) is
     noise rather than aliased into one feature's coefficient, as it would be with one context after
-    the other."""
+    the other. Chunk steps take the CHUNK_TOKENS sizes that fit `chunk_room` tokens over all rounds."""
     high = max(1, min(CONTEXT_RANGE[1], longest))
     low = min(CONTEXT_RANGE[0], high)
     contexts = [round(low + (high - low) * i / max(sequences - 1, 1)) for i in range(sequences)]
+    batches = [b for b in BATCHES if b <= sequences]
+    chunks = [c for c in CHUNK_TOKENS if ROUNDS * sum(c2 for c2 in CHUNK_TOKENS if c2 <= c) <= chunk_room]
     steps = []
     for _ in range(ROUNDS):
-        for batch in (b for b in BATCHES if b <= sequences):
+        for batch in batches:
             for ks in _patterns(batch, rng):
-                steps.append((sorted(rng.sample(range(sequences), batch)), ks))
+                steps.append((sorted(rng.sample(range(sequences), batch)), ks, 0))
+        for chunk in chunks:
+            batch = rng.choice(batches)
+            steps.append((sorted(rng.sample(range(sequences), batch)), [rng.randint(0, K_MAX) for _ in range(batch)], chunk))
     rng.shuffle(steps)
     return SweepPlan(contexts, steps)
 
@@ -107,45 +124,75 @@ async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 
     vocab = info.model.vocab_size
     sequences = min(max(BATCHES), info.max_sequences or max(BATCHES))
     # a request grows about one token per step it is in (random drafts are rejected), plus slack
-    growth = ROUNDS * len(BATCHES) * len(_patterns(max(BATCHES), random.Random(0))) + WARMUP_STEPS + 2 * K_MAX
+    growth = ROUNDS * (len(BATCHES) * len(_patterns(max(BATCHES), random.Random(0))) + len(CHUNK_TOKENS)) + WARMUP_STEPS + 2 * K_MAX
     longest = min(CONTEXT_RANGE[1], info.model.max_context - growth)
+    # the chunked request needs a sequence slot of its own, its context under the limit, and its share of the cache
+    chunk_room = ROUNDS * sum(CHUNK_TOKENS) if not info.max_sequences or info.max_sequences > sequences else 0
+    chunk_room = min(chunk_room, info.model.max_context - 1)
     if info.kv_capacity_tokens:  # they must fit the KV cache: shorter contexts first, then fewer requests
-        while sequences and int(0.9 * info.kv_capacity_tokens) // sequences - growth - 32 < 4 * CONTEXT_RANGE[0]:
+        budget = int(0.9 * info.kv_capacity_tokens)
+        chunk_room = min(chunk_room, budget // 4)
+        budget -= chunk_room
+        while sequences and budget // sequences - growth - 32 < 4 * CONTEXT_RANGE[0]:
             sequences //= 2
         if sequences:
-            longest = min(longest, int(0.9 * info.kv_capacity_tokens) // sequences - growth - 32)
+            longest = min(longest, budget // sequences - growth - 32)
     if sequences < 1 or longest < 1:
         return [], []
-    plan = sweep_plan(sequences, longest, rng)
+    plan = sweep_plan(sequences, longest, rng, chunk_room)
     ids = [f"__profile-{i}" for i in range(sequences)]
     items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(n)]) for i, n in zip(ids, plan.contexts)]
     lengths = dict(zip(ids, plan.contexts))
+    chunked = [CHUNK_ID] if plan.chunk_tokens else []
+    cached = 0  # of the chunked request's context
     rows, seconds = [], []
     try:
         for start in range(0, len(items), PREFILL_GROUP):  # small calls: each within the timeout on a slow machine
             await verifier.Prefill(verifier_pb2.PrefillRequest(items=items[start : start + PREFILL_GROUP]), timeout=timeout_s)
-        warmup = [(list(range(sequences)), [1] * sequences)] * WARMUP_STEPS
-        for n, (picked, ks) in enumerate(warmup + plan.steps):
+        if chunked:
+            prompt = [rng.randrange(3, vocab) for _ in range(plan.chunk_tokens)]
+            await verifier.Prefill(verifier_pb2.PrefillRequest(items=[verifier_pb2.PrefillItem(request_id=CHUNK_ID, token_ids=prompt)], chunked=True), timeout=timeout_s)
+        warmup = [(list(range(sequences)), [1] * sequences, 0)] * WARMUP_STEPS
+        for n, (picked, ks, chunk) in enumerate(warmup + plan.steps):
             batch = [ids[i] for i in picked]
             drafts = [rng.randrange(3, vocab) for _ in range(sum(ks))]
+            message = verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts)
+            if chunk:
+                message.prefill_request_ids.append(CHUNK_ID)
+                message.prefill_counts.append(chunk)
             started = time.perf_counter()
-            reply = await verifier.Verify(verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts), timeout=timeout_s)
+            reply = await verifier.Verify(message, timeout=timeout_s)
             elapsed = time.perf_counter() - started
             if n >= WARMUP_STEPS:
                 seconds.append(elapsed)
-                rows.append(step_features([lengths[i] for i in batch], ks))
+                rows.append(step_features([lengths[i] for i in batch], ks, [PrefillRow(cached, chunk)] if chunk else []))
+            cached += chunk
             for i, accepted in zip(batch, reply.accepted_counts):
                 lengths[i] += accepted + 1
     finally:
-        await verifier.Release(verifier_pb2.ReleaseRequest(request_ids=ids), timeout=timeout_s)
+        await verifier.Release(verifier_pb2.ReleaseRequest(request_ids=ids + chunked), timeout=timeout_s)
     return rows, seconds
 
 
-def step_features(contexts: list[int], ks: list[int]):
-    """The cost model's features of a Verify over requests with these cached lengths and ks."""
-    return verify_features(
-        len(ks), sum(k + 1 for k in ks), sum(contexts), any(ks), attended_tokens=sum((k + 1) * c for k, c in zip(ks, contexts))
-    )
+@dataclass(frozen=True)
+class PrefillRow:
+    """A prefill chunk in a step, as the cost model sees it: a row of `tokens` new tokens after the
+    `cached` tokens of its context already in the KV cache (each attends to at most cached + tokens)."""
+
+    cached: int
+    tokens: int
+
+
+def step_features(contexts: Sequence[int], ks: Sequence[int], prefill: Sequence[PrefillRow] = ()):
+    """The cost model's features of a Verify over requests with these cached lengths and ks, beside these
+    prefill chunks: each a row of `tokens` new tokens that leaves `cached + tokens` in the KV cache, its
+    tokens attending causally (cached + (tokens + 1) / 2 keys each on average; a verify row's few
+    drafts are counted at their request's context)."""
+    attended = sum((k + 1) * c for k, c in zip(ks, contexts)) + sum(p.tokens * (p.cached + (p.tokens + 1) / 2) for p in prefill)
+    rows = len(ks) + len(prefill)
+    new_tokens = sum(k + 1 for k in ks) + sum(p.tokens for p in prefill)
+    any_multi = any(ks) or any(p.tokens > 1 for p in prefill)
+    return verify_features(rows, new_tokens, sum(contexts) + sum(p.cached + p.tokens for p in prefill), any_multi, attended_tokens=attended)
 
 
 async def load_or_measure(

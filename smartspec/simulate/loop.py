@@ -18,9 +18,9 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from router.controller.controller import PrefillRow, Slot, SpeculationController
+from router.controller.controller import Slot, SpeculationController
 from router.controller.policies import controller_policies
-from router.controller.profile import BATCHES, CONTEXT_RANGE, step_features, sweep_plan
+from router.controller.profile import BATCHES, CHUNK_TOKENS, CONTEXT_RANGE, ROUNDS, PrefillRow, step_features, sweep_plan
 from router.policy import PolicyRegistry, RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
 from router.prefill_budget import PrefillPacer
 from smartspec.bench.metrics import RequestRecord
@@ -87,14 +87,16 @@ class Cell:
 
 def startup_profile(controller: SpeculationController, costs: StepCosts, noise: Noise, seed: int, scale: float = 1.0) -> None:
     """What the router does at start (router/controller/profile.py): the same sweep plan of Verify
-    steps over batch x k x context, fitted into the verify model's prior; here the steps are the world's.
+    steps over batch x k x context, some carrying a prefill chunk, fitted into the verify model's prior; here the steps are the world's.
     `scale` != 1 stands for a cached profile measured on a busier or quieter machine."""
-    plan = sweep_plan(max(BATCHES), CONTEXT_RANGE[1], random.Random(seed))
-    rows, seconds = [], []
-    for picked, ks in plan.steps:
+    plan = sweep_plan(max(BATCHES), CONTEXT_RANGE[1], random.Random(seed), chunk_room=ROUNDS * sum(CHUNK_TOKENS))
+    rows, seconds, cached = [], [], 0
+    for picked, ks, chunk in plan.steps:
         contexts = [plan.contexts[i] for i in picked]
-        rows.append(step_features(contexts, ks))
-        seconds.append(noise(costs.verify_s(len(ks), sum(k + 1 for k in ks), sum(contexts), sum((k + 1) * c for k, c in zip(ks, contexts)))))
+        chunks = [PrefillRow(cached, chunk)] if chunk else []
+        cached += chunk
+        rows.append(step_features(contexts, ks, chunks))
+        seconds.append(noise(costs.step_s(contexts, ks, chunks)))
     controller.verify_cost.fit_batch(rows, seconds)
     controller.verify_cost.reset_prior(controller.verify_cost.prior * scale)
 

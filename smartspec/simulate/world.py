@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence
 import numpy as np
 
 from router.controller.allocator import DrafterCost
-from router.controller.controller import PrefillRow
+from router.controller.profile import PrefillRow
 from router.prefill_budget import DEFAULT_MAX_STEP_TOKENS
 
 if TYPE_CHECKING:
