@@ -142,6 +142,24 @@ def test_the_controller_never_sees_the_truth_except_clairvoyant(monkeypatch):
     assert calls["gains"] > 0
 
 
+def test_clairvoyant_prices_the_steps_prefill_as_the_controller_does():
+    """The reference differs from goodput in what it knows, not in what it maximises: a step's prefill
+    chunk is in its true step time, and the chunk's tokens count in the step's goodput."""
+    from router.controller.profile import PrefillRow
+    from router.policy import RequestView
+    from smartspec.simulate.oracle import ClairvoyantPolicy
+
+    costs = StepCosts(load_profile(CPU))
+    chunks: list[PrefillRow] = []
+    oracle = ClairvoyantPolicy(costs, {}, 8, lambda: chunks)
+    views = [RequestView(request_id=f"r{i}", drafter="prompt_lookup", context_tokens=300, generated=5, max_k=8) for i in range(4)]
+    alone = oracle.step_cost(views)
+    assert alone.fixed_tokens == 0 and alone.base_s == pytest.approx(costs.step_s([300] * 4, [0] * 4))
+    chunks.append(PrefillRow(cached=100, tokens=48))
+    beside = oracle.step_cost(views)
+    assert beside.fixed_tokens == 48 and beside.base_s == pytest.approx(costs.step_s([300] * 4, [0] * 4, chunks)) and beside.base_s > alone.base_s
+
+
 def test_a_trace_load_runs_its_low_high_low_phases():
     rows = run_sweep(config(policies=["none"], trace_rates=[4.0]))
     row = rows[0]

@@ -200,6 +200,11 @@ class SpeculationController:
         priced into every prediction until the next call."""
         self._prefill = tuple(prefill)
 
+    @property
+    def step_prefill(self) -> tuple[PrefillRow, ...]:
+        """The prefill chunks of the step being decided (begin_step)."""
+        return self._prefill
+
     def choose_drafter(self, request_id: str, drafters: Sequence[str], cap: int, context_tokens: int) -> str:
         """For drafter 'auto': the drafter that gives this request the best predicted goodput on its
         own (best over k <= cap), from its acceptance estimate for this request, how often it has

@@ -105,7 +105,7 @@ def make_policy(spec: str, controller: SpeculationController, costs: StepCosts, 
     """The router's registry (fixed policies, plus the controller's 'goodput' and 'uniform'), and the
     simulator's own reference 'clairvoyant'."""
     registry = PolicyRegistry(controller_policies(controller))
-    registry.register(CLAIRVOYANT, ClairvoyantPolicy(costs, truths, controller.k_max))
+    registry.register(CLAIRVOYANT, ClairvoyantPolicy(costs, truths, controller.k_max, lambda: controller.step_prefill))
     return registry.get(spec)
 
 
