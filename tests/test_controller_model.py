@@ -122,9 +122,9 @@ def test_profile_fit_keeps_coefficients_non_negative_and_refits_the_rest():
 
 
 def test_sweep_plan_varies_batch_context_and_k_independently():
-    from router.controller.profile import BATCHES, CHUNK_TOKENS, CONTEXT_RANGE, K_MAX, ROUNDS, sweep_plan
+    from router.controller.profile import ALL_CHUNKS, BATCHES, CHUNK_TOKENS, CONTEXT_RANGE, K_MAX, ROUNDS, sweep_plan
 
-    plan = sweep_plan(16, 1200, random.Random(0), chunk_room=ROUNDS * sum(CHUNK_TOKENS))
+    plan = sweep_plan(16, 1200, random.Random(0), chunk_room=ALL_CHUNKS)
     assert plan.contexts[0] == CONTEXT_RANGE[0] and plan.contexts[-1] == 1200 and plan.contexts == sorted(plan.contexts)
     assert {len(ks) for _, ks, _ in plan.steps} == set(BATCHES)
     assert all(len(set(picked)) == len(picked) == len(ks) and 0 <= min(ks) and max(ks) <= K_MAX for picked, ks, _ in plan.steps)
@@ -134,13 +134,16 @@ def test_sweep_plan_varies_batch_context_and_k_independently():
     # steps of every batch size are spread over the sweep, not run one size after the other
     first_half = {len(ks) for _, ks, _ in plan.steps[: len(plan.steps) // 2]}
     assert first_half == set(BATCHES)
-    # every chunk size, in every round, beside decoding requests: the paced steps of serving under load
-    assert sorted(chunk for _, _, chunk in plan.steps if chunk) == sorted(CHUNK_TOKENS * ROUNDS)
-    assert plan.chunk_tokens == ROUNDS * sum(CHUNK_TOKENS)
-    assert sweep_plan(16, 1200, random.Random(0), chunk_room=ROUNDS * sum(CHUNK_TOKENS)) == plan  # reproducible
+    # every chunk size, in every round, beside decoding requests: the paced steps of serving under load;
+    # the chunks follow one another through the chunked request's context, in the order they run
+    chunks = [chunk for _, _, chunk in plan.steps if chunk]
+    assert sorted(chunk.tokens for chunk in chunks) == sorted(CHUNK_TOKENS * ROUNDS)
+    assert [chunk.cached for chunk in chunks] == [sum(c.tokens for c in chunks[:i]) for i in range(len(chunks))]
+    assert plan.chunk_tokens == ALL_CHUNKS
+    assert sweep_plan(16, 1200, random.Random(0), chunk_room=ALL_CHUNKS) == plan  # reproducible
     small = sweep_plan(3, 10, random.Random(0), chunk_room=ROUNDS * (CHUNK_TOKENS[0] + CHUNK_TOKENS[1]))  # a tiny model, a small cache
     assert max(small.contexts) == 10 and {len(ks) for _, ks, _ in small.steps} == {1}
-    assert {chunk for _, _, chunk in small.steps} == {0, CHUNK_TOKENS[0], CHUNK_TOKENS[1]}  # the chunks that fit
+    assert {chunk.tokens for _, _, chunk in small.steps if chunk} == {CHUNK_TOKENS[0], CHUNK_TOKENS[1]}  # the chunks that fit
     assert sweep_plan(3, 10, random.Random(0)).chunk_tokens == 0  # no room: no chunk steps
 
 

@@ -35,7 +35,7 @@ from router.controller.allocator import (
     expected_total,
     predicted_goodput,
 )
-from router.controller.cost_model import LinearCostModel, draft_features, new_draft_model, new_verify_model
+from router.controller.cost_model import VERIFY_FEATURES, LinearCostModel, draft_features, new_draft_model, new_verify_model
 from router.controller.profile import PrefillRow, step_features
 from router.controller.tree import TreeCalibration, path_probs
 
@@ -175,8 +175,9 @@ class SpeculationController:
         already pays the jump to multi-token rows)."""
         coef = self.verify_cost.as_dict()
         context = sum(s.context_tokens for s in slots)
-        base = self.verify_cost.predict(step_features([s.context_tokens for s in slots], [0] * len(slots), self._prefill))
-        jump = 0.0 if any(p.tokens > 1 for p in self._prefill) else coef["any_speculation"]
+        at_zero = step_features([s.context_tokens for s in slots], [0] * len(slots), self._prefill)  # [features]
+        base = self.verify_cost.predict(at_zero)
+        jump = 0.0 if at_zero[VERIFY_FEATURES.index("any_speculation")] else coef["any_speculation"]  # paid by a chunk already
         drafters = {}
         for name in {s.drafter for s in slots if s.drafter != "none"}:
             d = self.drafter_cost(name).as_dict()

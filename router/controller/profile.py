@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -46,43 +47,56 @@ PREFILL_GROUP = 4  # the swept requests are prefilled this many per call
 # carry one, and a model fitted on decoding steps alone extrapolates to them (seen: 15% step-time error in
 # Poisson load runs against 7% on held-out decoding steps). One request, admitted chunked, supplies
 # them all, so its cached part grows over the sweep as a prompt's does.
-CHUNK_TOKENS = (16, 64, 256)
+CHUNK_TOKENS = (16, 64, 256)  # ascending: where the room is short, the largest sizes go first
+ALL_CHUNKS = ROUNDS * sum(CHUNK_TOKENS)  # the chunked request's context when every size fits
 CHUNK_ID = "__profile-chunk"
+
+
+@dataclass(frozen=True)
+class PrefillRow:
+    """A prefill chunk in a step, as the cost model sees it: a row of `tokens` new tokens after the
+    `cached` tokens of its context already in the KV cache (each attends to at most cached + tokens)."""
+
+    cached: int
+    tokens: int
 
 
 @dataclass(frozen=True)
 class SweepPlan:
     """The sweep's requests (their cached lengths at the start) and its steps, in the order they run:
-    each step is the indices of the requests it verifies and their ks."""
+    each step is the indices of the requests it verifies, their ks, and the chunk of the chunked request
+    it prefills beside them (None: none; chunks follow one another through that request's context)."""
 
     contexts: list[int]
-    steps: list[tuple[list[int], list[int], int]]  # (requests, their ks, prefill chunk tokens beside them; 0: none)
+    steps: list[tuple[list[int], list[int], PrefillRow | None]]
 
     @property
     def chunk_tokens(self) -> int:
         """The context the chunked request needs: all its chunks."""
-        return sum(chunk for _, _, chunk in self.steps)
+        return sum(chunk.tokens for _, _, chunk in self.steps if chunk)
 
 
 def sweep_plan(sequences: int, longest: int, rng: random.Random, chunk_room: int = 0) -> SweepPlan:
     """Steps in a random order, so that the machine's drift over the sweep (thermal, a neighbour) is
     noise rather than aliased into one feature's coefficient, as it would be with one context after
-    the other. Chunk steps take the CHUNK_TOKENS sizes that fit `chunk_room` tokens over all rounds."""
+    the other. Chunk steps take the smallest CHUNK_TOKENS sizes whose chunks, over all rounds, fit in
+    `chunk_room` tokens (ALL_CHUNKS: every size)."""
     high = max(1, min(CONTEXT_RANGE[1], longest))
     low = min(CONTEXT_RANGE[0], high)
     contexts = [round(low + (high - low) * i / max(sequences - 1, 1)) for i in range(sequences)]
     batches = [b for b in BATCHES if b <= sequences]
-    chunks = [c for c in CHUNK_TOKENS if ROUNDS * sum(c2 for c2 in CHUNK_TOKENS if c2 <= c) <= chunk_room]
-    steps = []
+    sizes = [size for size, total in zip(CHUNK_TOKENS, itertools.accumulate(CHUNK_TOKENS)) if ROUNDS * total <= chunk_room]
+    steps: list[tuple[list[int], list[int], int]] = []
     for _ in range(ROUNDS):
         for batch in batches:
             for ks in _patterns(batch, rng):
                 steps.append((sorted(rng.sample(range(sequences), batch)), ks, 0))
-        for chunk in chunks:
+        for size in sizes:
             batch = rng.choice(batches)
-            steps.append((sorted(rng.sample(range(sequences), batch)), [rng.randint(0, K_MAX) for _ in range(batch)], chunk))
+            steps.append((sorted(rng.sample(range(sequences), batch)), [rng.randint(0, K_MAX) for _ in range(batch)], size))
     rng.shuffle(steps)
-    return SweepPlan(contexts, steps)
+    cached = list(itertools.accumulate((size for _, _, size in steps), initial=0))  # the chunked request's, before each step
+    return SweepPlan(contexts, [(picked, ks, PrefillRow(before, size) if size else None) for (picked, ks, size), before in zip(steps, cached)])
 
 
 def _patterns(batch: int, rng: random.Random) -> list[list[int]]:
@@ -127,7 +141,7 @@ async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 
     growth = ROUNDS * (len(BATCHES) * len(_patterns(max(BATCHES), random.Random(0))) + len(CHUNK_TOKENS)) + WARMUP_STEPS + 2 * K_MAX
     longest = min(CONTEXT_RANGE[1], info.model.max_context - growth)
     # the chunked request needs a sequence slot of its own, its context under the limit, and its share of the cache
-    chunk_room = ROUNDS * sum(CHUNK_TOKENS) if not info.max_sequences or info.max_sequences > sequences else 0
+    chunk_room = ALL_CHUNKS if not info.max_sequences or info.max_sequences > sequences else 0
     chunk_room = min(chunk_room, info.model.max_context - 1)
     if info.kv_capacity_tokens:  # they must fit the KV cache: shorter contexts first, then fewer requests
         budget = int(0.9 * info.kv_capacity_tokens)
@@ -144,7 +158,6 @@ async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 
     items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(n)]) for i, n in zip(ids, plan.contexts)]
     lengths = dict(zip(ids, plan.contexts))
     chunked = [CHUNK_ID] if plan.chunk_tokens else []
-    cached = 0  # of the chunked request's context
     rows, seconds = [], []
     try:
         for start in range(0, len(items), PREFILL_GROUP):  # small calls: each within the timeout on a slow machine
@@ -152,35 +165,25 @@ async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 
         if chunked:
             prompt = [rng.randrange(3, vocab) for _ in range(plan.chunk_tokens)]
             await verifier.Prefill(verifier_pb2.PrefillRequest(items=[verifier_pb2.PrefillItem(request_id=CHUNK_ID, token_ids=prompt)], chunked=True), timeout=timeout_s)
-        warmup = [(list(range(sequences)), [1] * sequences, 0)] * WARMUP_STEPS
+        warmup = [(list(range(sequences)), [1] * sequences, None)] * WARMUP_STEPS
         for n, (picked, ks, chunk) in enumerate(warmup + plan.steps):
             batch = [ids[i] for i in picked]
             drafts = [rng.randrange(3, vocab) for _ in range(sum(ks))]
             message = verifier_pb2.VerifyRequest(request_ids=batch, draft_counts=ks, draft_token_ids=drafts)
             if chunk:
                 message.prefill_request_ids.append(CHUNK_ID)
-                message.prefill_counts.append(chunk)
+                message.prefill_counts.append(chunk.tokens)
             started = time.perf_counter()
             reply = await verifier.Verify(message, timeout=timeout_s)
             elapsed = time.perf_counter() - started
             if n >= WARMUP_STEPS:
                 seconds.append(elapsed)
-                rows.append(step_features([lengths[i] for i in batch], ks, [PrefillRow(cached, chunk)] if chunk else []))
-            cached += chunk
+                rows.append(step_features([lengths[i] for i in batch], ks, [chunk] if chunk else []))
             for i, accepted in zip(batch, reply.accepted_counts):
                 lengths[i] += accepted + 1
     finally:
         await verifier.Release(verifier_pb2.ReleaseRequest(request_ids=ids + chunked), timeout=timeout_s)
     return rows, seconds
-
-
-@dataclass(frozen=True)
-class PrefillRow:
-    """A prefill chunk in a step, as the cost model sees it: a row of `tokens` new tokens after the
-    `cached` tokens of its context already in the KV cache (each attends to at most cached + tokens)."""
-
-    cached: int
-    tokens: int
 
 
 def step_features(contexts: Sequence[int], ks: Sequence[int], prefill: Sequence[PrefillRow] = ()):

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from router.controller.controller import Slot, SpeculationController
 from router.controller.policies import controller_policies
-from router.controller.profile import BATCHES, CHUNK_TOKENS, CONTEXT_RANGE, ROUNDS, PrefillRow, step_features, sweep_plan
+from router.controller.profile import ALL_CHUNKS, BATCHES, CONTEXT_RANGE, PrefillRow, step_features, sweep_plan
 from router.policy import PolicyRegistry, RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
 from router.prefill_budget import PrefillPacer
 from smartspec.bench.metrics import RequestRecord
@@ -89,12 +89,11 @@ def startup_profile(controller: SpeculationController, costs: StepCosts, noise: 
     """What the router does at start (router/controller/profile.py): the same sweep plan of Verify
     steps over batch x k x context, some carrying a prefill chunk, fitted into the verify model's prior; here the steps are the world's.
     `scale` != 1 stands for a cached profile measured on a busier or quieter machine."""
-    plan = sweep_plan(max(BATCHES), CONTEXT_RANGE[1], random.Random(seed), chunk_room=ROUNDS * sum(CHUNK_TOKENS))
-    rows, seconds, cached = [], [], 0
+    plan = sweep_plan(max(BATCHES), CONTEXT_RANGE[1], random.Random(seed), chunk_room=ALL_CHUNKS)
+    rows, seconds = [], []
     for picked, ks, chunk in plan.steps:
         contexts = [plan.contexts[i] for i in picked]
-        chunks = [PrefillRow(cached, chunk)] if chunk else []
-        cached += chunk
+        chunks = [chunk] if chunk else []
         rows.append(step_features(contexts, ks, chunks))
         seconds.append(noise(costs.step_s(contexts, ks, chunks)))
     controller.verify_cost.fit_batch(rows, seconds)
