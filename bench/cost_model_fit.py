@@ -2,6 +2,7 @@
 then held-out steps of shapes the sweep never ran, predicted by the fitted model with no online refit.
 
     python bench/cost_model_fit.py [--steps 90] [--out bench/results/cost_model_fit.json]
+    python bench/cost_model_fit.py --refit SAVED.json     # fit a saved run's samples again
 
 Starts `smartspec serve verifier` (embedded target, float32) as its own process. The sweep is the one
 the router runs at start-up (router/controller/profile.py: uniform and mixed k per request over spread
@@ -9,7 +10,9 @@ contexts and four batch sizes, and steps that also carry a prefill chunk), timed
 requests whose contexts differ (16 to 1,500 tokens) and a k of 0-7 per request, each timed as the median
 of 3 runs; every third also carries a prefill chunk (16-128 tokens) of a long prompt, as paced steps
 under load do. Reported: the sweep's duration and the mean absolute percentage error of the predicted
-RPC time on the held-out decoding steps and, apart, on the steps with a chunk.
+RPC time on the held-out decoding steps and, apart, on the steps with a chunk, and the breakpoints the
+fit chose (cost_model.Breakpoints), beside the same sweep fitted at fixed breakpoints (the default: a
+jump once a step has two new tokens, no knee).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 
-from router.controller.cost_model import new_verify_model
+from router.controller.cost_model import Breakpoints, new_verify_model
 from router.controller.profile import K_MAX, PrefillRow, measure, step_features
 from smartspec.bench.verifier_process import VerifierProcess
 from smartspec.serving import CHANNEL_OPTIONS
@@ -85,29 +89,65 @@ def mape(errors: list[float]) -> str:
     return f"MAPE {100 * statistics.mean(errors):.1f}% (median {100 * statistics.median(errors):.1f}%, worst {100 * max(errors):.1f}%)" if errors else "none"
 
 
+def evaluate(rows: list, seconds: list[float], test_rows: list, test_seconds: list[float], shapes: list[dict]) -> dict[str, dict]:
+    """The sweep fitted with breakpoints chosen by the fit, and at the fixed default ones; each fit's
+    held-out errors, printed, and its predictions."""
+    fits = {}
+    for name, breaks in (("fitted breakpoints", None), ("fixed breakpoints", Breakpoints())):
+        model = new_verify_model()
+        model.fit_batch(rows, seconds, breaks)
+        predicted = [model.predict(x) for x in test_rows]
+        errors = [abs(p - s) / s for p, s in zip(predicted, test_seconds)]
+        decoding = [e for e, shape in zip(errors, shapes) if not shape["prefill_chunk"]]
+        chunked = [e for e, shape in zip(errors, shapes) if shape["prefill_chunk"]]
+        fits[name] = dict(breakpoints=model.breaks.as_dict(), coefficients=model.as_dict(), held_out_mape=statistics.mean(decoding),
+                          held_out_chunk_mape=statistics.mean(chunked) if chunked else None, predicted_s=predicted)
+        print(f"{name}: {model.breaks}, coefficients {model.as_dict()}")
+        print(f"  held-out decoding steps: {len(decoding)}, {mape(decoding)}")
+        print(f"  held-out steps with a prefill chunk: {len(chunked)}, {mape(chunked)}")
+    return fits
+
+
+def saved_shape(features: list[float], before_breakpoints: bool) -> np.ndarray:
+    """A saved step's shape. Runs saved before the model had breakpoints end with its jump indicator
+    (some row of several tokens) where the shape now has its longest row: 1 + that indicator stands
+    for it exactly, as far as the model can tell."""
+    shape = np.asarray(features, dtype=float)
+    if before_breakpoints:
+        shape[-1] += 1
+    return shape
+
+
+def refit(path: Path) -> None:
+    """`--refit`: the fits of a saved run's own samples, no verifier needed."""
+    saved = json.loads(path.read_text())
+    old = "fits" not in saved
+    rows = [saved_shape(step["features"], old) for step in saved["sweep"]]
+    test_rows = [saved_shape(step["features"], old) for step in saved["held_out"]]
+    print(f"{path}: {len(rows)} sweep steps, {len(test_rows)} held-out steps")
+    evaluate(rows, [step["measured_s"] for step in saved["sweep"]], test_rows, [step["measured_s"] for step in saved["held_out"]], saved["held_out"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--out", default="bench/results/cost_model_fit.json")
+    parser.add_argument("--refit", type=Path, help="fit a saved run's samples again (no verifier, nothing written)")
     args = parser.parse_args()
+    if args.refit:
+        refit(args.refit)
+        return
     with VerifierProcess(["--max-sequences", "32"]) as verifier:
         rows, seconds, sweep_s = asyncio.run(profile(verifier.address, verifier.info))
-        model = new_verify_model()
-        model.fit_batch(rows, seconds)
         test_rows, test_seconds, shapes = held_out(verifier.stub, args.steps, random.Random(1))
         info = verifier.info
-    predicted = [model.predict(x) for x in test_rows]
-    errors = [abs(p - s) / s for p, s in zip(predicted, test_seconds)]
-    decoding = [e for e, shape in zip(errors, shapes) if not shape["prefill_chunk"]]
-    chunked = [e for e, shape in zip(errors, shapes) if shape["prefill_chunk"]]
-    print(f"profile sweep: {len(rows)} steps in {sweep_s:.1f} s; coefficients {model.as_dict()}")
-    print(f"held-out decoding steps: {len(decoding)}, {mape(decoding)}")
-    print(f"held-out steps with a prefill chunk: {len(chunked)}, {mape(chunked)}")
+    print(f"profile sweep: {len(rows)} steps in {sweep_s:.1f} s")
+    fits = evaluate(rows, seconds, test_rows, test_seconds, shapes)
     meta = dict(model=Path(info.model.model).name, device_name=info.model.device_name, dtype=info.model.dtype, machine=platform.machine())
-    result = dict(meta=meta, sweep_steps=len(rows), sweep_s=sweep_s, coefficients=model.as_dict(), held_out_mape=statistics.mean(decoding),
-                  held_out_chunk_mape=statistics.mean(chunked) if chunked else None,
-                  held_out=[dict(shape, features=x.tolist(), measured_s=s, predicted_s=p)
-                            for shape, x, s, p in zip(shapes, test_rows, test_seconds, predicted)],
+    predictions = {name: fit.pop("predicted_s") for name, fit in fits.items()}
+    result = dict(meta=meta, sweep_steps=len(rows), sweep_s=sweep_s, fits=fits,
+                  held_out=[dict(shape, features=x.tolist(), measured_s=s, predicted_s={name: p[i] for name, p in predictions.items()})
+                            for i, (shape, x, s) in enumerate(zip(shapes, test_rows, test_seconds))],
                   sweep=[dict(features=x.tolist(), measured_s=s) for x, s in zip(rows, seconds)])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -221,7 +221,7 @@ async def build_router(
             shared = SharedState(settings.redis_url, settings.redis_namespace, controller)
         except ValueError as err:
             raise ValueError(f"--redis-url {settings.redis_url!r}: {err}") from None
-    log.info("%s", await load_or_measure(verifier, info, controller.verify_cost, settings.cost_profile, shared))
+    log.info("%s", await load_or_measure(verifier, info, controller.verify_cost, settings.cost_profile, shared, settings.max_step_tokens))
     policies = policies or PolicyRegistry()
     for name, policy in controller_policies(controller).items():
         policies.register(name, policy)

@@ -36,7 +36,9 @@ def problems(draw, drafters: tuple[str, ...], positional: tuple[str, ...]):
         name: DrafterCost(draw(seconds), draw(seconds) if name in positional else 0.0, draw(st.floats(0.0, 0.01)))
         for name in drafters
     }
-    cost = StepCost(base_s=draw(st.floats(0.01, 0.3)), token_s=draw(st.floats(0.0005, 0.05)), jump_s=draw(st.floats(0.0, 0.1)), drafters=costs)
+    # the cost model's breakpoints: the jump after a few draft tokens, a knee past which tokens cost more
+    bends = dict(jump_after=draw(st.integers(1, 6)), knee_after=draw(st.sampled_from([float("inf"), 0, 2, 5])), excess_s=draw(st.floats(0.0, 0.05)))
+    cost = StepCost(base_s=draw(st.floats(0.01, 0.3)), token_s=draw(st.floats(0.0005, 0.05)), jump_s=draw(st.floats(0.0, 0.1)), drafters=costs, **bends)
     return candidates, cost
 
 
@@ -113,6 +115,15 @@ def test_the_jump_at_the_first_token_does_not_stop_the_search():
     assert predicted_goodput(candidates, [1], cost) < predicted_goodput(candidates, [0], cost)
     ks = allocate_goodput(candidates, cost)
     assert ks[0] >= 3 and predicted_goodput(candidates, ks, cost) > predicted_goodput(candidates, [0], cost)
+
+
+def test_a_jump_a_few_tokens_in_is_paid_only_past_them():
+    """A CPU whose steps leave their fast path at the 3rd draft token: a request of middling acceptance
+    verifies two drafts (the cheap ones), not one and not past the jump."""
+    cost = StepCost(base_s=0.055, token_s=0.002, jump_s=0.03, jump_after=3)
+    candidates = [Candidate(0.5, 8, "d")]
+    assert allocate_goodput(candidates, cost) == [2]
+    assert predicted_goodput(candidates, [2], cost) > max(predicted_goodput(candidates, [k], cost) for k in (0, 1, 3, 8))
 
 
 def test_decision_time_at_64_requests_and_k8_is_reported():

@@ -10,7 +10,7 @@ import pytest
 from router.controller.acceptance import DrafterRates, RequestAcceptance, expected_tokens
 from router.controller.controller import Slot, SpeculationController
 from router.controller.profile import PrefillRow
-from router.controller.cost_model import LinearCostModel, VERIFY_FEATURES, verify_features
+from router.controller.cost_model import Breakpoints, VerifyCostModel, verify_features
 
 
 def test_expected_tokens_is_the_sum_of_acceptance_powers():
@@ -80,24 +80,24 @@ def test_a_drafter_with_thin_evidence_looks_promising_and_one_measured_at_length
 
 
 def test_online_refit_recovers_the_true_step_cost():
-    true = np.array([0.04, 0.006, 0.00002, 0.000002, 0.003, 0.025])
-    model = LinearCostModel(VERIFY_FEATURES, prior=[0.1, 0.0, 0.0, 0.0, 0.0, 0.0], window=200, refit_every=10)
+    true = np.array([0.04, 0.006, 0.00002, 0.000002, 0.003, 0.025, 0.001])
+    model = VerifyCostModel(prior=[0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], breaks=Breakpoints(4, 48), window=200, refit_every=10)
     rng = np.random.default_rng(0)
     for _ in range(200):
         b = int(rng.integers(1, 17))
         ks = rng.integers(0, 6, size=b)
-        feats = verify_features(b, int(b + ks.sum()), int(rng.integers(10, 800)) * b, bool(ks.any()))
-        model.observe(feats, float(feats @ true) * float(rng.normal(1.0, 0.02)))
-    probe = verify_features(8, 30, 4000, True)
-    assert model.predict(probe) == pytest.approx(float(probe @ true), rel=0.05)
+        shape = verify_features(b, int(b + ks.sum()), int(rng.integers(10, 800)) * b, int(ks.max()) + 1)
+        model.observe(shape, float(model.design(shape) @ true) * float(rng.normal(1.0, 0.02)))
+    probe = verify_features(8, 60, 4000, 7)
+    assert model.predict(probe) == pytest.approx(float(model.design(probe) @ true), rel=0.05)
     assert model.error().mape < 0.2
 
 
 def test_refit_with_a_constant_feature_stays_near_the_prior():
     """Batch size never varies in the window: its coefficient must not run off."""
-    model = LinearCostModel(VERIFY_FEATURES, prior=[0.04, 0.005, 0.00002, 0.000002, 0.003, 0.02], refit_every=1)
+    model = VerifyCostModel(prior=[0.04, 0.005, 0.00002, 0.000002, 0.003, 0.02, 0.0], refit_every=1)
     for n in range(1, 40):
-        model.observe(verify_features(4, 4 + n % 5, 400, n % 5 > 0), 0.06 + 0.005 * (n % 5))
+        model.observe(verify_features(4, 4 + n % 5, 400, 1 + n % 5), 0.06 + 0.005 * (n % 5))
     assert 0 <= model.as_dict()["sequences"] < 0.05
     assert all(c >= 0 for c in model.coef)
 
@@ -105,26 +105,47 @@ def test_refit_with_a_constant_feature_stays_near_the_prior():
 def test_profile_fit_keeps_coefficients_non_negative_and_refits_the_rest():
     """A true cost with no context term, measured with noise: a free fit can give that term a small
     negative value; the profile's fit must give 0 and still predict the steps it measured."""
-    true = np.array([0.05, 0.004, 0.0, 0.0, 0.003, 0.02])
+    true = np.array([0.05, 0.004, 0.0, 0.0, 0.003, 0.02, 0.0])
+    truth = Breakpoints(2, None)
     rng = np.random.default_rng(1)
     rows, seconds = [], []
     for _ in range(60):
         b = int(rng.integers(1, 17))
         ks = rng.integers(0, 8, size=b)
-        x = verify_features(b, int(b + ks.sum()), int(rng.integers(16, 1400)) * b, bool(ks.any()))
-        rows.append(x)
-        seconds.append(float(x @ true) * float(rng.normal(1.0, 0.05)))
-    model = LinearCostModel(VERIFY_FEATURES, prior=[0.0] * len(VERIFY_FEATURES))
+        shape = verify_features(b, int(b + ks.sum()), int(rng.integers(16, 1400)) * b, int(ks.max()) + 1)
+        rows.append(shape)
+        seconds.append(float(truth.features(shape) @ true) * float(rng.normal(1.0, 0.05)))
+    model = VerifyCostModel(prior=[0.0] * 7)
     model.fit_batch(rows, seconds)
     assert (model.coef >= 0).all() and (model.prior == model.coef).all()
     errors = [abs(model.predict(x) - y) / y for x, y in zip(rows, seconds)]
     assert np.mean(errors) < 0.06
 
 
+@pytest.mark.parametrize("truth", [Breakpoints(4, None), Breakpoints(8, None), Breakpoints(2, 32), Breakpoints(4, 128)], ids=str)
+def test_profile_fit_finds_where_the_step_cost_bends(truth):
+    """A CPU whose steps jump once they carry a few tokens (the reference CPU: at 4), a GPU whose steps
+    turn compute-bound past a knee: the profile's sweep, timed with noise, is fitted with the
+    breakpoints that made it, and steps it did not time are predicted within 5%."""
+    from router.controller.profile import ALL_CHUNKS, step_features, sweep_plan
+
+    true = np.array([0.03, 0.0005, 0.00001, 0.0000005, 0.001, 0.02, 0.002])
+    rng = np.random.default_rng(2)
+    plan = sweep_plan(16, 1400, random.Random(0), chunk_room=ALL_CHUNKS)
+    rows = [step_features([plan.contexts[i] for i in picked], ks, [chunk] if chunk else []) for picked, ks, chunk in plan.steps]
+    seconds = [float(truth.features(row) @ true) * float(rng.normal(1.0, 0.03)) for row in rows]
+    model = VerifyCostModel(prior=[0.0] * 7)
+    model.fit_batch(rows, seconds)
+    assert model.breaks == truth
+    for contexts, ks in (([300], [2]), ([300], [5]), ([500] * 16, [7] * 16), ([500] * 12, [2] * 12), ([800] * 32, [1] * 32)):
+        shape = step_features(contexts, ks)
+        assert model.predict(shape) == pytest.approx(float(truth.features(shape) @ true), rel=0.05)
+
+
 def test_sweep_plan_varies_batch_context_and_k_independently():
     from router.controller.profile import ALL_CHUNKS, BATCHES, CHUNK_TOKENS, CONTEXT_RANGE, K_MAX, ROUNDS, sweep_plan
 
-    plan = sweep_plan(16, 1200, random.Random(0), chunk_room=ALL_CHUNKS)
+    plan = sweep_plan(16, 1200, random.Random(0), chunk_room=ALL_CHUNKS, largest_chunk=max(CHUNK_TOKENS))
     assert plan.contexts[0] == CONTEXT_RANGE[0] and plan.contexts[-1] == 1200 and plan.contexts == sorted(plan.contexts)
     assert {len(ks) for _, ks, _ in plan.steps} == set(BATCHES)
     assert all(len(set(picked)) == len(picked) == len(ks) and 0 <= min(ks) and max(ks) <= K_MAX for picked, ks, _ in plan.steps)
@@ -140,7 +161,9 @@ def test_sweep_plan_varies_batch_context_and_k_independently():
     assert sorted(chunk.tokens for chunk in chunks) == sorted(CHUNK_TOKENS * ROUNDS)
     assert [chunk.cached for chunk in chunks] == [sum(c.tokens for c in chunks[:i]) for i in range(len(chunks))]
     assert plan.chunk_tokens == ALL_CHUNKS
-    assert sweep_plan(16, 1200, random.Random(0), chunk_room=ALL_CHUNKS) == plan  # reproducible
+    assert sweep_plan(16, 1200, random.Random(0), chunk_room=ALL_CHUNKS, largest_chunk=max(CHUNK_TOKENS)) == plan  # reproducible
+    capped = sweep_plan(16, 1200, random.Random(0), chunk_room=ALL_CHUNKS, largest_chunk=300)  # --max-step-tokens 300
+    assert {chunk.tokens for _, _, chunk in capped.steps if chunk} == {size for size in CHUNK_TOKENS if size <= 300}
     small = sweep_plan(3, 10, random.Random(0), chunk_room=ROUNDS * (CHUNK_TOKENS[0] + CHUNK_TOKENS[1]))  # a tiny model, a small cache
     assert max(small.contexts) == 10 and {len(ks) for _, ks, _ in small.steps} == {1}
     assert {chunk.tokens for _, _, chunk in small.steps if chunk} == {CHUNK_TOKENS[0], CHUNK_TOKENS[1]}  # the chunks that fit
@@ -153,19 +176,19 @@ def test_a_prefill_chunk_is_a_row_of_its_tokens_over_its_context():
     from router.controller.profile import step_features
 
     row = step_features([100, 50], [3, 0], [PrefillRow(cached=200, tokens=64)])
-    assert list(row) == [1, 4 + 1 + 64, 150 + 264, 4 * 100 + 1 * 50 + 64 * 200 + 64 * 65 / 2, 3, 1]
-    assert step_features([100], [0], [PrefillRow(cached=0, tokens=1)])[-1] == 0  # one-token rows only: no jump
+    assert list(row) == [1, 4 + 1 + 64, 150 + 264, 4 * 100 + 1 * 50 + 64 * 200 + 64 * 65 / 2, 3, 64]  # its longest row: the chunk
+    assert step_features([100, 50], [0, 0])[-1] == 1  # nobody speculates: one token a row
 
 
-def controller_with(step_cost: tuple[float, ...], initial_rate: float = 0.5) -> SpeculationController:
+def controller_with(step_cost: tuple[float, ...], initial_rate: float = 0.5, breaks: Breakpoints = Breakpoints()) -> SpeculationController:
     controller = SpeculationController(k_max=8, initial_rate=initial_rate)
-    controller.verify_cost.reset_prior(step_cost)
+    controller.verify_cost.reset_prior(step_cost, breaks)
     controller.drafter_cost("prompt_lookup")
     return controller
 
 
 def test_closed_loop_speculates_when_drafts_land_and_stops_when_they_miss():
-    controller = controller_with((0.03, 0.004, 0.0, 0.0, 0.001, 0.015))
+    controller = controller_with((0.03, 0.004, 0.0, 0.0, 0.001, 0.015, 0.0))
     slots = [Slot("r", "prompt_lookup", cap=8, context_tokens=100)]
     history = []
     def step(accept_all: bool) -> int:
@@ -188,15 +211,15 @@ def test_closed_loop_speculates_when_drafts_land_and_stops_when_they_miss():
 
 def test_load_turns_speculation_off():
     """Same acceptance; a cheap step speculates, a step where tokens are dear does not."""
-    light = controller_with((0.05, 0.001, 0.0, 0.0, 0.0, 0.01), initial_rate=0.8)
-    heavy = controller_with((0.05, 0.03, 0.0, 0.0, 0.0, 0.05), initial_rate=0.8)
+    light = controller_with((0.05, 0.001, 0.0, 0.0, 0.0, 0.01, 0.0), initial_rate=0.5)
+    heavy = controller_with((0.05, 0.03, 0.0, 0.0, 0.0, 0.05, 0.0), initial_rate=0.5)
     slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=200) for i in range(16)]
     assert sum(light.decide(slots)) > 16
     assert sum(heavy.decide(slots)) == 0
 
 
 def test_hysteresis_keeps_k_when_the_gain_is_marginal():
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01, 0.0))
     slots = [Slot("r", "prompt_lookup", cap=8, context_tokens=10)]
     first = controller.decide(slots)
     controller.record(slots, [first[0] - 1])  # last step verified one less: nearly as good
@@ -206,7 +229,7 @@ def test_hysteresis_keeps_k_when_the_gain_is_marginal():
 
 
 def test_step_error_is_measured_and_requests_are_forgotten():
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01, 0.0))
     slots = [Slot("r", "prompt_lookup", cap=4, context_tokens=10)]
     ks = controller.decide(slots)
     controller.record(slots, ks)
@@ -223,10 +246,10 @@ def test_step_error_is_measured_and_requests_are_forgotten():
 
 
 def test_prefill_chunks_are_priced_into_the_step_and_shrink_its_speculation():
-    """Chunked prefill: the step's prediction counts the chunk's tokens (which also pay the jump to
-    multi-token rows), the chunk's tokens raise the rate a draft must beat, and the refit sees the chunk
-    as one more row of the step."""
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
+    """Chunked prefill: the step's prediction counts the chunk's tokens (which also take the step past
+    its jump), the chunk's tokens raise the rate a draft must beat, and the refit sees the chunk as one
+    more row of the step."""
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01, 0.0), breaks=Breakpoints(jump_tokens=8))
     slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=100) for i in range(4)]
     for slot in slots:
         for _ in range(20):
@@ -236,18 +259,19 @@ def test_prefill_chunks_are_priced_into_the_step_and_shrink_its_speculation():
     controller.begin_step([chunk])
     ks = controller.decide(slots)
     assert sum(ks) < sum(alone)
+    assert controller.step_cost(slots).jump_s == 0  # paid by the chunk
     record = controller.record(slots, ks)
-    drafting = 0.0005 + 0.00002 * sum(ks) if any(ks) else 0.0  # prompt lookup's default cost
+    drafting = 0.0001 + 0.000001 * sum(ks) if any(ks) else 0.0  # prompt lookup's default cost
     assert record.predicted_s == pytest.approx(0.05 + 0.004 * (4 + sum(ks) + 150) + 0.01 + drafting)  # the jump once, paid by the chunk
     controller.observe_step([100] * 4, ks, {}, step_s=0.5, prefill=[chunk])
-    row = controller.verify_cost._x[-1]  # const, new tokens, context, attended, sequences, any speculation
-    assert list(row) == [1, 4 + sum(ks) + 150, 400 + 350, 100 * (4 + sum(ks)) + 150 * (200 + 151 / 2), 5, 1]
+    row = controller.verify_cost._x[-1]  # VERIFY_FEATURES: const, new tokens, context, attended, sequences, multi-token, excess
+    assert list(row) == [1, 4 + sum(ks) + 150, 400 + 350, 100 * (4 + sum(ks)) + 150 * (200 + 151 / 2), 5, 1, 0]
     controller.begin_step()  # the next step prefills nothing
     assert controller.decide(slots) == alone
 
 
 def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01, 0.0))
     controller.drafter_cost("draft_model").reset_prior((0.001, 0.002, 0.0005))  # a cheap draft model
     for _ in range(10):
         controller.observe_request("r", "prompt_lookup", 4, 0)
@@ -269,7 +293,7 @@ def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():
 def test_an_unlucky_first_verify_does_not_stop_speculation_for_good():
     """Regression: a drafter whose first verify rejected everything once pinned its global rate near 0,
     so no request speculated again and no evidence could ever lift it."""
-    controller = controller_with((0.045, 0.0014, 0.00001, 0.0, 0.004, 0.014))  # the embedded model's profile
+    controller = controller_with((0.045, 0.0014, 0.00001, 0.0, 0.004, 0.014, 0.0))  # the embedded model's profile
     rng = random.Random(1)
     slots = [Slot(f"r{i}", "controlled", cap=8, context_tokens=100) for i in range(4)]
     chosen = []
@@ -289,7 +313,7 @@ def test_an_unlucky_first_verify_does_not_stop_speculation_for_good():
 
 def test_a_sibling_for_another_replica_has_the_settings_and_the_prior_but_nothing_learned():
     controller = SpeculationController(k_max=5, prior_strength=2.0, hysteresis=0.1, initial_rate=0.3, evidence_decay=0.8, rate_decay=0.99)
-    controller.verify_cost.reset_prior((0.05, 0.004, 0.0, 0.0, 0.0, 0.01))
+    controller.verify_cost.reset_prior((0.05, 0.004, 0.0, 0.0, 0.0, 0.01, 0.0))
     controller.hysteresis = 0.0  # a setting changed after construction is what the sibling copies
     controller.verify_cost.on_recalibrate = saved = lambda prior: None
     controller.observe_request("r", "prompt_lookup", 3, 1)

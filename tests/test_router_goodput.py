@@ -55,7 +55,7 @@ def test_controlled_drafter_accepts_at_the_requested_rate_and_stats_report_it(ro
     assert controlled.acceptance_by_position[0] == pytest.approx(0.7, abs=0.1)
     assert stats.steps > 0 and stats.mean_batch_size >= 1 and sum(stats.k_histogram) >= stats.steps
     assert stats.k_histogram[4] > 0 and stats.step_time_mape >= 0
-    assert set(stats.verify_cost) == {"const", "new_tokens", "context_tokens", "attended_tokens", "sequences", "any_speculation"}
+    assert set(stats.verify_cost) == {"const", "new_tokens", "context_tokens", "attended_tokens", "sequences", "multi_token", "excess_tokens"}
     assert router.stub.Stats(router_pb2.StatsRequest()).steps == 0  # the reset took effect
 
 

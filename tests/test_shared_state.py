@@ -263,6 +263,7 @@ def test_cost_profile_measured_by_one_router_is_found_by_another(namespace, tiny
             await second.close()
         assert message.startswith("cost profile loaded from redis") and namespace in message
         assert found.prior.tolist() == pytest.approx(measured.prior.tolist())
+        assert found.breaks == measured.breaks  # the fitted breakpoints travel with the coefficients
         assert files["path"].exists()  # kept locally too
 
         # Redis unreachable: the local file is the fallback, and that is said once
@@ -280,6 +281,18 @@ def test_cost_profile_measured_by_one_router_is_found_by_another(namespace, tiny
     run(scenario(), timeout_s=60)
 
 
+def test_a_cached_profile_from_before_breakpoints_is_measured_again(tmp_path, monkeypatch):
+    """A profile file an older version wrote (coefficients of another model, no breakpoints) under the
+    same key is not read into this model: the router measures a new one."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"coefficients": {"const": 0.05, "new_tokens": 0.001, "any_speculation": 0.01}}))
+    monkeypatch.setattr(profile, "cache_path", lambda info: path)
+    info = verifier_pb2.InfoResponse()
+    info.model.max_context, info.model.vocab_size = 2048, 100
+    with pytest.raises(AssertionError, match="was measured"):
+        run(profile.load_or_measure(NoVerifier(), info, new_verify_model(), "auto"), timeout_s=10)
+
+
 @pytest.mark.parametrize("scale", [0.3, 3.0])
 def test_a_stale_cached_profile_is_rescaled_by_live_steps_and_replaced_everywhere(scale, namespace, tiny_target, tmp_path, monkeypatch):
     """A profile cached while the machine was busier (3x) or quieter (0.3x) than now: the router's
@@ -294,9 +307,10 @@ def test_a_stale_cached_profile_is_rescaled_by_live_steps_and_replaced_everywher
     router = RouterThread(tokenizer, verifier.address, {}, cost_profile="refresh", **settings)
     router.stop()
     [path] = (tmp_path / "profiles").glob("*.json")
-    measured = json.loads(path.read_text())["coefficients"]
+    saved = json.loads(path.read_text())
+    measured = saved["coefficients"]
     stale = {name: value * scale for name, value in measured.items()}
-    path.write_text(json.dumps({"coefficients": stale}))
+    path.write_text(json.dumps(dict(saved, coefficients=stale)))  # its breakpoints kept
     with redis.Redis.from_url(REDIS_URL) as client:
         [key] = client.keys(f"{namespace}:profile:*")
         client.delete(key)  # the replica finds the stale file and publishes it, as a restarted fleet would

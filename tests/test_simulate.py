@@ -227,7 +227,7 @@ def test_a_stale_startup_profile_is_corrected_within_50_steps(scale, monkeypatch
     simulate(cell, "goodput")
     errors = list(controllers[-1]._step_errors)  # every step's |predicted - true| / true, in order
     assert 100 <= len(errors) < controllers[-1]._step_errors.maxlen
-    assert np.mean(errors[:10]) > 0.3  # the stale profile was wrong at first
+    assert np.mean(errors[:8]) > 0.3  # the stale profile was wrong at first (the first refit comes after 8 steps)
     assert np.mean(errors[50:]) < 0.15
     assert controllers[-1].verify_cost.recalibrations >= 1
 

@@ -149,7 +149,7 @@ def test_the_controller_learns_the_expected_accepted_length_of_trees():
 
 def test_a_tree_request_is_given_a_budget_from_its_gains_and_cut_to_what_pays():
     controller = SpeculationController(k_max=8)
-    controller.verify_cost.reset_prior((0.050, 0.0035, 0.000012, 0.0, 0.004, 0.005))  # a small jump at the first draft token
+    controller.verify_cost.reset_prior((0.050, 0.0035, 0.000012, 0.0, 0.004, 0.005, 0.0))  # a small jump at the first draft token
     controller.drafter_cost("tree").reset_prior((0.001, 0.002, 0.0005))
     # no tree yet: the drafter's geometric prior stands in (optimistic while it has no evidence)
     a = controller.drafter_rates("tree").optimistic_rate

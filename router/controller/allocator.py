@@ -7,14 +7,17 @@ For one step over batch B with speculation lengths k_i:
 (or, for a token tree, E_i(k) = 1 + the sum of its first k nodes' chances of being accepted: any
 non-increasing per-request gain curve goes the same way)
 
-where T_step = base + c_tok * sum(k) + c_spec * [any k > 0]
-             + sum over drafters d of (d_any * [d drafts] + d_pos * max k under d + d_tok * sum k under d).
+where T_step = base + c_tok * sum(k) + c_jump * [sum(k) >= j] + c_excess * max(0, sum(k) - m)
+             + sum over drafters d of (d_any * [d drafts] + d_pos * max k under d + d_tok * sum k under d),
+
+j and m being how many draft tokens the step can add before it crosses the cost model's jump and knee
+(cost_model.Breakpoints, less the tokens the step has anyway: one per request and its prefill chunks).
 
 Our policy is per request: adding the j-th token to request i gains a_i^j tokens and costs
 c_tok + d_tok of its drafter, so candidates are taken in order of gain per cost (marginal gains
 fall with j, so each request's tokens come in order) and the best allocation seen on the way is kept.
-The fixed jump at the first speculative token means goodput may dip before it rises, so the walk never
-stops at the first dip. When only c_tok and the jump matter (one drafter, no per-position cost) this
+The jump means goodput may dip before it rises, so the walk never stops at the first dip; the knee
+only makes later tokens dearer. When only c_tok and the jump matter (one drafter, no per-position cost) this
 ordering is exactly optimal for the model; the per-position and per-drafter terms make it a close
 approximation (tests/test_controller_allocator.py bounds the gap against brute force).
 
@@ -23,7 +26,9 @@ stopping at the first k that is worse than the one before.
 
 A step that also prefills (chunked prefill) completes its chunks' tokens whatever k is: they count in
 goodput like generated tokens (``StepCost.fixed_tokens``), so a draft token must then beat a higher rate
-to be worth its time, and speculation shrinks while prefill is heavy and grows when it is light.
+to be worth its time, and speculation shrinks while prefill is heavy and grows when it is light. A
+chunk also changes what a draft costs beside it (past the jump, nearer the knee): the controller's
+StepCost says so. Two other rules were measured and not kept (docs/design.md, "Beside a prefill").
 """
 
 from __future__ import annotations
@@ -54,9 +59,16 @@ class StepCost:
     jump_s: float
     drafters: dict[str, DrafterCost] = field(default_factory=dict)
     fixed_tokens: float = 0.0  # tokens the step completes whatever k is: its prefill chunks'
+    jump_after: int = 1  # the jump is paid once the step verifies this many draft tokens
+    knee_after: float = float("inf")  # draft tokens past this many cost excess_s more each
+    excess_s: float = 0.0
+
+    def drafts_time(self, drafts: np.ndarray) -> np.ndarray:
+        """What `drafts` draft tokens in all add to the base step, before the drafters' own costs."""
+        return self.token_s * drafts + self.jump_s * (drafts >= self.jump_after) + self.excess_s * np.maximum(drafts - self.knee_after, 0)
 
     def step_time(self, ks: Sequence[int], drafters: Sequence[str]) -> float:
-        total = self.base_s + self.token_s * sum(ks) + (self.jump_s if any(ks) else 0.0)
+        total = self.base_s + float(self.drafts_time(np.asarray(sum(ks))))
         for name, cost in self.drafters.items():
             mine = [k for k, d in zip(ks, drafters) if d == name]
             if any(mine):
@@ -110,7 +122,8 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
     names = sorted({c.drafter for c in candidates})
     drafter_of = np.array([names.index(c.drafter) for c in candidates])  # [batch]
     drafter_costs = [cost.drafters.get(name, DrafterCost()) for name in names]
-    token_cost = np.array([cost.token_s + d.token_s for d in drafter_costs])[drafter_of]  # [batch]
+    drafter_token = np.array([d.token_s for d in drafter_costs])[drafter_of]  # [batch]: the drafter's cost per token
+    token_cost = cost.token_s + drafter_token  # [batch]
 
     positions = np.arange(1, k_max + 1)  # [K]
     gains = rates[:, None] ** positions[None, :]  # [batch, K]: a_i^j, the gain of request i's j-th token
@@ -122,7 +135,7 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
     ratio = gains[rows, cols] / np.maximum(token_cost[rows], 1e-12)
     order = np.argsort(-ratio, kind="stable")
     rows, cols = rows[order], cols[order]  # [M]: the walk, best gain per cost first
-    walk_gain, walk_cost = gains[rows, cols], token_cost[rows]  # [M]
+    walk_gain, walk_cost = gains[rows, cols], drafter_token[rows]  # [M]
 
     # Walks to try, all evaluated at once as rows of [walks, M] arrays: every depth cap for the drafters
     # that pay per position, and each drafter with a fixed cost left out entirely (the per-token order
@@ -135,8 +148,8 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
     keep = np.stack(walks)  # [W, M]
     zero = np.zeros((len(keep), 1))
     tokens = n + cost.fixed_tokens + np.hstack([zero, np.cumsum(walk_gain * keep, axis=1)])  # [W, M + 1]
-    time_s = cost.base_s + np.hstack([zero, np.cumsum(walk_cost * keep, axis=1)])  # [W, M + 1]
-    time_s[:, 1:] += cost.jump_s * (np.cumsum(keep, axis=1) > 0)
+    drafts = np.hstack([zero, np.cumsum(keep, axis=1)])  # [W, M + 1]: draft tokens verified
+    time_s = cost.base_s + cost.drafts_time(drafts) + np.hstack([zero, np.cumsum(walk_cost * keep, axis=1)])  # [W, M + 1]
     for index, drafter in enumerate(drafter_costs):
         if drafter.any_s == 0 and drafter.position_s == 0:
             continue

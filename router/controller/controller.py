@@ -12,8 +12,9 @@ geometric tail past that tree's size, to choose the next budget before drafting.
 proposed a tree, its drafter's geometric acceptance stands in.
 
 Chunked prefill: a step may also carry prefill chunks (``begin_step``). They are rows of the same
-forward, so every prediction of the step prices them, and their tokens count in the step's goodput like
-generated ones (allocator.py): speculation shrinks while prefill is heavy and grows when it is light.
+forward, so every prediction of the step prices them (and what a draft costs beside them), and their
+tokens count in the step's goodput like generated ones (allocator.py): speculation shrinks while prefill
+is heavy and grows when it is light.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
-import numpy as np
 
 from router.controller.acceptance import DrafterRates, RequestAcceptance
 from router.controller.allocator import (
@@ -35,7 +35,7 @@ from router.controller.allocator import (
     expected_total,
     predicted_goodput,
 )
-from router.controller.cost_model import VERIFY_FEATURES, LinearCostModel, draft_features, new_draft_model, new_verify_model
+from router.controller.cost_model import LONGEST_ROW, NEW_TOKENS, LinearCostModel, VerifyCostModel, draft_features, new_draft_model, new_verify_model
 from router.controller.profile import PrefillRow, step_features
 from router.controller.tree import TreeCalibration, path_probs
 
@@ -82,7 +82,7 @@ class SpeculationController:
         self.initial_rate = initial_rate
         self.evidence_decay = evidence_decay  # per step: a request's old acceptance evidence fades (about 10 steps)
         self.rate_decay = rate_decay  # per step: a drafter's global evidence fades (about 200 steps)
-        self.verify_cost: LinearCostModel = new_verify_model()
+        self.verify_cost: VerifyCostModel = new_verify_model()
         self.draft_cost: dict[str, LinearCostModel] = {}
         self._clear()
 
@@ -91,7 +91,7 @@ class SpeculationController:
         prior (whose rescaling, should live steps contradict it, is saved the same way), nothing learned."""
         settings = inspect.signature(SpeculationController).parameters  # each kept as an attribute of that name
         sibling = SpeculationController(**{name: getattr(self, name) for name in settings})
-        sibling.verify_cost.reset_prior(self.verify_cost.prior)
+        sibling.verify_cost.reset_prior(self.verify_cost.prior, self.verify_cost.breaks)
         sibling.verify_cost.on_recalibrate = self.verify_cost.on_recalibrate
         return sibling
 
@@ -171,22 +171,34 @@ class SpeculationController:
 
     def step_cost(self, slots: Sequence[Slot]) -> StepCost:
         """The cost model flattened for this batch (its base is the step with every k = 0, this step's
-        prefill chunks included, whose tokens it completes whatever k is; a chunk of several tokens
-        already pays the jump to multi-token rows)."""
-        coef = self.verify_cost.as_dict()
-        context = sum(s.context_tokens for s in slots)
-        at_zero = step_features([s.context_tokens for s in slots], [0] * len(slots), self._prefill)  # [features]
-        base = self.verify_cost.predict(at_zero)
-        jump = 0.0 if at_zero[VERIFY_FEATURES.index("any_speculation")] else coef["any_speculation"]  # paid by a chunk already
-        drafters = {}
-        for name in {s.drafter for s in slots if s.drafter != "none"}:
+        prefill chunks included, whose tokens it completes whatever k is; the jump and the knee come
+        after as many draft tokens as the step's own tokens leave before them)."""
+        drafters = {s.drafter for s in slots if s.drafter != "none"}
+        return self._flat_cost([s.context_tokens for s in slots], self._prefill, drafters)
+
+    def _flat_cost(self, contexts: Sequence[int], prefill: Sequence[PrefillRow], drafters: Iterable[str]) -> StepCost:
+        """StepCost of a step over requests with these contexts, beside these prefill chunks, drafting
+        with these drafters: a draft token costs its share of the step's tokens and attention over its
+        request's context (at the mean context: the allocator prices every request's tokens alike)."""
+        coef, breaks = self.verify_cost.as_dict(), self.verify_cost.breaks
+        drafter_costs = {}
+        for name in drafters:
             d = self.drafter_cost(name).as_dict()
-            drafters[name] = DrafterCost(any_s=d["any_speculation"], position_s=d["max_k"], token_s=d["sum_k"])
-        # a draft token costs its share of the step's tokens and attention over its request's context
-        # (at the batch's mean context: the allocator prices every request's tokens alike)
-        token_s = coef["new_tokens"] + coef["attended_tokens"] * context / max(len(slots), 1)
-        fixed = float(sum(p.tokens for p in self._prefill))
-        return StepCost(base_s=max(base, 1e-4), token_s=token_s, jump_s=jump, drafters=drafters, fixed_tokens=fixed)
+            drafter_costs[name] = DrafterCost(any_s=d["any_speculation"], position_s=d["max_k"], token_s=d["sum_k"])
+        at_zero = step_features(contexts, [0] * len(contexts), prefill)  # [STEP_SHAPE]
+        own = int(at_zero[NEW_TOKENS])  # tokens the step has whatever k is
+        paid = at_zero[LONGEST_ROW] > 1 and own >= breaks.jump_tokens  # by a prefill chunk
+        knee = float("inf") if breaks.knee_tokens is None else max(breaks.knee_tokens - own, 0)
+        return StepCost(
+            base_s=max(self.verify_cost.predict(at_zero), 1e-4),
+            token_s=coef["new_tokens"] + coef["attended_tokens"] * sum(contexts) / max(len(contexts), 1),
+            jump_s=0.0 if paid else coef["multi_token"],
+            drafters=drafter_costs,
+            fixed_tokens=float(sum(p.tokens for p in prefill)),
+            jump_after=max(breaks.jump_tokens - own, 1),
+            knee_after=knee,
+            excess_s=coef["excess_tokens"],
+        )
 
     def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
         priors = {name: self.drafter_rates(name).optimistic_rate for name in {s.drafter for s in slots} if name != "none"}  # once per drafter
@@ -212,16 +224,13 @@ class SpeculationController:
         anything to propose, and its cost; 'none' when there is none or no room to speculate."""
         if not drafters or cap <= 0:
             return "none"
-        coef = self.verify_cost.as_dict()
-        base = max(self.verify_cost.predict(step_features([context_tokens], [0])), 1e-4)
-        best, best_value = "none", 1.0 / base
+        cost = self._flat_cost([context_tokens], (), drafters)  # the request on its own
+        best, best_value = "none", 1.0 / cost.base_s
         for name in drafters:
             candidate = self._candidate(request_id, name, min(cap, self.k_max))
             hit = self._posterior(request_id, name).proposal_rate
-            d = self.drafter_cost(name).as_dict()
             for k in range(1, candidate.cap + 1):
-                extra = coef["any_speculation"] + d["any_speculation"] + k * (coef["new_tokens"] + d["max_k"] + d["sum_k"])
-                value = (1.0 + hit * (candidate.expected(k) - 1.0)) / (base + extra)
+                value = (1.0 + hit * (candidate.expected(k) - 1.0)) / cost.step_time([k], [name])
                 if value > best_value:
                     best, best_value = name, value
         return best

@@ -24,19 +24,21 @@ from typing import Any, Protocol, Sequence
 
 import grpc
 
-from router.controller.cost_model import VERIFY_FEATURES, LinearCostModel, verify_features
+from router.controller.cost_model import VERIFY_FEATURES, Breakpoints, VerifyCostModel, verify_features
+from router.prefill_budget import DEFAULT_MAX_STEP_TOKENS
 from smartspec.wire import verifier_pb2
 
 log = logging.getLogger("smartspec.router.profile")
 
-PROFILE_VERSION = 7
+PROFILE_VERSION = 8
 BATCHES = (1, 4, 8, 16)
 # The swept requests' cached lengths are spread over this range (the contexts serving sees), and each step
 # draws its own subset of them: batch size, context and k then vary independently, as they do in serving.
 CONTEXT_RANGE = (16, 1400)
 K_MAX = 7
 # Per batch size: these ks for every request, then requests of mixed k (the controller's usual step: each
-# request its own k), then one request at K_MAX beside requests verifying none.
+# request its own k), then one request at K_MAX beside requests verifying none. A single request runs
+# every k, so the fit can tell where a step of a few new tokens leaves its fast path (cost_model.Breakpoints).
 UNIFORM_KS = (0, 1, 3, K_MAX)
 MIXED_STEPS = 2
 ROUNDS = 2  # the plan's steps this many times over, each round with its own draws
@@ -47,7 +49,9 @@ PREFILL_GROUP = 4  # the swept requests are prefilled this many per call
 # carry one, and a model fitted on decoding steps alone extrapolates to them (seen: 15% step-time error in
 # Poisson load runs against 7% on held-out decoding steps). One request, admitted chunked, supplies
 # them all, so its cached part grows over the sweep as a prompt's does.
-CHUNK_TOKENS = (16, 64, 256)  # ascending: where the room is short, the largest sizes go first
+# The sizes up to the router's --max-step-tokens are timed (a paced chunk is never larger): on a GPU, whose
+# budget is thousands of tokens, the largest show where the step turns compute-bound (the cost model's knee).
+CHUNK_TOKENS = (16, 64, 256, 512, 1024)  # ascending: where the room is short, the largest sizes go first
 ALL_CHUNKS = ROUNDS * sum(CHUNK_TOKENS)  # the chunked request's context when every size fits
 CHUNK_ID = "__profile-chunk"
 
@@ -76,16 +80,16 @@ class SweepPlan:
         return sum(chunk.tokens for _, _, chunk in self.steps if chunk)
 
 
-def sweep_plan(sequences: int, longest: int, rng: random.Random, chunk_room: int = 0) -> SweepPlan:
+def sweep_plan(sequences: int, longest: int, rng: random.Random, chunk_room: int = 0, largest_chunk: int = DEFAULT_MAX_STEP_TOKENS) -> SweepPlan:
     """Steps in a random order, so that the machine's drift over the sweep (thermal, a neighbour) is
     noise rather than aliased into one feature's coefficient, as it would be with one context after
-    the other. Chunk steps take the smallest CHUNK_TOKENS sizes whose chunks, over all rounds, fit in
-    `chunk_room` tokens (ALL_CHUNKS: every size)."""
+    the other. Chunk steps take the smallest CHUNK_TOKENS sizes, up to `largest_chunk`, whose chunks,
+    over all rounds, fit in `chunk_room` tokens (ALL_CHUNKS: every size)."""
     high = max(1, min(CONTEXT_RANGE[1], longest))
     low = min(CONTEXT_RANGE[0], high)
     contexts = [round(low + (high - low) * i / max(sequences - 1, 1)) for i in range(sequences)]
     batches = [b for b in BATCHES if b <= sequences]
-    sizes = [size for size, total in zip(CHUNK_TOKENS, itertools.accumulate(CHUNK_TOKENS)) if ROUNDS * total <= chunk_room]
+    sizes = [size for size, total in zip(CHUNK_TOKENS, itertools.accumulate(CHUNK_TOKENS)) if ROUNDS * total <= chunk_room and size <= largest_chunk]
     steps: list[tuple[list[int], list[int], int]] = []
     for _ in range(ROUNDS):
         for batch in batches:
@@ -101,7 +105,7 @@ def sweep_plan(sequences: int, longest: int, rng: random.Random, chunk_room: int
 
 def _patterns(batch: int, rng: random.Random) -> list[list[int]]:
     """The per-request ks of the steps measured at one batch size."""
-    patterns = [[k] * batch for k in UNIFORM_KS]
+    patterns = [[k] * batch for k in (UNIFORM_KS if batch > 1 else range(K_MAX + 1))]
     if batch > 1:
         patterns += [[rng.randint(0, K_MAX) for _ in range(batch)] for _ in range(MIXED_STEPS)]
         patterns.append([K_MAX] + [0] * (batch - 1))
@@ -132,8 +136,11 @@ class ProfileStore(Protocol):
     async def put_profile(self, key: str, profile: dict[str, Any]) -> None: ...
 
 
-async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 120.0) -> tuple[list, list[float]]:
-    """Runs the sweep against `verifier` (an aio VerifierService stub); returns features and seconds."""
+async def measure(
+    verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 120.0, largest_chunk: int = DEFAULT_MAX_STEP_TOKENS
+) -> tuple[list, list[float]]:
+    """Runs the sweep against `verifier` (an aio VerifierService stub), its chunks up to `largest_chunk`
+    tokens (the router's --max-step-tokens); returns the steps' shapes and seconds."""
     rng = random.Random(0)
     vocab = info.model.vocab_size
     sequences = min(max(BATCHES), info.max_sequences or max(BATCHES))
@@ -153,7 +160,7 @@ async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 
             longest = min(longest, budget // sequences - growth - 32)
     if sequences < 1 or longest < 1:
         return [], []
-    plan = sweep_plan(sequences, longest, rng, chunk_room)
+    plan = sweep_plan(sequences, longest, rng, chunk_room, largest_chunk)
     ids = [f"__profile-{i}" for i in range(sequences)]
     items = [verifier_pb2.PrefillItem(request_id=i, token_ids=[rng.randrange(3, vocab) for _ in range(n)]) for i, n in zip(ids, plan.contexts)]
     lengths = dict(zip(ids, plan.contexts))
@@ -187,19 +194,20 @@ async def measure(verifier, info: verifier_pb2.InfoResponse, timeout_s: float = 
 
 
 def step_features(contexts: Sequence[int], ks: Sequence[int], prefill: Sequence[PrefillRow] = ()):
-    """The cost model's features of a Verify over requests with these cached lengths and ks, beside these
-    prefill chunks: each a row of `tokens` new tokens that leaves `cached + tokens` in the KV cache, its
-    tokens attending causally (cached + (tokens + 1) / 2 keys each on average; a verify row's few
-    drafts are counted at their request's context)."""
+    """The cost model's shape of a Verify (cost_model.STEP_SHAPE) over requests with these cached
+    lengths and ks, beside these prefill chunks: each a row of `tokens` new tokens that leaves
+    `cached + tokens` in the KV cache, its tokens attending causally (cached + (tokens + 1) / 2 keys
+    each on average; a verify row's few drafts are counted at their request's context)."""
     attended = sum((k + 1) * c for k, c in zip(ks, contexts)) + sum(p.tokens * (p.cached + (p.tokens + 1) / 2) for p in prefill)
     rows = len(ks) + len(prefill)
     new_tokens = sum(k + 1 for k in ks) + sum(p.tokens for p in prefill)
-    any_multi = any(ks) or any(p.tokens > 1 for p in prefill)
-    return verify_features(rows, new_tokens, sum(contexts) + sum(p.cached + p.tokens for p in prefill), any_multi, attended_tokens=attended)
+    longest = max([k + 1 for k in ks] + [p.tokens for p in prefill], default=1)
+    return verify_features(rows, new_tokens, sum(contexts) + sum(p.cached + p.tokens for p in prefill), longest, attended_tokens=attended)
 
 
 async def load_or_measure(
-    verifier, info: verifier_pb2.InfoResponse, model: LinearCostModel, mode: str, shared: ProfileStore | None = None
+    verifier, info: verifier_pb2.InfoResponse, model: VerifyCostModel, mode: str, shared: ProfileStore | None = None,
+    largest_chunk: int = DEFAULT_MAX_STEP_TOKENS,
 ) -> str:
     """Sets `model`'s prior from a cached profile (the shared store's, else the local file's), or
     measures one ('auto'); 'refresh' always measures; 'off' keeps the built-in defaults. A measured
@@ -211,32 +219,32 @@ async def load_or_measure(
     if mode == "auto":
         saved, source = await _cached(path, key, shared)
         if saved is not None:
-            model.reset_prior([saved["coefficients"][name] for name in VERIFY_FEATURES])
+            model.reset_prior([saved["coefficients"][name] for name in VERIFY_FEATURES], Breakpoints(**saved["breakpoints"]))
             _keep_current(model, saved, path, key, shared)
             return f"cost profile loaded from {source}"
     started = time.perf_counter()
     try:
-        rows, seconds = await measure(verifier, info)
+        rows, seconds = await measure(verifier, info, largest_chunk=largest_chunk)
     except grpc.aio.AioRpcError as err:  # a slow or overloaded verifier: serve with what we have, say so
         return f"cost profile not measured ({err.code().name}: {err.details()}): built-in defaults, refitted from live steps"
     if not rows:
         return "cost profile skipped: the context limit is too small for the sweep"
     model.fit_batch(rows, seconds)
     profile = {"model": info.model.model, "device": info.model.device, "dtype": info.model.dtype,
-               "coefficients": model.as_dict(), "samples": len(rows)}
+               "coefficients": model.as_dict(), "breakpoints": model.breaks.as_dict(), "samples": len(rows)}
     _save(path, profile)
     where = str(path)
     if shared is not None:
         await shared.put_profile(key, profile)
         where += f" and {shared.location(key)}"
     _keep_current(model, profile, path, key, shared)
-    return f"cost profile measured in {time.perf_counter() - started:.1f}s ({len(rows)} steps), saved to {where}: {model.as_dict()}"
+    return f"cost profile measured in {time.perf_counter() - started:.1f}s ({len(rows)} steps), saved to {where}: {model.as_dict()}, {model.breaks}"
 
 
 _publishing: set[asyncio.Task] = set()  # profile writes in flight (the loop keeps only weak references)
 
 
-def _keep_current(model: LinearCostModel, profile: dict[str, Any], path: Path, key: str, shared: ProfileStore | None) -> None:
+def _keep_current(model: VerifyCostModel, profile: dict[str, Any], path: Path, key: str, shared: ProfileStore | None) -> None:
     """When live steps rescale the model's prior, the cached profile is replaced by the rescaled one,
     locally and in the shared store, in the background: the step loop that triggered it never waits
     for a disk or a network write. Writes go out in the order of the recalibrations (one lock)."""
@@ -264,16 +272,24 @@ async def _cached(path: Path, key: str, shared: ProfileStore | None) -> tuple[di
     local file's (published to the store, so the next replica finds it); (None, '') when neither has one."""
     if shared is not None:
         saved = await shared.get_profile(key)
-        if saved is not None and all(name in saved.get("coefficients", {}) for name in VERIFY_FEATURES):
+        if saved is not None and _complete(saved):
             if not path.exists():
                 _save(path, saved)
             return saved, shared.location(key)
     if not path.exists():
         return None, ""
     saved = json.loads(path.read_text())
+    if not _complete(saved):
+        log.warning("cost profile %s lacks coefficients or breakpoints: measuring a new one", path)
+        return None, ""
     if shared is not None:
         await shared.put_profile(key, saved)
     return saved, str(path)
+
+
+def _complete(saved: dict[str, Any]) -> bool:
+    """Whether a cached profile holds everything the verify model needs."""
+    return all(name in saved.get("coefficients", {}) for name in VERIFY_FEATURES) and isinstance(saved.get("breakpoints"), dict)
 
 
 def _save(path: Path, profile: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from router.controller.controller import Slot, SpeculationController
 from router.controller.policies import controller_policies
 from router.controller.profile import ALL_CHUNKS, BATCHES, CONTEXT_RANGE, PrefillRow, step_features, sweep_plan
 from router.policy import PolicyRegistry, RequestOutcome, RequestView, SpeculationPolicy, StepOutcome, clamp_k
-from router.prefill_budget import PrefillPacer
+from router.prefill_budget import DEFAULT_MAX_STEP_TOKENS, PrefillPacer
 from smartspec.bench.metrics import RequestRecord
 from smartspec.simulate.load import RequestSpec
 from smartspec.simulate.oracle import NAME as CLAIRVOYANT
@@ -85,11 +85,11 @@ class Cell:
         return self.costs.max_step_tokens if self.max_step_tokens is None else self.max_step_tokens
 
 
-def startup_profile(controller: SpeculationController, costs: StepCosts, noise: Noise, seed: int, scale: float = 1.0) -> None:
+def startup_profile(controller: SpeculationController, costs: StepCosts, noise: Noise, seed: int, scale: float = 1.0, largest_chunk: int = DEFAULT_MAX_STEP_TOKENS) -> None:
     """What the router does at start (router/controller/profile.py): the same sweep plan of Verify
     steps over batch x k x context, some carrying a prefill chunk, fitted into the verify model's prior; here the steps are the world's.
     `scale` != 1 stands for a cached profile measured on a busier or quieter machine."""
-    plan = sweep_plan(max(BATCHES), CONTEXT_RANGE[1], random.Random(seed), chunk_room=ALL_CHUNKS)
+    plan = sweep_plan(max(BATCHES), CONTEXT_RANGE[1], random.Random(seed), chunk_room=ALL_CHUNKS, largest_chunk=largest_chunk)
     rows, seconds = [], []
     for picked, ks, chunk in plan.steps:
         contexts = [plan.contexts[i] for i in picked]
@@ -113,7 +113,7 @@ def simulate(cell: Cell, policy_spec: str) -> tuple[list[RequestRecord], dict]:
     controller's Stats (k histogram, step-time error, batch size) as the router reports them."""
     noise = Noise(cell.noise_sigma, cell.seed)
     controller = SpeculationController()
-    startup_profile(controller, cell.costs, Noise(cell.noise_sigma, cell.seed, tag=1), cell.seed, cell.profile_scale)  # the same profile for every policy
+    startup_profile(controller, cell.costs, Noise(cell.noise_sigma, cell.seed, tag=1), cell.seed, cell.profile_scale, cell.step_tokens)  # the same profile for every policy
     truths: dict[str, Truth] = {}
     policy = make_policy(policy_spec, controller, cell.costs, truths)
     loop = _Loop(cell, policy, controller, noise, truths)
