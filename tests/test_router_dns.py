@@ -18,7 +18,7 @@ from router.discovery import ReplicaDiscovery, parse_address
 from router.follow import Follower
 from smartspec.serving import free_port
 from smartspec.wire import drafter_pb2_grpc, router_pb2, verifier_pb2_grpc
-from tests.support import ServerThread, first_mismatch, reference_greedy
+from tests.support import ServerThread, assert_lossless, reference_greedy
 from tests.test_discovery import Records, zone  # noqa: F401 - zone: the DNS server fixture
 from tests.test_router_stack import RouterThread, ScriptedDrafter, tokenizer_for, wait_until
 
@@ -143,7 +143,7 @@ class Cell:
         assert len(self.streams) >= min_streams
         for stream in self.streams:
             ref, gaps = reference_greedy(self.target, stream["prompt"], MAX_TOKENS)
-            assert first_mismatch(stream["tokens"], ref, gaps) is None
+            assert_lossless(stream["tokens"], ref, gaps)
 
     def close(self) -> None:
         self._done.set()

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from smartspec.wire import router_pb2, verifier_pb2, verifier_pb2_grpc
-from tests.support import ServerThread, first_mismatch, reference_greedy
+from tests.support import ServerThread, assert_lossless, reference_greedy
 from tests.test_router_stack import RouterThread, generate_many, lookup_drafter, tokenizer_for, wait_until
 
 PROMPTS = [f"Replica test {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(12)]
@@ -69,7 +69,7 @@ def check_outputs(replies, expected_sampled, tiny_target) -> None:
             assert list(reply.token_ids) == expected_sampled[request.seed], f"seed {request.seed} changed its output"
         else:
             ref, gaps = reference_greedy(tiny_target, tokenizer(request.prompt).input_ids, MAX_TOKENS)
-            assert first_mismatch(list(reply.token_ids), ref, gaps) is None
+            assert_lossless(list(reply.token_ids), ref, gaps)
 
 
 def test_a_replica_that_dies_mid_load_loses_no_request(replicas, tiny_target):
@@ -104,7 +104,7 @@ def test_a_replica_that_lost_its_state_gets_the_requests_again(replicas, tiny_ta
     chunks += list(stream)
     tokens = [t for c in chunks for t in c.token_ids]
     ref, gaps = reference_greedy(tiny_target, tokenizer_for(str(tiny_target))(PROMPTS[0]).input_ids, MAX_TOKENS)
-    assert first_mismatch(tokens, ref, gaps) is None
+    assert_lossless(tokens, ref, gaps)
 
 
 def test_with_every_replica_gone_requests_fail_cleanly(replicas):
@@ -168,7 +168,7 @@ def test_up_with_two_verifiers_survives_killing_one(tiny_target, tiny_draft, tmp
         tokenizer = tokenizer_for(str(tiny_target))
         for request, reply in zip(greedy, replies):
             ref, gaps = reference_greedy(tiny_target, tokenizer(request.prompt).input_ids, MAX_TOKENS)
-            assert first_mismatch(list(reply.token_ids), ref, gaps) is None
+            assert_lossless(list(reply.token_ids), ref, gaps)
         assert "move to another replica" in log_path.read_text()
     finally:
         process.send_signal(signal.SIGTERM)

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from smartspec.wire import router_pb2
-from tests.support import first_mismatch, reference_greedy
+from tests.support import assert_lossless, reference_greedy
 from tests.test_router_stack import (
     FailingDrafter,
     RouterThread,
@@ -34,15 +34,6 @@ PROMPTS = {
     "medium": "The quick brown fox jumps over the lazy dog near the river bank.",
     "long": " ".join(random.Random(7).choice(WORDS) for _ in range(140)),
 }
-
-
-def assert_lossless(got, want, gaps, label: str) -> None:
-    """Equal to the reference, except that a difference is tolerated at a numeric tie (top-2 gap < 1e-4)."""
-    problem = first_mismatch(list(got), want, gaps)
-    if problem is None:
-        return
-    i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-    assert i is not None and gaps[i] < 1e-4, f"{label}: {problem}"
 
 
 def repeating_prompt(tiny_target, tokenizer) -> str:

@@ -14,8 +14,8 @@ speculating request or a prefill chunk) once the step has J new tokens (J = 2: a
 token; on one CPU measured J = 4: a single request verifying 1 or 2 drafts cost about the same as
 none, 3 drafts about 40% more), and K is where the forward turns from memory-bound to compute-bound (a
 GPU's roofline: below it a new token is nearly free). Both are chosen when the startup profile is
-fitted (``VerifyCostModel.fit_batch``), from the candidates below, whichever explains the sweep best. A draft model runs one batched forward per draft
-position, so
+fitted (``VerifyCostModel.fit_batch``), from the candidates below, whichever explains the sweep best.
+A draft model runs one batched forward per draft position, so
 
     T_draft = d_any * [any k_i > 0] + d_pos * max(k_i) + d_tok * sum(k_i)
 
