@@ -211,8 +211,8 @@ def test_closed_loop_speculates_when_drafts_land_and_stops_when_they_miss():
 
 def test_load_turns_speculation_off():
     """Same acceptance; a cheap step speculates, a step where tokens are dear does not."""
-    light = controller_with((0.05, 0.001, 0.0, 0.0, 0.0, 0.01, 0.0), initial_rate=0.5)
-    heavy = controller_with((0.05, 0.03, 0.0, 0.0, 0.0, 0.05, 0.0), initial_rate=0.5)
+    light = controller_with((0.05, 0.001, 0.0, 0.0, 0.0, 0.01, 0.0), initial_rate=0.8)
+    heavy = controller_with((0.05, 0.03, 0.0, 0.0, 0.0, 0.05, 0.0), initial_rate=0.8)
     slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=200) for i in range(16)]
     assert sum(light.decide(slots)) > 16
     assert sum(heavy.decide(slots)) == 0
