@@ -24,7 +24,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-
 from router.controller.acceptance import DrafterRates, RequestAcceptance
 from router.controller.allocator import (
     Candidate,
