@@ -49,6 +49,11 @@ class DrafterCost:
     position_s: float = 0.0
     token_s: float = 0.0
 
+    def time(self, drafting, deepest, tokens):
+        """Seconds of a Propose: whether it drafts at all, its deepest draft and its draft tokens
+        (numbers, or arrays of them alike)."""
+        return self.any_s * drafting + self.position_s * deepest + self.token_s * tokens
+
 
 @dataclass(frozen=True)
 class StepCost:
@@ -63,17 +68,23 @@ class StepCost:
     knee_after: float = float("inf")  # draft tokens past this many cost excess_s more each
     excess_s: float = 0.0
 
-    def drafts_time(self, drafts: np.ndarray) -> np.ndarray:
-        """What `drafts` draft tokens in all add to the base step, before the drafters' own costs."""
-        return self.token_s * drafts + self.jump_s * (drafts >= self.jump_after) + self.excess_s * np.maximum(drafts - self.knee_after, 0)
+    def drafts_time(self, drafts):
+        """What `drafts` draft tokens in all (a number, or an array of them) add to the base step, before
+        the drafters' own costs."""
+        past_knee = np.maximum(drafts - self.knee_after, 0) if isinstance(drafts, np.ndarray) else max(drafts - self.knee_after, 0)
+        return self.token_s * drafts + self.jump_s * (drafts >= self.jump_after) + self.excess_s * past_knee
 
     def step_time(self, ks: Sequence[int], drafters: Sequence[str]) -> float:
-        total = self.base_s + float(self.drafts_time(np.asarray(sum(ks))))
+        total = self.base_s + self.drafts_time(sum(ks))
         for name, cost in self.drafters.items():
             mine = [k for k, d in zip(ks, drafters) if d == name]
             if any(mine):
-                total += cost.any_s + cost.position_s * max(mine) + cost.token_s * sum(mine)
+                total += cost.time(1, max(mine), sum(mine))
         return total
+
+    def alone_time(self, k: int, drafter: str) -> float:
+        """step_time([k], [drafter]) for k > 0: one request alone in its step."""
+        return self.base_s + self.drafts_time(k) + self.drafters[drafter].time(1, k, k)
 
 
 @dataclass(frozen=True)
@@ -156,7 +167,7 @@ def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[in
         mine = (drafter_of[rows] == index) & keep  # [W, M]
         used = np.cumsum(mine, axis=1) > 0  # [W, M]
         depth = np.maximum.accumulate(np.where(mine, cols + 1, 0), axis=1)  # [W, M]
-        time_s[:, 1:] += drafter.any_s * used + drafter.position_s * depth
+        time_s[:, 1:] += drafter.time(used, depth, 0)  # its tokens are in walk_cost
     goodput = tokens / time_s  # [W, M + 1]
     walk, prefix = np.unravel_index(int(np.argmax(goodput)), goodput.shape)
     best_rows = rows[:prefix][keep[walk, :prefix]]

@@ -229,7 +229,7 @@ class SpeculationController:
             candidate = self._candidate(request_id, name, min(cap, self.k_max))
             hit = self._posterior(request_id, name).proposal_rate
             for k in range(1, candidate.cap + 1):
-                value = (1.0 + hit * (candidate.expected(k) - 1.0)) / cost.step_time([k], [name])
+                value = (1.0 + hit * (candidate.expected(k) - 1.0)) / cost.alone_time(k, name)
                 if value > best_value:
                     best, best_value = name, value
         return best

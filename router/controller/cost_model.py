@@ -11,8 +11,8 @@ read (attention gathers each request's KV once per layer), N_att = sum((k_i + 1)
 pairs attention computes, each request over its own context, and B the batch size. The two breakpoints
 bend the line where the hardware does: the jump is paid by a step with a row of several new tokens (a
 speculating request or a prefill chunk) once the step has J new tokens (J = 2: at the first draft
-token; on one CPU measured J = 4: a single request verifying 1 or 2 drafts cost about the same as
-none, 3 drafts about 40% more), and K is where the forward turns from memory-bound to compute-bound (a
+token; on one CPU a single request verifying 1 or 2 drafts cost about the same as none and 3 drafts
+about 40% more, a jump at J = 4: bench/results/cost_model_fit_ablation/earlier_machine.json), and K is where the forward turns from memory-bound to compute-bound (a
 GPU's roofline: below it a new token is nearly free). Both are chosen when the startup profile is
 fitted (``VerifyCostModel.fit_batch``), from the candidates below, whichever explains the sweep best.
 A draft model runs one batched forward per draft position, so
@@ -69,8 +69,11 @@ class Breakpoints:
     def features(self, shape: np.ndarray) -> np.ndarray:
         """STEP_SHAPE -> VERIFY_FEATURES."""
         new = shape[NEW_TOKENS]
-        excess = 0.0 if self.knee_tokens is None else max(new - self.knee_tokens, 0.0)
-        return np.append(shape[:LONGEST_ROW], (float(shape[LONGEST_ROW] > 1 and new >= self.jump_tokens), excess))
+        features = np.empty(len(VERIFY_FEATURES))
+        features[:LONGEST_ROW] = shape[:LONGEST_ROW]
+        features[LONGEST_ROW] = shape[LONGEST_ROW] > 1 and new >= self.jump_tokens  # multi_token
+        features[LONGEST_ROW + 1] = 0.0 if self.knee_tokens is None else max(new - self.knee_tokens, 0.0)  # excess_tokens
+        return features
 
     def as_dict(self) -> dict[str, int | None]:
         return asdict(self)
@@ -258,8 +261,9 @@ DEFAULT_VERIFY_PRIOR = (0.030, 0.0035, 0.000010, 0.0000015, 0.002, 0.020, 0.0)
 DEFAULT_DRAFT_MODEL_PRIOR = (0.004, 0.020, 0.001)
 # A model-free proposer's prior is optimistic (a host-side match: next to nothing), as a drafter's
 # acceptance prior is: too low a cost is corrected by the first steps that draft, too high a one would
-# stop the drafting that could correct it (seen in the simulator: a 0.5 ms prior against a true 0.2 ms
-# kept a GPU batch of 56 from speculating).
+# stop the drafting that could correct it (in the simulator, a 0.5 ms prior against the GPU profile's
+# 0.2 ms: goodput 1.034x fixed:1 at acceptance 0.3 and 64 requests, 1.000 with this one;
+# bench/results/simulate_ablation/prompt_lookup_prior_pessimistic).
 DEFAULT_PROMPT_LOOKUP_PRIOR = (0.0001, 0.0, 0.000001)
 
 

@@ -145,7 +145,8 @@ async def measure(
     vocab = info.model.vocab_size
     sequences = min(max(BATCHES), info.max_sequences or max(BATCHES))
     # a request grows about one token per step it is in (random drafts are rejected), plus slack
-    growth = ROUNDS * (len(BATCHES) * len(_patterns(max(BATCHES), random.Random(0))) + len(CHUNK_TOKENS)) + WARMUP_STEPS + 2 * K_MAX
+    steps = ROUNDS * (sum(len(_patterns(batch, random.Random(0))) for batch in BATCHES) + len(CHUNK_TOKENS))  # the plan's, at most
+    growth = steps + WARMUP_STEPS + 2 * K_MAX
     longest = min(CONTEXT_RANGE[1], info.model.max_context - growth)
     # the chunked request needs a sequence slot of its own, its context under the limit, and its share of the cache
     chunk_room = ALL_CHUNKS if not info.max_sequences or info.max_sequences > sequences else 0
