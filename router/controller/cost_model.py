@@ -12,8 +12,9 @@ pairs attention computes, each request over its own context, and B the batch siz
 bend the line where the hardware does: the jump is paid by a step with a row of several new tokens (a
 speculating request or a prefill chunk) once the step has J new tokens (J = 2: at the first draft
 token; on one CPU a single request verifying 1 or 2 drafts cost about the same as none and 3 drafts
-about 40% more, a jump at J = 4: bench/results/cost_model_fit_ablation/earlier_machine.json), and K is where the forward turns from memory-bound to compute-bound (a
-GPU's roofline: below it a new token is nearly free). Both are chosen when the startup profile is
+about 40% more, a jump at J = 4: bench/results/cost_model_fit_ablation/earlier_machine.json), and K
+is where the forward turns from memory-bound to compute-bound (a GPU's roofline: below it a new token
+is nearly free). Both are chosen when the startup profile is
 fitted (``VerifyCostModel.fit_batch``), from the candidates below, whichever explains the sweep best.
 A draft model runs one batched forward per draft position, so
 
