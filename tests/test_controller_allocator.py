@@ -4,7 +4,12 @@ Tolerance, and why: with one drafter (any cost shape) and with one per-position-
 model-free ones, the greedy walk under every depth cap finds the optimum of the goodput model (we
 assert within 1e-9). With two drafters that both pay per draft position, one shared depth cap is
 tried rather than every combination, and a loss of up to 10% is possible (seen 9.7% at worst in
-20,000 random cases), so that case is asserted at 0.88 of the optimum.
+20,000 random cases), so that case is asserted at 0.88 of the optimum. When the jump comes a few draft
+tokens in (cost_model.Breakpoints) and two drafters cost differently per token, which tokens to take
+before the jump is a small knapsack that the gain-per-cost order can miss: seen 6.4% below the optimum
+(a = 0.5 on prompt lookup and 0.75 on a draft model, one draft each, the jump at the second; the walk
+takes prompt lookup's, the optimum the draft model's), 1% at worst in 20,000 random cases; asserted at
+0.92 of the optimum.
 """
 
 from __future__ import annotations
@@ -56,7 +61,10 @@ def test_one_drafter_reaches_the_brute_force_optimum(problem):
 def test_a_model_drafter_beside_prompt_lookup_reaches_the_optimum(problem):
     candidates, cost = problem
     ks = allocate_goodput(candidates, cost)
-    assert predicted_goodput(candidates, ks, cost) >= brute_force(candidates, cost) * (1 - 1e-9)
+    # exact while the jump comes with the first draft; past it, drafters of unequal cost per token make
+    # which few tokens to take before the jump a knapsack the ratio order can miss (module docstring)
+    tolerance = 1e-9 if cost.jump_after == 1 else 0.08
+    assert predicted_goodput(candidates, ks, cost) >= brute_force(candidates, cost) * (1 - tolerance)
 
 
 @settings(max_examples=300, deadline=None)
@@ -115,6 +123,16 @@ def test_the_jump_at_the_first_token_does_not_stop_the_search():
     assert predicted_goodput(candidates, [1], cost) < predicted_goodput(candidates, [0], cost)
     ks = allocate_goodput(candidates, cost)
     assert ks[0] >= 3 and predicted_goodput(candidates, ks, cost) > predicted_goodput(candidates, [0], cost)
+
+
+def test_the_knapsack_before_a_later_jump_stays_within_its_stated_loss():
+    """The case the module docstring names: one draft fits before the jump, and the walk takes the
+    cheaper drafter's token where the optimum takes the other's."""
+    costs = {"draft_model": DrafterCost(token_s=0.0078125), "prompt_lookup": DrafterCost()}
+    cost = StepCost(base_s=0.25, token_s=0.015625, jump_s=0.0625, drafters=costs, jump_after=2)
+    candidates = [Candidate(0.5, 1, "prompt_lookup"), Candidate(0.75, 1, "draft_model")]
+    ratio = predicted_goodput(candidates, allocate_goodput(candidates, cost), cost) / brute_force(candidates, cost)
+    assert 0.92 <= ratio < 1.0  # a known loss, bounded; exact would mean the docstring is out of date
 
 
 def test_a_jump_a_few_tokens_in_is_paid_only_past_them():
