@@ -7,8 +7,9 @@ does the long prompt pay for not stalling them?
     python bench/prefill_stall.py --label before --tree OLD_CHECKOUT        # an older one (whole prefills)
 
 It starts `smartspec up` from the checkout --tree (default: this one) on the embedded model, with no
-drafter service (policy none needs none) and no cost profile (policy none never asks the cost model),
-and measures, all requests greedy with policy none:
+drafter service (policy none needs none) and the startup cost profile (--cost-profile, default auto:
+the cached one, else measured; the prefill pacer prices chunks with the cost model), and measures, all
+requests greedy with policy none:
 
 1. idle: the long prompt (--long-tokens tokens) alone, --idle-repeats times: its TTFT on an idle stack;
 2. loaded: --streams requests streaming (short prompts, as many tokens as the run lasts); --rounds
@@ -54,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkout_flags(parser, ROOT)
     parser.add_argument("--max-step-tokens", type=int, default=0, help="passed to `smartspec up` (0: the tree's default; an old tree has no such flag)")
+    parser.add_argument("--cost-profile", default="auto", choices=["auto", "refresh", "off"], help="the router's startup cost profile, which the prefill pacer prices chunks with")
     parser.add_argument("--streams", type=int, default=8, help="requests streaming when the long prompt arrives")
     parser.add_argument("--long-tokens", type=int, default=1500, help="tokens of the long prompt")
     parser.add_argument("--margin-s", type=float, default=10.0, help="seconds of streaming before each long prompt and after its first token")
@@ -237,7 +239,7 @@ def main() -> None:
     tree = Path(args.tree).resolve()
     prompt = long_prompt(args.long_tokens)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    meta = dict(commit=commit_of(tree), max_step_tokens=args.max_step_tokens, streams=args.streams, long_tokens=args.long_tokens,
+    meta = dict(commit=commit_of(tree), max_step_tokens=args.max_step_tokens, cost_profile=args.cost_profile, streams=args.streams, long_tokens=args.long_tokens,
                 margin_s=args.margin_s, rounds=args.rounds, idle_repeats=args.idle_repeats, cpu_affinity=affinity, machine=platform.machine(),
                 note=args.note, load_average_before=os.getloadavg())
     label = args.label or meta["commit"]
@@ -245,7 +247,7 @@ def main() -> None:
     if args.max_step_tokens:
         flags += ["--max-step-tokens", str(args.max_step_tokens)]
     print(f"prefill_stall: {label}: starting the stack of {tree}", file=sys.stderr, flush=True)
-    with up_from(tree, flags, env={"SMARTSPEC_COST_PROFILE": "off"}) as (router, startup_s):
+    with up_from(tree, flags, env={"SMARTSPEC_COST_PROFILE": args.cost_profile}) as (router, startup_s):
         meta["stack_start_s"] = round(startup_s, 1)
         with Client(router, timeout_s=900) as client:
             client.generate("Hello", max_tokens=2, **OPTIONS)  # warm-up

@@ -10,8 +10,8 @@ One iteration of a loop:
   1. admit: requests from the front of the shared queue (first come, first served), as many as its
      replica has room for and its share of the queue (below); one chunked Prefill call: the verifier
      keeps their contexts, computes nothing yet;
-  2. step: one token to each decoding request and, paced so that such a step takes about 2.25x one
-     without (router/prefill_budget.py), prefill chunks of the admitted contexts in admission order
+  2. step: one token to each decoding request and, paced so that the controller's cost model prices
+     such a step at about 2.25x one without (router/prefill_budget.py), prefill chunks of the admitted contexts in admission order
      (at most max_step_tokens in all; with no request decoding, the first
      prompt in line goes whole: there is no stream to hold back); the policies pick k per decoding
      request (the controller pricing the chunks in), the drafters are called in parallel
@@ -103,7 +103,7 @@ class ReplicaLoop:
         self.replica = replica
         # Sees every step of this replica under every policy: learns its cost model and acceptance.
         self.controller = controller
-        self.pacer = PrefillPacer(scheduler.max_step_tokens)  # sizes prompt chunks from this replica's own step times
+        self.pacer = PrefillPacer(scheduler.max_step_tokens)  # sizes prompt chunks from the controller's cost model
         self.running: list[RequestState] = []
         self.steps = 0
         self.wake = asyncio.Event()
@@ -172,9 +172,8 @@ class ReplicaLoop:
         return self.replica.accepting() and (self._in_call_since is None or now - self._in_call_since < STALL_S)
 
     def reset_controller(self) -> None:
-        """Forgets what the controller and the prefill pacer learned (so that benchmark runs start
-        alike), between steps only: a step in flight reads the controller's record of its own decision
-        when its Verify returns."""
+        """Forgets what the controller learned (so that benchmark runs start alike), between steps only:
+        a step in flight reads the controller's record of its own decision when its Verify returns."""
         if self._stepping:
             self._reset_pending = True
         else:
@@ -182,7 +181,6 @@ class ReplicaLoop:
 
     def _forget(self) -> None:
         self.controller.reset()
-        self.pacer = PrefillPacer(self.scheduler.max_step_tokens)
 
     async def iterate(self) -> None:
         """One admission + one step + cleanup."""
@@ -290,7 +288,7 @@ class ReplicaLoop:
         s = self.scheduler
         started = time.perf_counter()
         batch = [r for r in self.running if not r.prefill_left]  # decoding; the others are being prefilled
-        chunks = self._prefill_chunks(len(batch))
+        chunks = self._prefill_chunks(batch)
         self.controller.begin_step([c.row for c in chunks])
         s.telemetry.step_started(batch)
         groups = self._groups(batch)
@@ -305,7 +303,6 @@ class ReplicaLoop:
             return
         drafts = self._verified(views, drafts, reply.verified)
         self._prefilled(reply.prefilled)
-        self.pacer.observe(finished - started, len(batch), sum(chunk.row.tokens for chunk in chunks))
         if not batch:
             return
         s.telemetry.verified(finished - verify_started, reply.handler_s, reply.forward_s)
@@ -340,15 +337,14 @@ class ReplicaLoop:
                 )
             )
 
-    def _prefill_chunks(self, decoding: int) -> list[PrefillChunk]:
-        """This step's prefill chunks, paced by router/prefill_budget.py (the simulator paces the same way)."""
+    def _prefill_chunks(self, batch: Sequence[RequestState]) -> list[PrefillChunk]:
+        """This step's prefill chunks beside the decoding `batch`, paced by router/prefill_budget.py
+        (the simulator paces the same way)."""
         prefilling = [r for r in self.running if r.prefill_left]
-        sizes = self.pacer.plan(decoding, [r.prefill_left for r in prefilling])
-        return [
-            PrefillChunk(request, PrefillRow(cached=len(request.tokens) - request.prefill_left, tokens=n), completes=n == request.prefill_left)
-            for request, n in zip(prefilling, sizes)
-            if n
-        ]
+        cached = [len(r.tokens) - r.prefill_left for r in prefilling]
+        price = self.controller.prefill_pricer([len(r.tokens) for r in batch], cached)
+        sizes = self.pacer.plan(len(batch), [r.prefill_left for r in prefilling], price)
+        return [PrefillChunk(r, PrefillRow(cached=c, tokens=n), completes=n == r.prefill_left) for r, c, n in zip(prefilling, cached, sizes) if n]
 
     async def _speculate(
         self, batch: Sequence[RequestState], groups: dict[SpeculationPolicy, list[int]]

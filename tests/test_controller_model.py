@@ -245,24 +245,26 @@ def test_step_error_is_measured_and_requests_are_forgotten():
     assert controller.steps == 0 and controller.rates == {} and (controller.verify_cost.coef == profiled).all()
 
 
-def test_prefill_chunks_are_priced_into_the_step_and_shrink_its_speculation():
-    """Chunked prefill: the step's prediction counts the chunk's tokens (which also take the step past
-    its jump), the chunk's tokens raise the rate a draft must beat, and the refit sees the chunk as one
-    more row of the step."""
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01, 0.0), breaks=Breakpoints(jump_tokens=8))
+def test_a_prefill_chunks_time_is_predicted_but_kept_out_of_the_goodput():
+    """Chunked prefill: the step's prediction counts the chunk (which also takes the step past its
+    jump), the goodput a draft must beat is the decoding rows' own (the pacer sized the chunk at k = 0,
+    so drafts add time but displace no prompt tokens), and the refit sees the chunk as one more row."""
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.04, 0.0), breaks=Breakpoints(jump_tokens=2))
     slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=100) for i in range(4)]
     for slot in slots:
         for _ in range(20):
-            controller.observe_request(slot.request_id, "prompt_lookup", 4, 3)  # most of its drafts land
+            controller.observe_request(slot.request_id, "prompt_lookup", 4, 1)  # a quarter of its drafts land
     alone = controller.decide(slots)
+    assert alone == [0] * 4  # the jump is not worth paying for these drafts
     chunk = PrefillRow(cached=200, tokens=150)
     controller.begin_step([chunk])
+    cost = controller.step_cost(slots)
+    assert cost.jump_s == 0 and cost.base_s == pytest.approx(0.05 + 0.004 * 4)  # the chunk paid the jump; its time is apart
     ks = controller.decide(slots)
-    assert sum(ks) < sum(alone)
-    assert controller.step_cost(slots).jump_s == 0  # paid by the chunk
+    assert sum(ks) > 0  # beside the chunk a draft costs only its token
     record = controller.record(slots, ks)
-    drafting = 0.0001 + 0.000001 * sum(ks) if any(ks) else 0.0  # prompt lookup's default cost
-    assert record.predicted_s == pytest.approx(0.05 + 0.004 * (4 + sum(ks) + 150) + 0.01 + drafting)  # the jump once, paid by the chunk
+    drafting = 0.0001 + 0.000001 * sum(ks)  # prompt lookup's default cost
+    assert record.predicted_s == pytest.approx(0.05 + 0.004 * (4 + sum(ks) + 150) + 0.04 + drafting)  # the jump once, paid by the chunk
     controller.observe_step([100] * 4, ks, {}, step_s=0.5, prefill=[chunk])
     row = controller.verify_cost._x[-1]  # VERIFY_FEATURES: const, new tokens, context, attended, sequences, multi-token, excess
     assert list(row) == [1, 4 + sum(ks) + 150, 400 + 350, 100 * (4 + sum(ks)) + 150 * (200 + 151 / 2), 5, 1, 0]

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Sequence
 
 import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.controller.cost_model import VERIFY_FEATURES
 from router.detokenize import IncrementalDetokenizer, tokenizer_decoder
 from router.drafters import Draft, DrafterClient, DrafterReplicas
-from router.prefill_budget import MIN_PREFILL_TOKENS, PREFILL_STRETCH, PROBE_EVERY, UNPACED_STEP_TOKENS, PrefillPacer
+from router.prefill_budget import MIN_PREFILL_TOKENS, PREFILL_STRETCH, PrefillPacer
 from router.policy import FixedSpeculation, NoSpeculation, PolicyRegistry, RequestView, SpeculationPolicy, clamp_k, parse_policy
 from router.request import Params, RequestState
 from router.scheduler import Limits, Scheduler
@@ -204,23 +206,31 @@ def test_scheduler_runs_each_policy_phase_on_its_own_requests_and_clamps():
 def fixed_budget(monkeypatch):
     """The step's room as a fixed budget (max_step_tokens less the decoding requests, at least
     MIN_PREFILL_TOKENS): these tests are about how the loop lays chunks out, not about pacing, which
-    would follow the fake verifier's wall times."""
-    monkeypatch.setattr(PrefillPacer, "room", lambda self, decoding: max(self.max_step_tokens - decoding, MIN_PREFILL_TOKENS))
+    follows the controller's cost model."""
+    monkeypatch.setattr(PrefillPacer, "room", lambda self, decoding, prefill_left, price: max(self.max_step_tokens - decoding, MIN_PREFILL_TOKENS))
 
 
-def test_the_loop_times_its_steps_for_the_pacer():
-    """Every step that decodes reaches the replica loop's pacer: with no prompt waiting, what a step of
-    decoding alone costs."""
+def test_the_loop_paces_prefill_by_its_controllers_cost_model():
+    """The replica loop sizes a prompt's chunks from its controller's verify cost model at k = 0: here
+    a model in which a prefill token costs as much as a decode step of the 3 running requests, so at
+    the stretch of 2.25 a step has room for one token, and the chunk is the minimum."""
     verifier = _FakeVerifier()
-    limits = Limits(max_context=200, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
+    limits = Limits(max_context=400, vocab_size=100, eos_ids=frozenset(), max_sequences=8)
     scheduler = Scheduler(verifier=verifier, drafters={}, limits=limits, max_batch=4)
+    loop = scheduler.loops[0]
+    prior = dict(zip(VERIFY_FEATURES, [0.0] * len(VERIFY_FEATURES)), const=0.03, new_tokens=0.03)
+    loop.controller.verify_cost.reset_prior([prior[name] for name in VERIFY_FEATURES])
     for i in range(3):
-        scheduler.submit(_state([1] * 5, Params(max_tokens=6, stop=(), drafter="none", policy=NoSpeculation()), rid=f"r{i}"))
-    for _ in range(3):
+        scheduler.submit(_state([1] * 5, Params(max_tokens=60, stop=(), drafter="none", policy=NoSpeculation()), rid=f"r{i}"))
+    asyncio.run(scheduler.iterate())
+    scheduler.submit(_state([1] * 300, Params(max_tokens=4, stop=(), drafter="none", policy=NoSpeculation()), rid="long"))
+    for _ in range(2):
         asyncio.run(scheduler.iterate())
-    pacer = scheduler.loops[0].pacer
-    assert pacer.decode_s is not None and pacer.decode_s > 0
-    assert pacer.room(3) > 0  # measured for this batch: no probe needed
+    assert verifier.chunks[-1] == [("long", MIN_PREFILL_TOKENS)]
+    prior.update(new_tokens=0.0001)  # prefill nearly free: the step cap holds (512 less the decoding requests)
+    loop.controller.verify_cost.reset_prior([prior[name] for name in VERIFY_FEATURES])
+    asyncio.run(scheduler.iterate())
+    assert verifier.chunks[-1] == [("long", 300 - 2 * MIN_PREFILL_TOKENS)]
 
 
 def test_prefill_goes_in_chunks_within_the_step_budget_first_come_first_served(fixed_budget):
@@ -277,48 +287,38 @@ def test_a_prefill_advances_however_many_requests_decode(fixed_budget):
         Scheduler(verifier=_FakeVerifier(), drafters={}, limits=limits, max_step_tokens=0)
 
 
+def _cpu_like_pricer(decoding: int, cached: Sequence[int]):
+    """Prices as on one core of the reference CPU: a decode step of `decoding` requests 150 ms, a prefill
+    token 4 ms at the start of a prompt and more as the context it attends to grows."""
+    def price(sizes: Sequence[int]) -> float:
+        return 0.150 * decoding / 8 + sum(n * (0.004 + 0.002 * (c + n / 2) / 1500) for c, n in zip(cached, sizes))
+    return price
+
+
 def test_the_pacer_sizes_prefill_so_a_step_takes_the_stretch_of_a_decode_step():
-    """Fed a world where a decode step of 8 requests takes 150 ms and a prefill token adds 4 ms at the
-    start of a prompt and more as its context grows, the pacer's steps stay near 2.25x a decode step."""
+    """A 1,500-token prompt beside 8 decoding requests goes in chunks whose steps are priced at 2.25x a
+    decode step (within a token), smaller chunks as each token attends to more context."""
     pacer = PrefillPacer(max_step_tokens=512)
-    assert pacer.room(8) == 0  # no step of decoding alone measured yet: the next one goes without prefill
-    pacer.observe(0.150, 8, 0)
-    assert pacer.room(8) == UNPACED_STEP_TOKENS - 8  # no prefill measured yet: the unpaced budget
-    done, stretches, chunks = 0, [], []
+    done, chunks = 0, []
     while done < 1500:
-        chunk = pacer.plan(8, [1500 - done])[0]
+        price = _cpu_like_pricer(8, [done])
+        chunk = pacer.plan(8, [1500 - done], price)[0]
+        if done + chunk < 1500:  # the last chunk is what was left
+            assert price([chunk]) <= PREFILL_STRETCH * price([0]) < price([chunk + 1])
         chunks.append(chunk)
-        step_s = 0.150 + chunk * (0.004 + 0.002 * done / 1500)  # a later chunk attends to more context
-        pacer.observe(step_s, 8, chunk)
-        if chunk:
-            stretches.append(step_s / 0.150)
         done += chunk
-    assert chunks[0] == UNPACED_STEP_TOKENS - 8  # the first chunk, unpaced
-    assert all(abs(s - PREFILL_STRETCH) < 0.1 for s in stretches[2:-1])  # the last chunk is what was left
-    assert chunks[-2] < chunks[2]  # smaller chunks as each token attends to more context
-    assert chunks.count(0) <= len(chunks) // PROBE_EVERY  # now and then a step of decoding alone, to stay current
-
-
-def test_the_pacer_measures_decoding_again_when_the_batch_changes():
-    pacer = PrefillPacer()
-    pacer.observe(0.100, 8, 0)
-    pacer.observe(0.220, 8, 40)
-    assert pacer.room(8) > 0 and pacer.room(9) > 0
-    assert pacer.room(16) == 0  # twice the batch: its decode step is not known
-    pacer.observe(0.180, 16, 0)
-    assert pacer.decode_s == pytest.approx(0.180)  # replaced, not blended with the smaller batch's
+    assert chunks[-2] < chunks[0]
+    assert pacer.plan(16, [1500], _cpu_like_pricer(16, [0]))[0] > chunks[0]  # a dearer decode step leaves more room
 
 
 def test_the_pacer_keeps_within_the_step_cap_and_the_minimum():
     pacer = PrefillPacer(max_step_tokens=64)
-    pacer.observe(0.010, 4, 0)
-    pacer.observe(0.011, 4, 40)  # prefill looks nearly free: the cap holds
-    assert pacer.room(4) == 60
-    pacer.observe(5.0, 4, 40)
-    pacer.observe(5.0, 4, 40)  # prefill looks dear: a prefill still advances
-    assert pacer.room(4) == MIN_PREFILL_TOKENS
-    pacer.observe(1.0, 0, 500)  # a step with nothing decoding says nothing about the balance
-    assert pacer.room(4) == MIN_PREFILL_TOKENS
+    free = lambda sizes: 0.010  # prefill looks free: the cap holds (one token per decoding request)
+    assert pacer.plan(4, [500], free) == [60]
+    assert pacer.plan(4, [30, 500], free) == [30, 30]  # first come, first served
+    dear = lambda sizes: 0.010 + 5.0 * sum(sizes)  # prefill looks dear: a prefill still advances
+    assert pacer.plan(4, [500], dear) == [MIN_PREFILL_TOKENS]
+    assert pacer.plan(0, [500, 30], dear) == [500, 0]  # nothing decodes: the first prompt whole
     with pytest.raises(ValueError, match="above 1"):
         PrefillPacer(stretch=1.0)
     with pytest.raises(ValueError, match="at least 1"):

@@ -157,8 +157,10 @@ def test_concurrent_requests_have_their_own_traces_and_share_batched_calls(trace
         steps = _named(spans, "smartspec.step")
         drafting = [s.context.span_id for s in steps if s.attributes["smartspec.k_asked"] > 0]  # the last step has no room
         assert len(drafting) >= len(steps) - 1
-        request = _named(spans, "smartspec.request")[0].context.span_id  # the parent of the Verify that prefilled its prompt
-        for name, parents in ((VERIFY, [request] + [s.context.span_id for s in steps]), (PROPOSE, drafting)):
+        request = _named(spans, "smartspec.request")[0].context.span_id  # the parent of the Verifies that prefilled its prompt
+        chunks = [s for s in _named(spans, VERIFY) if s.parent.span_id == request]  # one per chunk, paced beside the other request
+        assert chunks
+        for name, parents in ((VERIFY, [request] * len(chunks) + [s.context.span_id for s in steps]), (PROPOSE, drafting)):
             assert sorted(s.parent.span_id for s in _named(spans, name)) == sorted(parents), name
     # The two requests shared Verify calls: each such call is one span in one request's trace, linked to
     # the other request's step, and a span of the same name in the other trace links back to it.

@@ -14,31 +14,43 @@ j and m being how many draft tokens the step can add before it crosses the cost 
 (cost_model.Breakpoints, less the tokens the step has anyway: one per request and its prefill chunks).
 
 Our policy is per request: adding the j-th token to request i gains a_i^j tokens and costs
-c_tok + d_tok of its drafter, so candidates are taken in order of gain per cost (marginal gains
-fall with j, so each request's tokens come in order) and the best allocation seen on the way is kept.
-The jump means goodput may dip before it rises, so the walk never stops at the first dip; the knee
-only makes later tokens dearer. When only c_tok and the jump matter (one drafter, no per-position cost) this
-ordering is exactly optimal for the model; the per-position and per-drafter terms make it a close
-approximation (tests/test_controller_allocator.py bounds the gap against brute force).
+c_tok + d_tok of its drafter. A first walk takes candidates in order of gain per cost (marginal gains
+fall with j, so each request's tokens come in order) and keeps the best allocation seen on the way; the
+jump means goodput may dip before it rises, so no walk stops at the first dip. That order alone misses
+when the jump comes a few tokens in: which tokens to take before it is a small knapsack, where a dearer
+token of higher gain can beat a cheaper one of better ratio (6.4% lost in a pinned test, up to 26% in
+random search). So Dinkelbach steps follow: with lambda the best goodput found, a walk by
+gain - lambda * cost. The jump and the knee depend only on how many drafts the step verifies, so at
+every count that walk's prefix has the most tokens - lambda * seconds, and if any allocation beats
+lambda, so does one of its prefixes; steps repeat while lambda improves (two at most in 200,000 random
+cases; DINKELBACH_STEPS caps them). A drafter's cost per step and per position no per-token order can
+see, so every walk is scored under each depth cap and with each set of fixed-cost drafters left out.
+With at most one drafter paying per position this reaches the model's optimum (asserted against brute
+force in tests/test_controller_allocator.py); two such drafters share one depth cap and can miss (by
+2.8% at worst in random search).
 
 The published baseline ("uniform") picks one k for the whole batch: argmax of goodput over k = 0..K,
 stopping at the first k that is worse than the one before.
 
-A step that also prefills (chunked prefill) completes its chunks' tokens whatever k is: they count in
-goodput like generated tokens (``StepCost.fixed_tokens``), so a draft token must then beat a higher rate
-to be worth its time, and speculation shrinks while prefill is heavy and grows when it is light. A
-chunk also changes what a draft costs beside it (past the jump, nearer the knee): the controller's
-StepCost says so. Two other rules were measured and not kept (docs/design.md, "Beside a prefill").
+A step that also prefills (chunked prefill) runs its chunks whatever k is, and the prefill pacer sizes
+them at k = 0 (router/prefill_budget.py), so drafts never displace prompt tokens: they only add time.
+The chunks' own time is therefore kept out of the goodput (``StepCost.base_s`` is the step at k = 0
+without them) and a draft must beat the rate the decoding rows have on their own; what a draft costs
+beside a chunk (past the jump the chunk pays, nearer the knee) the controller's StepCost says. Two
+other rules were measured and not kept (docs/design.md, "Beside a prefill").
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from router.controller.acceptance import expected_tokens
+
+DINKELBACH_STEPS = 4  # at most; each is one more walk (random search never needed more than two)
 
 
 @dataclass(frozen=True)
@@ -57,13 +69,13 @@ class DrafterCost:
 
 @dataclass(frozen=True)
 class StepCost:
-    """The step-time model flattened for one step's decision (base = the step with every k = 0)."""
+    """The step-time model flattened for one step's decision (base = the step with every k = 0, less the
+    time of any prefill chunks it carries: module docstring)."""
 
     base_s: float
     token_s: float
     jump_s: float
     drafters: dict[str, DrafterCost] = field(default_factory=dict)
-    fixed_tokens: float = 0.0  # tokens the step completes whatever k is: its prefill chunks'
     jump_after: int = 1  # the jump is paid once the step verifies this many draft tokens
     knee_after: float = float("inf")  # draft tokens past this many cost excess_s more each
     excess_s: float = 0.0
@@ -112,66 +124,110 @@ def expected_total(candidates: Sequence[Candidate], ks: Sequence[int]) -> float:
 
 
 def predicted_goodput(candidates: Sequence[Candidate], ks: Sequence[int], cost: StepCost) -> float:
-    """Expected tokens per second of the whole step for speculation lengths `ks`: generated, and
-    prefilled beside them (cost.fixed_tokens)."""
-    return (expected_total(candidates, ks) + cost.fixed_tokens) / cost.step_time(ks, [c.drafter for c in candidates])
+    """Expected tokens per second the step generates with speculation lengths `ks`."""
+    return expected_total(candidates, ks) / cost.step_time(ks, [c.drafter for c in candidates])
+
+
+class _Walks:
+    """One step's candidate draft tokens, and the best prefix of a walk through them in a given order.
+
+    Only tokens worth more than the step without speculation are kept: with every cost non-negative (the
+    NNLS fits make them so), removing a request's last token from an allocation whose goodput is at
+    least `floor` raises it when the token's gain is below floor * its cost per token, so the optimum
+    never takes one.
+
+    A walk's prefixes are scored under several variants at once (rows of [W, m] arrays): every depth cap
+    for the drafters that pay per position, crossed with every set of the drafters that have a fixed cost
+    left out (a per-token order sees neither cost). Which tokens a variant skips does not depend on the
+    order, so it is worked out once here; `best` is then called once per ordering.
+    """
+
+    def __init__(self, candidates: Sequence[Candidate], cost: StepCost, caps: np.ndarray, k_max: int) -> None:
+        self.n, self.cost = len(candidates), cost
+        self.floor = self.n / max(cost.base_s, 1e-12)  # goodput with every k = 0
+        names = sorted({c.drafter for c in candidates})
+        self.drafter_costs = [cost.drafters.get(name, DrafterCost()) for name in names]
+        index = {name: i for i, name in enumerate(names)}
+        drafter_of = np.array([index[c.drafter] for c in candidates])  # [batch]
+        drafter_token = np.array([d.token_s for d in self.drafter_costs])[drafter_of]  # [batch]: the drafter's cost per token
+
+        positions = np.arange(1, k_max + 1)  # [K]
+        rates = np.array([c.acceptance for c in candidates])  # [batch]
+        gains = rates[:, None] ** positions[None, :]  # [batch, K]: a_i^j, the gain of request i's j-th token
+        for i, c in enumerate(candidates):
+            if c.gains is not None:  # its own curve (a token tree's nodes)
+                own = np.array(c.gains[:k_max], dtype=float)  # [<= K]
+                gains[i] = np.pad(own, (0, k_max - len(own)))
+        token_cost = cost.token_s + drafter_token  # [batch]: what one more draft token adds to the step
+        # a tie is kept (float rounding decides it, as in the walk)
+        worth = (positions[None, :] <= caps[:, None]) & (gains >= self.floor * token_cost[:, None] * (1 - 1e-9))  # [batch, K]
+        self.rows, cols = np.nonzero(worth)  # [M]: row-major, so each request's tokens in order
+        self.gain, self.token_cost, self.depth = gains[self.rows, cols], token_cost[self.rows], cols + 1  # [M]
+        self.drafter = drafter_of[self.rows]  # [M]
+        self.per_token = np.stack([self.gain, drafter_token[self.rows]])  # [2, M]: what it adds to tokens and drafter seconds
+        self.step_s = cost.base_s + cost.drafts_time(np.arange(len(cols) + 1))  # [M + 1]: the step by how many drafts it verifies
+
+        # the drafters with a fixed cost (per step or per position) that have tokens left
+        self.fixed = [i for i in np.unique(self.drafter) if self.drafter_costs[i].any_s > 0 or self.drafter_costs[i].position_s > 0]
+        positional = np.array([d.position_s > 0 for d in self.drafter_costs])  # [drafters]
+        keep = []  # [W, M] blocks
+        for size in range(min(len(self.fixed), len(names) - 1) + 1):  # never every drafter
+            for left_out in itertools.combinations(self.fixed, size):
+                present = np.ones(len(names), dtype=bool)  # [drafters]
+                present[list(left_out)] = False
+                capped = (positional & present)[self.drafter]  # [M]: tokens a depth cap applies to
+                depth_caps = np.arange(1, self.depth[capped].max(initial=1) + 1)  # [caps]: the last one caps nothing
+                keep.append(present[self.drafter] & ((self.depth <= depth_caps[:, None]) | ~capped))
+        self.keep = np.concatenate(keep)  # [W, M]: whether each variant takes each token
+
+    def best(self, order: np.ndarray) -> tuple[float, np.ndarray]:
+        """Best predicted goodput over every prefix of the walk `order` (indices of tokens, each request's
+        in order) under every variant, with its ks [batch]. A token a variant skips adds nothing, so its
+        prefix repeats the one before it."""
+        keep = self.keep[:, order]  # [W, m]
+        sums = np.zeros((2, len(keep), len(order) + 1))  # [2, W, m + 1]: tokens and drafter seconds of each prefix
+        np.cumsum(keep * self.per_token[:, None, order], axis=2, out=sums[:, :, 1:])
+        drafts = np.zeros(sums.shape[1:], dtype=np.int64)  # [W, m + 1]: draft tokens verified
+        np.cumsum(keep, axis=1, out=drafts[:, 1:])
+        time_s = self.step_s[drafts] + sums[1]  # [W, m + 1]
+        drafter = self.drafter[order]  # [m]
+        for index in self.fixed:
+            cost, mine = self.drafter_costs[index], keep & (drafter == index)  # [W, m]
+            if cost.position_s > 0:
+                depth = np.maximum.accumulate(mine * self.depth[order], axis=1)  # [W, m]
+                time_s[:, 1:] += cost.time(depth > 0, depth, 0)  # its tokens are in sums[1]
+            else:
+                time_s[:, 1:] += cost.any_s * np.logical_or.accumulate(mine, axis=1)
+        goodput = (self.n + sums[0]) / time_s  # [W, m + 1]
+        walk, prefix = np.unravel_index(int(np.argmax(goodput)), goodput.shape)
+        taken = order[:prefix][keep[walk, :prefix]]
+        return float(goodput[walk, prefix]), np.bincount(self.rows[taken], minlength=self.n)
 
 
 def allocate_goodput(candidates: Sequence[Candidate], cost: StepCost) -> list[int]:
-    """Per-request k maximising predicted goodput: greedy by marginal gain per marginal cost.
-
-    A draft model pays per draft *position* (one forward each), which the per-token ordering cannot
-    see, so the walk is repeated under each depth cap D = 1..K (tokens deeper than D skipped) and the
-    best allocation over all walks is returned.
-    """
+    """Per-request k maximising predicted goodput: a walk by gain per cost, then Dinkelbach walks by
+    gain - lambda * cost while lambda, the best goodput found, improves (module docstring). Each walk is
+    scored under every depth cap and with fixed-cost drafters left out (`_Walks`)."""
     n = len(candidates)
     caps = np.array([c.cap for c in candidates], dtype=np.int64)  # [batch]
     k_max = int(caps.max(initial=0))
     if n == 0 or k_max == 0:
         return [0] * n
-    rates = np.array([c.acceptance for c in candidates])  # [batch]
-    names = sorted({c.drafter for c in candidates})
-    drafter_of = np.array([names.index(c.drafter) for c in candidates])  # [batch]
-    drafter_costs = [cost.drafters.get(name, DrafterCost()) for name in names]
-    drafter_token = np.array([d.token_s for d in drafter_costs])[drafter_of]  # [batch]: the drafter's cost per token
-    token_cost = cost.token_s + drafter_token  # [batch]
-
-    positions = np.arange(1, k_max + 1)  # [K]
-    gains = rates[:, None] ** positions[None, :]  # [batch, K]: a_i^j, the gain of request i's j-th token
-    for i, c in enumerate(candidates):
-        if c.gains is not None:  # its own curve (a token tree's nodes)
-            own = np.array(c.gains[:k_max], dtype=float)  # [<= K]
-            gains[i] = np.pad(own, (0, k_max - len(own)))
-    rows, cols = np.nonzero(positions[None, :] <= caps[:, None])  # row-major: each request's tokens in order
-    ratio = gains[rows, cols] / np.maximum(token_cost[rows], 1e-12)
-    order = np.argsort(-ratio, kind="stable")
-    rows, cols = rows[order], cols[order]  # [M]: the walk, best gain per cost first
-    walk_gain, walk_cost = gains[rows, cols], drafter_token[rows]  # [M]
-
-    # Walks to try, all evaluated at once as rows of [walks, M] arrays: every depth cap for the drafters
-    # that pay per position, and each drafter with a fixed cost left out entirely (the per-token order
-    # cannot see fixed costs). A skipped token adds nothing, so its prefix repeats the one before it.
-    positional = np.array([d.position_s > 0 for d in drafter_costs])[drafter_of[rows]]  # [M]
-    depth_caps = range(1, k_max + 1) if positional.any() else [k_max]
-    walks = [(cols < cap) | ~positional for cap in depth_caps]
-    if len(names) > 1:
-        walks += [drafter_of[rows] != index for index, d in enumerate(drafter_costs) if d.any_s > 0 or d.position_s > 0]
-    keep = np.stack(walks)  # [W, M]
-    zero = np.zeros((len(keep), 1))
-    tokens = n + cost.fixed_tokens + np.hstack([zero, np.cumsum(walk_gain * keep, axis=1)])  # [W, M + 1]
-    drafts = np.hstack([zero, np.cumsum(keep, axis=1)])  # [W, M + 1]: draft tokens verified
-    time_s = cost.base_s + cost.drafts_time(drafts) + np.hstack([zero, np.cumsum(walk_cost * keep, axis=1)])  # [W, M + 1]
-    for index, drafter in enumerate(drafter_costs):
-        if drafter.any_s == 0 and drafter.position_s == 0:
-            continue
-        mine = (drafter_of[rows] == index) & keep  # [W, M]
-        used = np.cumsum(mine, axis=1) > 0  # [W, M]
-        depth = np.maximum.accumulate(np.where(mine, cols + 1, 0), axis=1)  # [W, M]
-        time_s[:, 1:] += drafter.time(used, depth, 0)  # its tokens are in walk_cost
-    goodput = tokens / time_s  # [W, M + 1]
-    walk, prefix = np.unravel_index(int(np.argmax(goodput)), goodput.shape)
-    best_rows = rows[:prefix][keep[walk, :prefix]]
-    return np.bincount(best_rows, minlength=n).tolist()
+    walks = _Walks(candidates, cost, caps, k_max)
+    # Stable sorts of the row-major tokens: a request's gains do not rise and its cost per token is one
+    # number, so its tokens keep their order in every walk.
+    order = np.argsort(-walks.gain / np.maximum(walks.token_cost, 1e-12), kind="stable")  # [M]
+    best, ks = walks.best(order)
+    for _ in range(DINKELBACH_STEPS):
+        value = walks.gain - best * walks.token_cost  # [M]
+        previous, order = order, np.argsort(-value, kind="stable")[: np.count_nonzero(value > 0)]  # a token worth <= 0 never helps
+        if np.array_equal(order, previous[: len(order)]):
+            break  # the same walk, cut shorter: nothing new
+        found, found_ks = walks.best(order)
+        if found <= best * (1 + 1e-12):
+            break
+        best, ks = found, found_ks
+    return ks.tolist()
 
 
 def allocate_uniform(candidates: Sequence[Candidate], cost: StepCost, k_max: int) -> list[int]:

@@ -12,9 +12,9 @@ geometric tail past that tree's size, to choose the next budget before drafting.
 proposed a tree, its drafter's geometric acceptance stands in.
 
 Chunked prefill: a step may also carry prefill chunks (``begin_step``). They are rows of the same
-forward, so every prediction of the step prices them (and what a draft costs beside them), and their
-tokens count in the step's goodput like generated ones (allocator.py): speculation shrinks while prefill
-is heavy and grows when it is light.
+forward, so every prediction of the step prices them, and what a draft costs beside them; their own
+time is kept out of the goodput a draft must raise, since the pacer sized them at k = 0 and drafts
+displace none of their tokens (allocator.py). The pacer prices its chunks here too (``prefill_pricer``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from router.controller.allocator import (
 from router.controller.cost_model import LONGEST_ROW, NEW_TOKENS, LinearCostModel, VerifyCostModel, draft_features, new_draft_model, new_verify_model
 from router.controller.profile import PrefillRow, step_features
 from router.controller.tree import TreeCalibration, path_probs
+from router.prefill_budget import StepPricer
 
 # Drafters that run no model: their proposals cost next to nothing per request (a host-side match).
 MODEL_FREE_DRAFTERS = frozenset({"prompt_lookup", "controlled"})
@@ -169,9 +170,9 @@ class SpeculationController:
         return self._posterior(request_id, drafter).mean(prior, self.prior_strength)
 
     def step_cost(self, slots: Sequence[Slot]) -> StepCost:
-        """The cost model flattened for this batch (its base is the step with every k = 0, this step's
-        prefill chunks included, whose tokens it completes whatever k is; the jump and the knee come
-        after as many draft tokens as the step's own tokens leave before them)."""
+        """The cost model flattened for this batch (its base is the step with every k = 0 less this
+        step's prefill chunks' own time; the jump and the knee come after as many draft tokens as the
+        step's own tokens, the chunks' included, leave before them)."""
         drafters = {s.drafter for s in slots if s.drafter != "none"}
         return self._flat_cost([s.context_tokens for s in slots], self._prefill, drafters)
 
@@ -184,20 +185,40 @@ class SpeculationController:
         for name in drafters:
             d = self.drafter_cost(name).as_dict()
             drafter_costs[name] = DrafterCost(any_s=d["any_speculation"], position_s=d["max_k"], token_s=d["sum_k"])
-        at_zero = step_features(contexts, [0] * len(contexts), prefill)  # [STEP_SHAPE]
+        zeros = [0] * len(contexts)
+        at_zero = step_features(contexts, zeros, prefill)  # [STEP_SHAPE]: with its chunks, where the breakpoints fall
         own = int(at_zero[NEW_TOKENS])  # tokens the step has whatever k is
+        base_s = self.verify_cost.predict(step_features(contexts, zeros))  # without them: their time is kept apart
         paid = at_zero[LONGEST_ROW] > 1 and own >= breaks.jump_tokens  # by a prefill chunk
         knee = float("inf") if breaks.knee_tokens is None else max(breaks.knee_tokens - own, 0)
         return StepCost(
-            base_s=max(self.verify_cost.predict(at_zero), 1e-4),
+            base_s=max(base_s, 1e-4),
             token_s=coef["new_tokens"] + coef["attended_tokens"] * sum(contexts) / max(len(contexts), 1),
             jump_s=0.0 if paid else coef["multi_token"],
             drafters=drafter_costs,
-            fixed_tokens=float(sum(p.tokens for p in prefill)),
             jump_after=max(breaks.jump_tokens - own, 1),
             knee_after=knee,
             excess_s=coef["excess_tokens"],
         )
+
+    def prefill_pricer(self, contexts: Sequence[int], cached: Sequence[int]) -> StepPricer:
+        """What the prefill pacer sizes chunks by, alike under every policy: the predicted Verify
+        seconds of a step over requests with these contexts, none speculating, when the prompts being
+        prefilled (`cached` tokens of each already in) get so many tokens each."""
+        ks = [0] * len(contexts)
+
+        def price(sizes: Sequence[int]) -> float:
+            return self.verify_cost.predict(step_features(contexts, ks, [PrefillRow(c, n) for c, n in zip(cached, sizes) if n]))
+
+        return price
+
+    def _prefill_s(self, contexts: Sequence[int], prefill: Sequence[PrefillRow]) -> float:
+        """What prefill chunks add to a step over requests with these contexts at k = 0: kept apart from
+        the decoding rows' goodput (docs/design.md, "Beside a prefill")."""
+        if not prefill:
+            return 0.0
+        zeros = [0] * len(contexts)
+        return self.verify_cost.predict(step_features(contexts, zeros, prefill)) - self.verify_cost.predict(step_features(contexts, zeros))
 
     def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
         priors = {name: self.drafter_rates(name).optimistic_rate for name in {s.drafter for s in slots} if name != "none"}  # once per drafter
@@ -254,7 +275,7 @@ class SpeculationController:
         candidates = self._candidates(slots)
         cost = self.step_cost(slots)
         drafters = [c.drafter if k > 0 else "none" for c, k in zip(candidates, ks)]
-        predicted = cost.step_time(list(ks), drafters)
+        predicted = cost.step_time(list(ks), drafters) + self._prefill_s([s.context_tokens for s in slots], self._prefill)
         tokens = expected_total(candidates, ks)
         for s, k in zip(slots, ks):
             self._previous[s.request_id] = k

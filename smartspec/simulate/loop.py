@@ -183,14 +183,16 @@ class _Loop:
             if not r.prefill_left
         ]
 
-    def _chunks(self, decoding: int) -> list[tuple[SimRequest, PrefillRow]]:
+    def _chunks(self, contexts: Sequence[int]) -> list[tuple[SimRequest, PrefillRow]]:
+        """This step's prefill chunks beside decoding requests with these contexts, paced as the router's."""
         prefilling = [r for r in self.running if r.prefill_left]
-        sizes = self.pacer.plan(decoding, [r.prefill_left for r in prefilling])
-        return [(r, PrefillRow(cached=r.spec.prompt_tokens - r.prefill_left, tokens=n)) for r, n in zip(prefilling, sizes) if n]
+        cached = [r.spec.prompt_tokens - r.prefill_left for r in prefilling]
+        sizes = self.pacer.plan(len(contexts), [r.prefill_left for r in prefilling], self.controller.prefill_pricer(contexts, cached))
+        return [(r, PrefillRow(cached=c, tokens=n)) for r, c, n in zip(prefilling, cached, sizes) if n]
 
     def _step(self) -> None:
         batch, views, drafter = [r for r in self.running if not r.prefill_left], self._views(), self.cell.drafter
-        chunks = self._chunks(len(batch))
+        chunks = self._chunks([v.context_tokens for v in views])
         rows = [row for _, row in chunks]
         self.controller.begin_step(rows)
         asked: list[int] = []
@@ -207,7 +209,6 @@ class _Loop:
         contexts = [v.context_tokens for v in views]
         step_s = draft_s + self.noise(self.cell.costs.step_s(contexts, final, rows))
         self.now += step_s
-        self.pacer.observe(step_s, len(batch), sum(row.tokens for row in rows))
         for request, row in chunks:
             request.prefill_left -= row.tokens
             if not request.prefill_left:  # its prompt is in: the forward's last row gives its first token

@@ -2,9 +2,9 @@
 
 Each request's true chance of acceptance at each coming draft position (its gain curve, from the world)
 and the world's true step costs, linearised around the current batch into the allocator's StepCost form.
-A step's prefill chunks are part of that truth and count as the controller counts them (their time in
-the step, their tokens completed whatever k is), so the reference differs from `goodput` only in what
-it knows, not in what it maximises.
+A step's prefill chunks are part of that truth and count as the controller counts them (their own time
+kept out of the goodput, what a draft costs beside them in it), so the reference differs from `goodput`
+only in what it knows, not in what it maximises.
 It shows how much of the gap to the best possible a better estimate could close; it is a reference
 column, never a policy the router could run.
 """
@@ -43,8 +43,9 @@ class ClairvoyantPolicy(SpeculationPolicy):
         return allocate_goodput(candidates, self.step_cost(batch))
 
     def step_cost(self, batch: Sequence[RequestView]) -> StepCost:
-        """The true verify time around this batch, its prefill chunks included: base at k = 0, the jump
-        of the first speculative token, and the cost per draft token from k = 1 to k = 4 for everyone."""
+        """The true verify time around this batch: base at k = 0 without its prefill chunks (their time is
+        kept apart, allocator.py), and beside them the jump of the first speculative token and the cost
+        per draft token from k = 1 to k = 4 for everyone."""
         n = len(batch)
         contexts = [v.context_tokens for v in batch]
         chunks = tuple(self.step_prefill())
@@ -55,5 +56,5 @@ class ClairvoyantPolicy(SpeculationPolicy):
         base, one, four = verify(0), verify(1), verify(4)
         token_s = max((four - one) / (3 * n), 1e-9)
         jump_s = max(one - base - token_s * n, 0.0)
-        return StepCost(base_s=base, token_s=token_s, jump_s=jump_s, drafters=dict(self.costs.drafters),
-                        fixed_tokens=float(sum(chunk.tokens for chunk in chunks)))
+        alone = self.costs.step_s(contexts, [0] * n) if chunks else base  # the chunks' own time kept apart
+        return StepCost(base_s=alone, token_s=token_s, jump_s=jump_s, drafters=dict(self.costs.drafters))
