@@ -4,9 +4,10 @@ by `smartspec bench` and predicted by `smartspec simulate`.
     python bench/sim_vs_real.py [--concurrency 1 4 8] [--requests 6] [--seeds 0 1 2]
                                 [--policies none fixed:3 goodput] [--out bench/results/sim_vs_real]
     python bench/sim_vs_real.py --report-only
+    python bench/sim_vs_real.py --sim-only --cost-profile PROFILE.json    # a world measured on this machine today
 
-The simulator's parameters come only from the `cpu-smollm2` cost profile (bench/step_table.py) and the
-shipped copy and chat traces (`smartspec bench --record-traces`), never from the latencies compared
+The simulator's parameters come only from a CPU cost profile (`cpu-smollm2` unless --cost-profile names
+another, measured by bench/step_table.py) and the shipped copy and chat traces (`smartspec bench --record-traces`), never from the latencies compared
 here. Real runs start the stack on the embedded model (prompt lookup); run this alone on the machine
 the profile was measured on, pinned like it (`taskset -c 0`). The report lists, per workload, load and
 policy, the real and simulated mean latency (mean over seeds) and their ratio, and, for every pair of
@@ -49,7 +50,7 @@ def run_real(args: argparse.Namespace) -> None:
 def run_sim(args: argparse.Namespace) -> None:
     for workload in WORKLOADS:
         for seed in args.seeds:
-            smartspec("simulate", "--workload", workload, "--drafter", DRAFTER, "--policies", *args.policies, "--concurrency", *map(str, args.concurrency),
+            smartspec("simulate", "--cost-profile", args.cost_profile, "--workload", workload, "--drafter", DRAFTER, "--policies", *args.policies, "--concurrency", *map(str, args.concurrency),
                       "--requests", str(args.requests), "--seed", str(seed), "--max-batch", str(MAX_BATCH), "--max-tokens", str(MAX_TOKENS),
                       "--out", str(args.out / "sim" / f"{workload}-{seed}"))
 
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/sim_vs_real")
     parser.add_argument("--report-only", action="store_true", help="run nothing: compare the saved runs under --out")
     parser.add_argument("--sim-only", action="store_true", help="rerun the simulations only, against the saved real runs")
+    parser.add_argument("--cost-profile", default="cpu-smollm2",
+                        help="the simulator's world (a profile name or file): measure one with bench/step_table.py on the machine the real runs use")
     args = parser.parse_args()
     if not args.report_only:
         if not args.sim_only:
