@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--max-queue", type=int, default=64, help="most requests waiting for admission; beyond it, RESOURCE_EXHAUSTED")
     add_flag(parser, "--max-step-tokens", type=int, default=DEFAULT_MAX_STEP_TOKENS,
              help="most tokens a step carries: one per running request, the rest for chunks of the prompts being prefilled, "
-             "first come first served, paced from measured step times so that a step that prefills takes about 2.25x one "
-             "that does not (at least 16 prefill tokens a step); drafts come on top"),
+             "first come first served, paced so that the cost model prices a step that prefills at about 2.25x the same "
+             "step without prefill (at least 16 prefill tokens a step); drafts come on top"),
     add_flag(parser, "--default-drafter", default="auto", help="drafter for requests that name none: auto (the controller picks per step), none, prompt_lookup, draft_model, tree")
     add_flag(parser, "--default-policy", default="goodput", help="speculation policy for requests that name none: goodput, uniform, none or fixed:K")
     add_flag(parser, "--k-max", type=int, default=8, help="most draft tokens the goodput and uniform policies give one request per step")

@@ -3,12 +3,11 @@
 Tolerance, and why: with at most one drafter that pays per draft position, beside any model-free ones,
 the walks (gain per cost, then Dinkelbach steps by gain - lambda * cost, each under every depth cap and
 with every set of fixed-cost drafters left out) find the optimum of the goodput model, the jump a few
-draft tokens in included (we assert within 1e-9; exact in 160,000 random cases). With two drafters that
-both pay per draft position, one shared depth cap is tried rather than every combination, and a loss is
-possible (seen 2.8% at worst in 20,000 random cases chosen for it, 0.1% in 20,000 like the test's), so
-that case is asserted at 0.95 of the optimum. Before the Dinkelbach steps the gain-per-cost order alone
-lost up to 26% when the jump came a few tokens in (which tokens to take before it is a small knapsack);
-the pinned cases below are the ones each part of the search is there for.
+draft tokens in included (asserted within 1e-9). With two drafters that both pay per draft position, one
+shared depth cap is tried rather than every combination, and a loss is possible, so that case is
+asserted at 0.95 of the optimum. Before the Dinkelbach steps the gain-per-cost order alone could miss
+when the jump came a few tokens in (which tokens to take before it is a small knapsack); the pinned
+cases below are the ones each part of the search is there for.
 """
 
 from __future__ import annotations

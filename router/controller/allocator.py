@@ -18,16 +18,15 @@ c_tok + d_tok of its drafter. A first walk takes candidates in order of gain per
 fall with j, so each request's tokens come in order) and keeps the best allocation seen on the way; the
 jump means goodput may dip before it rises, so no walk stops at the first dip. That order alone misses
 when the jump comes a few tokens in: which tokens to take before it is a small knapsack, where a dearer
-token of higher gain can beat a cheaper one of better ratio (6.4% lost in a pinned test, up to 26% in
-random search). So Dinkelbach steps follow: with lambda the best goodput found, a walk by
+token of higher gain can beat a cheaper one of better ratio (6.4% lost in a pinned test). So Dinkelbach
+steps follow: with lambda the best goodput found, a walk by
 gain - lambda * cost. The jump and the knee depend only on how many drafts the step verifies, so at
 every count that walk's prefix has the most tokens - lambda * seconds, and if any allocation beats
-lambda, so does one of its prefixes; steps repeat while lambda improves (two at most in 200,000 random
-cases; DINKELBACH_STEPS caps them). A drafter's cost per step and per position no per-token order can
+lambda, so does one of its prefixes; steps repeat while lambda improves (DINKELBACH_STEPS caps them). A drafter's cost per step and per position no per-token order can
 see, so every walk is scored under each depth cap and with each set of fixed-cost drafters left out.
 With at most one drafter paying per position this reaches the model's optimum (asserted against brute
-force in tests/test_controller_allocator.py); two such drafters share one depth cap and can miss (by
-2.8% at worst in random search).
+force in tests/test_controller_allocator.py); two such drafters share one depth cap and can miss (the
+tests bound it at 5%).
 
 The published baseline ("uniform") picks one k for the whole batch: argmax of goodput over k = 0..K,
 stopping at the first k that is worse than the one before.
@@ -50,7 +49,7 @@ import numpy as np
 
 from router.controller.acceptance import expected_tokens
 
-DINKELBACH_STEPS = 4  # at most; each is one more walk (random search never needed more than two)
+DINKELBACH_STEPS = 4  # at most; each is one more walk
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,7 @@ class StepCost:
     jump_after: int = 1  # the jump is paid once the step verifies this many draft tokens
     knee_after: float = float("inf")  # draft tokens past this many cost excess_s more each
     excess_s: float = 0.0
+    prefill_s: float = 0.0  # the prefill chunks' own time: in the step, not in the goodput a draft must raise
 
     def drafts_time(self, drafts):
         """What `drafts` draft tokens in all (a number, or an array of them) add to the base step, before

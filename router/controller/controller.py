@@ -35,7 +35,7 @@ from router.controller.allocator import (
     predicted_goodput,
 )
 from router.controller.cost_model import LONGEST_ROW, NEW_TOKENS, LinearCostModel, VerifyCostModel, draft_features, new_draft_model, new_verify_model
-from router.controller.profile import PrefillRow, step_features
+from router.controller.profile import PrefillRow, VerifyRows, step_features
 from router.controller.tree import TreeCalibration, path_probs
 from router.prefill_budget import StepPricer
 
@@ -185,10 +185,11 @@ class SpeculationController:
         for name in drafters:
             d = self.drafter_cost(name).as_dict()
             drafter_costs[name] = DrafterCost(any_s=d["any_speculation"], position_s=d["max_k"], token_s=d["sum_k"])
-        zeros = [0] * len(contexts)
-        at_zero = step_features(contexts, zeros, prefill)  # [STEP_SHAPE]: with its chunks, where the breakpoints fall
+        decoding = VerifyRows.of(contexts, [0] * len(contexts))
+        at_zero = decoding.beside(prefill)  # [STEP_SHAPE]: with its chunks, where the breakpoints fall
         own = int(at_zero[NEW_TOKENS])  # tokens the step has whatever k is
-        base_s = self.verify_cost.predict(step_features(contexts, zeros))  # without them: their time is kept apart
+        base_s = self.verify_cost.predict(decoding.beside())  # without them: their time is kept apart
+        with_chunks_s = self.verify_cost.predict(at_zero) if prefill else base_s
         paid = at_zero[LONGEST_ROW] > 1 and own >= breaks.jump_tokens  # by a prefill chunk
         knee = float("inf") if breaks.knee_tokens is None else max(breaks.knee_tokens - own, 0)
         return StepCost(
@@ -199,26 +200,19 @@ class SpeculationController:
             jump_after=max(breaks.jump_tokens - own, 1),
             knee_after=knee,
             excess_s=coef["excess_tokens"],
+            prefill_s=with_chunks_s - base_s,
         )
 
     def prefill_pricer(self, contexts: Sequence[int], cached: Sequence[int]) -> StepPricer:
         """What the prefill pacer sizes chunks by, alike under every policy: the predicted Verify
         seconds of a step over requests with these contexts, none speculating, when the prompts being
         prefilled (`cached` tokens of each already in) get so many tokens each."""
-        ks = [0] * len(contexts)
+        decoding = VerifyRows.of(contexts, [0] * len(contexts))  # summed once for the pacer's ~10 prices
 
         def price(sizes: Sequence[int]) -> float:
-            return self.verify_cost.predict(step_features(contexts, ks, [PrefillRow(c, n) for c, n in zip(cached, sizes) if n]))
+            return self.verify_cost.predict(decoding.beside([PrefillRow(c, n) for c, n in zip(cached, sizes) if n]))
 
         return price
-
-    def _prefill_s(self, contexts: Sequence[int], prefill: Sequence[PrefillRow]) -> float:
-        """What prefill chunks add to a step over requests with these contexts at k = 0: kept apart from
-        the decoding rows' goodput (docs/design.md, "Beside a prefill")."""
-        if not prefill:
-            return 0.0
-        zeros = [0] * len(contexts)
-        return self.verify_cost.predict(step_features(contexts, zeros, prefill)) - self.verify_cost.predict(step_features(contexts, zeros))
 
     def _candidates(self, slots: Sequence[Slot]) -> list[Candidate]:
         priors = {name: self.drafter_rates(name).optimistic_rate for name in {s.drafter for s in slots} if name != "none"}  # once per drafter
@@ -275,7 +269,7 @@ class SpeculationController:
         candidates = self._candidates(slots)
         cost = self.step_cost(slots)
         drafters = [c.drafter if k > 0 else "none" for c, k in zip(candidates, ks)]
-        predicted = cost.step_time(list(ks), drafters) + self._prefill_s([s.context_tokens for s in slots], self._prefill)
+        predicted = cost.step_time(list(ks), drafters) + cost.prefill_s
         tokens = expected_total(candidates, ks)
         for s, k in zip(slots, ks):
             self._previous[s.request_id] = k

@@ -194,16 +194,38 @@ async def measure(
     return rows, seconds
 
 
+@dataclass(frozen=True)
+class VerifyRows:
+    """What a step's verify rows contribute to its shape, summed once: a caller that prices the same
+    rows beside many candidate prefill chunks (the prefill pacer) need not sum them again."""
+
+    rows: int
+    new_tokens: int
+    context_tokens: int
+    attended_tokens: int
+    longest_row: int
+
+    @classmethod
+    def of(cls, contexts: Sequence[int], ks: Sequence[int]) -> "VerifyRows":
+        """Requests with these cached lengths verifying these ks (a row's few drafts are counted at its
+        request's context)."""
+        return cls(len(ks), sum(k + 1 for k in ks), sum(contexts), sum((k + 1) * c for k, c in zip(ks, contexts)), max((k + 1 for k in ks), default=1))
+
+    def beside(self, prefill: Sequence[PrefillRow] = ()):
+        """The step's shape (cost_model.STEP_SHAPE) with these prefill chunks: each a row of `tokens` new
+        tokens that leaves `cached + tokens` in the KV cache, its tokens attending causally (cached +
+        (tokens + 1) / 2 keys each on average)."""
+        attended = self.attended_tokens + sum(p.tokens * (p.cached + (p.tokens + 1) / 2) for p in prefill)
+        new_tokens = self.new_tokens + sum(p.tokens for p in prefill)
+        context = self.context_tokens + sum(p.cached + p.tokens for p in prefill)
+        longest = max([self.longest_row] + [p.tokens for p in prefill])
+        return verify_features(self.rows + len(prefill), new_tokens, context, longest, attended_tokens=attended)
+
+
 def step_features(contexts: Sequence[int], ks: Sequence[int], prefill: Sequence[PrefillRow] = ()):
     """The cost model's shape of a Verify (cost_model.STEP_SHAPE) over requests with these cached
-    lengths and ks, beside these prefill chunks: each a row of `tokens` new tokens that leaves
-    `cached + tokens` in the KV cache, its tokens attending causally (cached + (tokens + 1) / 2 keys
-    each on average; a verify row's few drafts are counted at their request's context)."""
-    attended = sum((k + 1) * c for k, c in zip(ks, contexts)) + sum(p.tokens * (p.cached + (p.tokens + 1) / 2) for p in prefill)
-    rows = len(ks) + len(prefill)
-    new_tokens = sum(k + 1 for k in ks) + sum(p.tokens for p in prefill)
-    longest = max([k + 1 for k in ks] + [p.tokens for p in prefill], default=1)
-    return verify_features(rows, new_tokens, sum(contexts) + sum(p.cached + p.tokens for p in prefill), longest, attended_tokens=attended)
+    lengths and ks, beside these prefill chunks (VerifyRows)."""
+    return VerifyRows.of(contexts, ks).beside(prefill)
 
 
 async def load_or_measure(

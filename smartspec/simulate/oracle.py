@@ -57,4 +57,4 @@ class ClairvoyantPolicy(SpeculationPolicy):
         token_s = max((four - one) / (3 * n), 1e-9)
         jump_s = max(one - base - token_s * n, 0.0)
         alone = self.costs.step_s(contexts, [0] * n) if chunks else base  # the chunks' own time kept apart
-        return StepCost(base_s=alone, token_s=token_s, jump_s=jump_s, drafters=dict(self.costs.drafters))
+        return StepCost(base_s=alone, token_s=token_s, jump_s=jump_s, drafters=dict(self.costs.drafters), prefill_s=base - alone)
