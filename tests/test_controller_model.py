@@ -272,6 +272,29 @@ def test_a_prefill_chunks_time_is_predicted_but_kept_out_of_the_goodput():
     assert controller.decide(slots) == alone
 
 
+def test_drafts_weigh_the_requests_that_wait_for_their_prompts():
+    """A draft's seconds delay every request in the system, its tokens help only its own: with admitted
+    prompts waiting beside the decoding rows, goodput drafts less, and not at all once enough wait (the
+    prefill-bound saturation where any fixed k is slower than none). The predicted step time and the
+    published uniform choice are what they were."""
+    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.0, 0.0))
+    slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=100) for i in range(2)]
+    for slot in slots:
+        for _ in range(20):
+            controller.observe_request(slot.request_id, "prompt_lookup", 4, 3)
+    alone = controller.decide(slots)
+    uniform = controller.decide(slots, mode="uniform")
+    predicted = {}
+    for waiting in (0, 2, 20):
+        controller.begin_step(waiting=waiting)
+        predicted[waiting] = (controller.decide(slots), controller.decide(slots, mode="uniform"), controller.step_cost(slots))
+    assert predicted[0][0] == alone and sum(alone) > 0
+    assert 0 < sum(predicted[2][0]) < sum(alone)
+    assert predicted[20][0] == [0, 0]
+    assert all(u == uniform and c == predicted[0][2] for _, u, c in predicted.values())
+    assert controller.record(slots, alone).predicted_s == pytest.approx(0.05 + 0.004 * (2 + sum(alone)) + 0.0001 + 0.000001 * sum(alone))
+
+
 def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():
     controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.01, 0.0))
     controller.drafter_cost("draft_model").reset_prior((0.001, 0.002, 0.0005))  # a cheap draft model

@@ -37,12 +37,20 @@ The chunks' own time is therefore kept out of the goodput (``StepCost.base_s`` i
 without them) and a draft must beat the rate the decoding rows have on their own; what a draft costs
 beside a chunk (past the jump the chunk pays, nearer the knee) the controller's StepCost says. Two
 other rules were measured and not kept (docs/design.md, "Beside a prefill").
+
+While admitted prompts wait to be prefilled, a draft's seconds delay them too, and its tokens help
+only the request it drafts for: Q requests waiting beside B decoding ones make what drafts add to the
+step weigh (B + Q) / B in the decision (``StepCost.delaying``). At the margin this is the choice that
+lowers the sum of all their latencies: a draft pays when the tokens it is expected to add, each worth
+a step of its request's time, outweigh its seconds times everyone it delays. It is what lets goodput
+stop speculating in a prefill-bound saturation, where prompts enter at a pace set by the k = 0 step
+and every draft second slows every admission.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -93,6 +101,17 @@ class StepCost:
             if any(mine):
                 total += cost.time(1, max(mine), sum(mine))
         return total
+
+    def delaying(self, waiting: int, decoding: int) -> "StepCost":
+        """This cost as a decision should weigh it while `waiting` requests beside the `decoding` ones
+        wait for their prompts: a draft's seconds delay every request in the system, its tokens help
+        only the one it drafts for, so what drafts add to the step counts (decoding + waiting) /
+        decoding times (module docstring, "Beside a prefill")."""
+        if waiting <= 0 or decoding <= 0:
+            return self
+        weight = (decoding + waiting) / decoding
+        drafters = {name: DrafterCost(c.any_s * weight, c.position_s * weight, c.token_s * weight) for name, c in self.drafters.items()}
+        return replace(self, token_s=self.token_s * weight, jump_s=self.jump_s * weight, excess_s=self.excess_s * weight, drafters=drafters)
 
     def alone_time(self, k: int, drafter: str) -> float:
         """step_time([k], [drafter]) for k > 0: one request alone in its step."""
