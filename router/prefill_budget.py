@@ -9,7 +9,7 @@ PREFILL_STRETCH / (PREFILL_STRETCH - 1) times its prefill alone (a step of decod
 token budget cannot hold that balance: a chunk's cost grows with the context it attends to and the
 decoding step's with the batch, and both differ by orders of magnitude between a CPU and a GPU.
 
-The prices come from the controller's verify cost model (`SpeculationController.plain_step_s`), which
+The prices come from the controller's verify cost model (`SpeculationController.prefill_pricer`), which
 is fitted at startup and refitted from every live step. Priced at k = 0, a prompt's chunks are the
 same whatever policy the running requests speculate under, so policies are compared on equal prompt
 waits; an earlier pacer sized chunks from the loop's measured step times, whose speculation then set

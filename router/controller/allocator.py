@@ -68,6 +68,9 @@ class DrafterCost:
     position_s: float = 0.0
     token_s: float = 0.0
 
+    def scaled(self, weight: float) -> "DrafterCost":
+        return DrafterCost(self.any_s * weight, self.position_s * weight, self.token_s * weight)
+
     def time(self, drafting, deepest, tokens):
         """Seconds of a Propose: whether it drafts at all, its deepest draft and its draft tokens
         (numbers, or arrays of them alike)."""
@@ -106,12 +109,12 @@ class StepCost:
         """This cost as a decision should weigh it while `waiting` requests beside the `decoding` ones
         wait for their prompts: a draft's seconds delay every request in the system, its tokens help
         only the one it drafts for, so what drafts add to the step counts (decoding + waiting) /
-        decoding times (module docstring, "Beside a prefill")."""
+        decoding times (module docstring). The base, and prefill_s, stay: no draft changes them."""
         if waiting <= 0 or decoding <= 0:
             return self
         weight = (decoding + waiting) / decoding
-        drafters = {name: DrafterCost(c.any_s * weight, c.position_s * weight, c.token_s * weight) for name, c in self.drafters.items()}
-        return replace(self, token_s=self.token_s * weight, jump_s=self.jump_s * weight, excess_s=self.excess_s * weight, drafters=drafters)
+        return replace(self, token_s=self.token_s * weight, jump_s=self.jump_s * weight, excess_s=self.excess_s * weight,
+                       drafters={name: cost.scaled(weight) for name, cost in self.drafters.items()})
 
     def alone_time(self, k: int, drafter: str) -> float:
         """step_time([k], [drafter]) for k > 0: one request alone in its step."""
