@@ -67,6 +67,14 @@ class PrefillPacer:
         if self.stretch <= 1.0:
             raise ValueError(f"stretch must be above 1 (got {self.stretch}): a step that prefills costs more than one that does not")
 
+    def stretch_for(self, decoding: int, prefilling: int) -> float:
+        """How many times the decode-only step a step may take with `prefilling` prompts beside
+        `decoding` streams. Up to as many prompts as streams, `stretch`; beyond, what prefill adds grows
+        with the prompts per stream: each waiting prompt is a user waiting as much as each stream, and a
+        pace set by a handful of streams (few because the rest are still waiting for their prompts)
+        would otherwise starve admission and keep the batch small."""
+        return 1.0 + (self.stretch - 1.0) * max(1.0, prefilling / max(decoding, 1))
+
     def room(self, decoding: int, prefill_left: Sequence[int], price: StepPricer) -> int:
         """Prefill tokens the coming step may carry beside `decoding` decoding requests. With nothing
         decoding there is no stream to hold back: the whole cap. Prices grow with the room, so the
@@ -75,7 +83,7 @@ class PrefillPacer:
             return self.max_step_tokens
         low, high = MIN_PREFILL_TOKENS, max(self.max_step_tokens - decoding, MIN_PREFILL_TOKENS)
         high = min(high, max(sum(prefill_left), low))  # more room than the prompts need changes nothing
-        target = self.stretch * price([0] * len(prefill_left))
+        target = self.stretch_for(decoding, sum(1 for left in prefill_left if left)) * price([0] * len(prefill_left))
         while low < high:  # the largest room in [low, high] priced within target (low when none is)
             middle = (low + high + 1) // 2
             if price(plan_chunks(middle, decoding, prefill_left)) <= target:

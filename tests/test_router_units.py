@@ -311,6 +311,19 @@ def test_the_pacer_sizes_prefill_so_a_step_takes_the_stretch_of_a_decode_step():
     assert pacer.plan(16, [1500], _cpu_like_pricer(16, [0]))[0] > chunks[0]  # a dearer decode step leaves more room
 
 
+def test_prompts_that_outnumber_the_streams_widen_the_pace():
+    """8 prompts waiting beside 2 streams: a pace set by 2 streams' step would feed them 16 tokens a step
+    and keep the batch small; the stretch grows with the prompts per stream (1 + 1.25 x 8/2 = 6), and
+    while prompts do not outnumber streams it stays the base one."""
+    pacer = PrefillPacer(max_step_tokens=512)
+    assert pacer.stretch_for(2, 8) == pytest.approx(6.0)
+    assert pacer.stretch_for(8, 1) == pacer.stretch_for(8, 8) == PREFILL_STRETCH
+    left, price = [300] * 8, _cpu_like_pricer(2, [0] * 8)
+    chunks = pacer.plan(2, left, price)
+    assert price(chunks) <= 6.0 * price([0] * 8)
+    assert sum(chunks) > 2 * pacer.plan(2, [300], _cpu_like_pricer(2, [0]))[0]
+
+
 def test_the_pacer_keeps_within_the_step_cap_and_the_minimum():
     pacer = PrefillPacer(max_step_tokens=64)
     free = lambda sizes: 0.010  # prefill looks free: the cap holds (one token per decoding request)

@@ -40,11 +40,12 @@ other rules were measured and not kept (docs/design.md, "Beside a prefill").
 
 While admitted prompts wait to be prefilled, a draft's seconds delay them too, and its tokens help
 only the request it drafts for: Q requests waiting beside B decoding ones make what drafts add to the
-step weigh (B + Q) / B in the decision (``StepCost.delaying``). At the margin this is the choice that
-lowers the sum of all their latencies: a draft pays when the tokens it is expected to add, each worth
-a step of its request's time, outweigh its seconds times everyone it delays. It is what lets goodput
-stop speculating in a prefill-bound saturation, where prompts enter at a pace set by the k = 0 step
-and every draft second slows every admission.
+step weigh (B + min(Q, B)) / B in the decision (``StepCost.delaying``). At the margin, a draft pays when
+the tokens it is expected to add, each worth a step of its request's time, outweigh its seconds times
+everyone it delays. The count stops at B because beyond it the pacer widens the prompts' share of the
+step with the prompts per stream (router/prefill_budget.py), so they are no longer held to the pace of
+the decoding rows; weighing every one of them held goodput back by up to 5% in the simulator
+(docs/design.md, "Beside waiting prompts").
 """
 
 from __future__ import annotations
@@ -107,10 +108,11 @@ class StepCost:
 
     def delaying(self, waiting: int, decoding: int) -> "StepCost":
         """This cost as a decision should weigh it while `waiting` requests beside the `decoding` ones
-        wait for their prompts: a draft's seconds delay every request in the system, its tokens help
-        only the one it drafts for, so what drafts add to the step counts (decoding + waiting) /
-        decoding times (module docstring). The base, and prefill_s, stay: no draft changes them."""
-        if waiting <= 0 or decoding <= 0:
+        wait for their prompts: a draft's seconds delay them too, its tokens help only the one it drafts
+        for, so what drafts add to the step counts (decoding + min(waiting, decoding)) / decoding times,
+        at most twice (module docstring). The base, and prefill_s, stay: no draft changes them."""
+        waiting = min(waiting, decoding)
+        if waiting <= 0:
             return self
         weight = (decoding + waiting) / decoding
         return replace(self, token_s=self.token_s * weight, jump_s=self.jump_s * weight, excess_s=self.excess_s * weight,
