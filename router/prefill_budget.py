@@ -5,7 +5,8 @@ admission order (first come, first served), so that running streams slow down, n
 prompt is prefilled. The room is sized so that a step carrying prefill is predicted to take about
 PREFILL_STRETCH times the same step without it, both priced with no speculation: the running streams'
 gaps grow by that much while a prompt goes in, and the prompt takes about
-PREFILL_STRETCH / (PREFILL_STRETCH - 1) times its prefill alone (a step of decoding per chunk). A fixed
+PREFILL_STRETCH / (PREFILL_STRETCH - 1) times its prefill alone (a step of decoding per chunk). When
+more prompts wait than requests decode, the stretch grows with the prompts per stream (stretch_for). A fixed
 token budget cannot hold that balance: a chunk's cost grows with the context it attends to and the
 decoding step's with the batch, and both differ by orders of magnitude between a CPU and a GPU.
 

@@ -289,7 +289,7 @@ class ReplicaLoop:
         started = time.perf_counter()
         batch = [r for r in self.running if not r.prefill_left]  # decoding; the others are being prefilled
         chunks = self._prefill_chunks(batch)
-        self.controller.begin_step([c.row for c in chunks], waiting=len(self.running) - len(batch))
+        self.controller.begin_step([c.row for c in chunks])
         s.telemetry.step_started(batch)
         groups = self._groups(batch)
         views, asked, drafts, draft_times = await self._speculate(batch, groups)

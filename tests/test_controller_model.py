@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from router.controller.acceptance import DrafterRates, RequestAcceptance, expected_tokens
-from router.controller.allocator import StepCost
 from router.controller.controller import Slot, SpeculationController
 from router.controller.profile import PrefillRow
 from router.controller.cost_model import Breakpoints, VerifyCostModel, verify_features
@@ -271,38 +270,6 @@ def test_a_prefill_chunks_time_is_predicted_but_kept_out_of_the_goodput():
     assert list(row) == [1, 4 + sum(ks) + 150, 400 + 350, 100 * (4 + sum(ks)) + 150 * (200 + 151 / 2), 5, 1, 0]
     controller.begin_step()  # the next step prefills nothing
     assert controller.decide(slots) == alone
-
-
-def test_drafts_weigh_the_requests_that_wait_for_their_prompts():
-    """A draft's seconds delay the requests waiting for their prompts as well as the decoding ones, its
-    tokens help only its own: with admitted prompts waiting beside the decoding rows, goodput drafts
-    less. The weight counts at most as many waiting requests as decoding ones (beyond that the pacer
-    widens the prompts' share of the step). The predicted step time and the published uniform choice
-    are what they were."""
-    controller = controller_with((0.05, 0.004, 0.0, 0.0, 0.0, 0.0, 0.0))
-    slots = [Slot(f"r{i}", "prompt_lookup", cap=8, context_tokens=100) for i in range(2)]
-    for slot in slots:
-        for _ in range(20):
-            controller.observe_request(slot.request_id, "prompt_lookup", 4, 3)
-    alone = controller.decide(slots)
-    uniform = controller.decide(slots, mode="uniform")
-    predicted = {}
-    for waiting in (0, 2, 20):
-        controller.begin_step(waiting=waiting)
-        predicted[waiting] = (controller.decide(slots), controller.decide(slots, mode="uniform"), controller.step_cost(slots))
-    assert predicted[0][0] == alone and sum(alone) > 0
-    assert 0 < sum(predicted[2][0]) < sum(alone)
-    assert predicted[20][0] == predicted[2][0]  # two decoding rows: at most two waiting ones count
-    assert all(u == uniform and c == predicted[0][2] for _, u, c in predicted.values())
-    assert controller.record(slots, alone).predicted_s == pytest.approx(0.05 + 0.004 * (2 + sum(alone)) + 0.0001 + 0.000001 * sum(alone))
-
-
-def test_a_draft_is_weighed_by_at_most_as_many_waiting_requests_as_decoding_ones():
-    cost = StepCost(base_s=0.1, token_s=0.01, jump_s=0.02, excess_s=0.001)
-    assert cost.delaying(0, 4) is cost and cost.delaying(3, 0) is cost
-    assert cost.delaying(2, 4).token_s == pytest.approx(0.015)
-    assert cost.delaying(40, 4) == cost.delaying(4, 4)
-    assert cost.delaying(4, 4).jump_s == pytest.approx(0.04) and cost.delaying(4, 4).base_s == 0.1
 
 
 def test_auto_prefers_the_drafter_whose_drafts_land_for_this_request():

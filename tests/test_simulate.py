@@ -107,7 +107,7 @@ def test_no_speculation_wins_when_nothing_is_accepted():
 def test_goodput_keeps_pace_with_none_where_prefill_bounds_a_saturated_cpu():
     """64 requests always in flight with long prompts and short outputs, drafts landing half the time:
     every draft's seconds delay the prompts being prefilled beside it, and fixed k = 7 turns slower than
-    no speculation; goodput, which prices that delay, is not."""
+    no speculation; goodput, which drafts only where the expected tokens pay for the step, is not."""
     rows = run_sweep(config(CPU, mean=0.5, std=0.0, decay=1.0, phases=0.0, policies=["none", "fixed:7", "goodput"], concurrency=[64],
                             requests=128, prompt_tokens=400, output_tokens=40, max_batch=64))
     assert latency(rows, "fixed:7") > latency(rows, "none") >= latency(rows, "goodput")

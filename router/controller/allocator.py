@@ -36,22 +36,15 @@ them at k = 0 (router/prefill_budget.py), so drafts never displace prompt tokens
 The chunks' own time is therefore kept out of the goodput (``StepCost.base_s`` is the step at k = 0
 without them) and a draft must beat the rate the decoding rows have on their own; what a draft costs
 beside a chunk (past the jump the chunk pays, nearer the knee) the controller's StepCost says. Two
-other rules were measured and not kept (docs/design.md, "Beside a prefill").
-
-While admitted prompts wait to be prefilled, a draft's seconds delay them too, and its tokens help
-only the request it drafts for: Q requests waiting beside B decoding ones make what drafts add to the
-step weigh (B + min(Q, B)) / B in the decision (``StepCost.delaying``). At the margin, a draft pays when
-the tokens it is expected to add, each worth a step of its request's time, outweigh its seconds times
-everyone it delays. The count stops at B because beyond it the pacer widens the prompts' share of the
-step with the prompts per stream (router/prefill_budget.py), so they are no longer held to the pace of
-the decoding rows; weighing every one of them held goodput back by up to 5% in the simulator
-(docs/design.md, "Beside waiting prompts").
+other rules were measured and not kept (docs/design.md, "Beside a prefill"); so was weighing a draft's
+seconds by the prompts waiting beside it, once the prefill pacer widened with them (docs/design.md,
+"Beside waiting prompts").
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -68,9 +61,6 @@ class DrafterCost:
     any_s: float = 0.0
     position_s: float = 0.0
     token_s: float = 0.0
-
-    def scaled(self, weight: float) -> "DrafterCost":
-        return DrafterCost(self.any_s * weight, self.position_s * weight, self.token_s * weight)
 
     def time(self, drafting, deepest, tokens):
         """Seconds of a Propose: whether it drafts at all, its deepest draft and its draft tokens
@@ -105,18 +95,6 @@ class StepCost:
             if any(mine):
                 total += cost.time(1, max(mine), sum(mine))
         return total
-
-    def delaying(self, waiting: int, decoding: int) -> "StepCost":
-        """This cost as a decision should weigh it while `waiting` requests beside the `decoding` ones
-        wait for their prompts: a draft's seconds delay them too, its tokens help only the one it drafts
-        for, so what drafts add to the step counts (decoding + min(waiting, decoding)) / decoding times,
-        at most twice (module docstring). The base, and prefill_s, stay: no draft changes them."""
-        waiting = min(waiting, decoding)
-        if waiting <= 0:
-            return self
-        weight = (decoding + waiting) / decoding
-        return replace(self, token_s=self.token_s * weight, jump_s=self.jump_s * weight, excess_s=self.excess_s * weight,
-                       drafters={name: cost.scaled(weight) for name, cost in self.drafters.items()})
 
     def alone_time(self, k: int, drafter: str) -> float:
         """step_time([k], [drafter]) for k > 0: one request alone in its step."""

@@ -107,7 +107,6 @@ class SpeculationController:
         self._unverified: set[tuple[str, str]] = set()  # (request id, drafter) whose last tree awaits its verify
         self._previous: dict[str, int] = {}
         self._prefill: tuple[PrefillRow, ...] = ()  # this step's prefill chunks (begin_step)
-        self._waiting = 0  # requests of this step's batch whose prompts are not all in yet (begin_step)
         self.last: StepRecord | None = None
         self._step_errors: deque[float] = deque(maxlen=256)
         self.steps = 0
@@ -223,22 +222,15 @@ class SpeculationController:
         ]
 
     # --- decisions ------------------------------------------------------------------------------
-    def begin_step(self, prefill: Sequence[PrefillRow] = (), waiting: int = 0) -> None:
+    def begin_step(self, prefill: Sequence[PrefillRow] = ()) -> None:
         """The prefill chunks the step about to be decided carries besides its requests' verification,
-        priced into every prediction until the next call, and how many admitted requests wait for their
-        prompts (with a chunk this step or not): the goodput decision weighs drafts' time by them."""
+        priced into every prediction until the next call."""
         self._prefill = tuple(prefill)
-        self._waiting = waiting
 
     @property
     def step_prefill(self) -> tuple[PrefillRow, ...]:
         """The prefill chunks of the step being decided (begin_step)."""
         return self._prefill
-
-    @property
-    def step_waiting(self) -> int:
-        """Requests of the step being decided that wait for their prompts (begin_step)."""
-        return self._waiting
 
     def choose_drafter(self, request_id: str, drafters: Sequence[str], cap: int, context_tokens: int) -> str:
         """For drafter 'auto': the drafter that gives this request the best predicted goodput on its
@@ -266,7 +258,6 @@ class SpeculationController:
             return allocate_uniform(candidates, cost, self.k_max)
         if mode != "goodput":
             raise ValueError(f"unknown controller mode {mode!r}")
-        cost = cost.delaying(self._waiting, len(slots))
         ks = allocate_goodput(candidates, cost)
         previous = [min(self._previous.get(s.request_id, 0), c.cap) for s, c in zip(slots, candidates)]
         if previous != ks and predicted_goodput(candidates, ks, cost) <= predicted_goodput(candidates, previous, cost) * (1 + self.hysteresis):

@@ -104,7 +104,7 @@ def make_policy(spec: str, controller: SpeculationController, costs: StepCosts, 
     """The router's registry (fixed policies, plus the controller's 'goodput' and 'uniform'), and the
     simulator's own reference 'clairvoyant'."""
     registry = PolicyRegistry(controller_policies(controller))
-    registry.register(CLAIRVOYANT, ClairvoyantPolicy(costs, truths, controller.k_max, lambda: controller.step_prefill, lambda: controller.step_waiting))
+    registry.register(CLAIRVOYANT, ClairvoyantPolicy(costs, truths, controller.k_max, lambda: controller.step_prefill))
     return registry.get(spec)
 
 
@@ -194,7 +194,7 @@ class _Loop:
         batch, views, drafter = [r for r in self.running if not r.prefill_left], self._views(), self.cell.drafter
         chunks = self._chunks([v.context_tokens for v in views])
         rows = [row for _, row in chunks]
-        self.controller.begin_step(rows, waiting=len(self.running) - len(batch))
+        self.controller.begin_step(rows)
         asked: list[int] = []
         final: list[int] = []
         if batch:  # the router asks its policies only about requests that decode

@@ -24,13 +24,11 @@ NAME = "clairvoyant"
 class ClairvoyantPolicy(SpeculationPolicy):
     """allocate_goodput over true gains and true (noiseless) costs."""
 
-    def __init__(self, costs: StepCosts, truths: Mapping[str, Truth], k_max: int, step_prefill: Callable[[], Sequence[PrefillRow]] = tuple,
-                 step_waiting: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, costs: StepCosts, truths: Mapping[str, Truth], k_max: int, step_prefill: Callable[[], Sequence[PrefillRow]] = tuple) -> None:
         self.costs = costs
         self.truths = truths  # request id -> its truth; filled by the step loop as requests arrive
         self.k_max = k_max
         self.step_prefill = step_prefill  # the coming step's prefill chunks
-        self.step_waiting = step_waiting  # the coming step's requests waiting for their prompts
 
     @property
     def name(self) -> str:
@@ -42,7 +40,7 @@ class ClairvoyantPolicy(SpeculationPolicy):
             truth = self.truths[view.request_id]
             cap = min(view.max_k, self.k_max)
             candidates.append(Candidate(truth.base, cap, view.drafter, truth.gains(view.generated, cap) if cap else None))
-        return allocate_goodput(candidates, self.step_cost(batch).delaying(self.step_waiting(), len(batch)))
+        return allocate_goodput(candidates, self.step_cost(batch))
 
     def step_cost(self, batch: Sequence[RequestView]) -> StepCost:
         """The true verify time around this batch: base at k = 0 without its prefill chunks (their time is
