@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 # The most tokens a step carries (decoding requests' and prefill chunks'; drafts come on top): a bound
 # on one step's memory and time whatever the pacing says (--max-step-tokens).
 DEFAULT_MAX_STEP_TOKENS = 512
-# A step that prefills takes about this many times a step that only decodes. The two goals it balances
+# A step that prefills takes about this many times a step that only decodes (more when the prompts
+# outnumber the decoding requests: PrefillPacer.stretch_for). The two goals it balances
 # (docs/engine.md, "Chunked prefill"): the longest gap between a stream's tokens, about this factor
 # times the usual one, and a prompt's time to first token beside running streams, about
 # factor / (factor - 1) times its prefill alone.

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from router.controller.cost_model import VERIFY_FEATURES
 from router.detokenize import IncrementalDetokenizer, tokenizer_decoder
 from router.drafters import Draft, DrafterClient, DrafterReplicas
-from router.prefill_budget import MIN_PREFILL_TOKENS, PREFILL_STRETCH, PrefillPacer
+from router.prefill_budget import MIN_PREFILL_TOKENS, PREFILL_STRETCH, PrefillPacer, plan_chunks
 from router.policy import FixedSpeculation, NoSpeculation, PolicyRegistry, RequestView, SpeculationPolicy, clamp_k, parse_policy
 from router.request import Params, RequestState
 from router.scheduler import Limits, Scheduler
@@ -320,7 +320,7 @@ def test_prompts_that_outnumber_the_streams_widen_the_pace():
     assert pacer.stretch_for(8, 1) == pacer.stretch_for(8, 8) == PREFILL_STRETCH
     left, price = [300] * 8, _cpu_like_pricer(2, [0] * 8)
     chunks = pacer.plan(2, left, price)
-    assert price(chunks) <= 6.0 * price([0] * 8)
+    assert price(chunks) <= 6.0 * price([0] * 8) < price(plan_chunks(sum(chunks) + 1, 2, left))  # the most that fits
     assert sum(chunks) > 2 * pacer.plan(2, [300], _cpu_like_pricer(2, [0]))[0]
 
 
