@@ -17,6 +17,11 @@ RATE_FLOOR, RATE_CEIL = 0.01, 0.99
 # How many posterior standard deviations above its mean a drafter's rate is taken as, for requests with
 # no evidence of their own (optimism in the face of uncertainty: DrafterRates.optimistic_rate).
 OPTIMISM = 1.0
+# How many verifies of its drafter's rate a request's own posterior starts from. A request keeps about
+# ten verifies of evidence (the controller fades it by 0.9 a step), so with a weaker prior ten verifies'
+# luck decides its k: at a true 0.7 for every request, strength 4 left goodput verifying 1-2 drafts in
+# about 60% of its request-steps where 3 paid (docs/design.md, "How much a request's own verifies count").
+REQUEST_PRIOR_STRENGTH = 16.0
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -170,7 +175,7 @@ class RequestAcceptance:
             counts[1] += missed
         self.last_full = not missed
 
-    def mean(self, prior_rate: float, prior_strength: float = 4.0) -> float:
+    def mean(self, prior_rate: float, prior_strength: float = REQUEST_PRIOR_STRENGTH) -> float:
         """Posterior mean for the next verify: the overall rate (successes + s * rate) / (successes +
         failures + s), refined by the evidence gathered in the request's current state."""
         value = (self.successes + prior_strength * prior_rate) / (self.successes + self.failures + prior_strength)

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from router.controller.acceptance import DrafterRates, RequestAcceptance
+from router.controller.acceptance import REQUEST_PRIOR_STRENGTH, DrafterRates, RequestAcceptance
 from router.controller.allocator import (
     Candidate,
     DrafterCost,
@@ -70,14 +70,16 @@ class SpeculationController:
     def __init__(
         self,
         k_max: int = 8,
-        prior_strength: float = 4.0,
+        request_prior_strength: float = REQUEST_PRIOR_STRENGTH,
+        tree_prior_strength: float = 4.0,
         hysteresis: float = 0.02,
         initial_rate: float = 0.5,
         evidence_decay: float = 0.9,
         rate_decay: float = 0.995,
     ) -> None:
         self.k_max = k_max
-        self.prior_strength = prior_strength
+        self.request_prior_strength = request_prior_strength  # pseudo-verifies of the drafter's rate in each request's posterior
+        self.tree_prior_strength = tree_prior_strength  # pseudo-observations in a drafter's tree calibration
         self.hysteresis = hysteresis
         self.initial_rate = initial_rate
         self.evidence_decay = evidence_decay  # per step: a request's old acceptance evidence fades (about 10 steps)
@@ -130,7 +132,7 @@ class SpeculationController:
 
     def calibration(self, drafter: str) -> TreeCalibration:
         if drafter not in self.calibrations:
-            self.calibrations[drafter] = TreeCalibration(self.prior_strength)
+            self.calibrations[drafter] = TreeCalibration(self.tree_prior_strength)
         return self.calibrations[drafter]
 
     def _gains(self, request_id: str, drafter: str, cap: int) -> tuple[float, ...] | None:
@@ -167,7 +169,7 @@ class SpeculationController:
         """Posterior mean of the request's acceptance rate with `drafter` (prior: the drafter's rate,
         optimistic while the drafter's evidence is thin; `prior_rate` when already known)."""
         prior = self.drafter_rates(drafter).optimistic_rate if prior_rate is None else prior_rate
-        return self._posterior(request_id, drafter).mean(prior, self.prior_strength)
+        return self._posterior(request_id, drafter).mean(prior, self.request_prior_strength)
 
     def step_cost(self, slots: Sequence[Slot]) -> StepCost:
         """The cost model flattened for this batch (its base is the step with every k = 0 less this
