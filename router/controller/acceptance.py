@@ -19,8 +19,8 @@ RATE_FLOOR, RATE_CEIL = 0.01, 0.99
 OPTIMISM = 1.0
 # How many verifies of its drafter's rate a request's own posterior starts from. A request keeps about
 # ten verifies of evidence (the controller fades it by 0.9 a step), so with a weaker prior ten verifies'
-# luck decides its k: at a true 0.7 for every request, strength 4 left goodput verifying 1-2 drafts in
-# about 60% of its request-steps where 3 paid (docs/design.md, "How much a request's own verifies count").
+# luck decides its k: where every request's drafts landed at 0.7, strength 4 spread their k from 0-1 (a
+# third of request-steps) to 4 or more (a sixth) (docs/design.md, section 3, "Acceptance estimates").
 REQUEST_PRIOR_STRENGTH = 16.0
 
 
