@@ -36,7 +36,7 @@ from router.controller.allocator import (
 )
 from router.controller.cost_model import LONGEST_ROW, NEW_TOKENS, LinearCostModel, VerifyCostModel, draft_features, new_draft_model, new_verify_model
 from router.controller.profile import PrefillRow, VerifyRows, step_features
-from router.controller.tree import TreeCalibration, path_probs
+from router.controller.tree import TREE_PRIOR_STRENGTH, TreeCalibration, path_probs
 from router.prefill_budget import StepPricer
 
 # Drafters that run no model: their proposals cost next to nothing per request (a host-side match).
@@ -71,7 +71,7 @@ class SpeculationController:
         self,
         k_max: int = 8,
         request_prior_strength: float = REQUEST_PRIOR_STRENGTH,
-        tree_prior_strength: float = 4.0,
+        tree_prior_strength: float = TREE_PRIOR_STRENGTH,
         hysteresis: float = 0.02,
         initial_rate: float = 0.5,
         evidence_decay: float = 0.9,

@@ -43,6 +43,10 @@ def _pool_adjacent_violators(values: list[float], weights: list[float]) -> list[
     return [value for value, _, size in blocks for _ in range(size)]
 
 
+# Pseudo-observations at a bin's raw probability before its own evidence counts.
+TREE_PRIOR_STRENGTH = 4.0
+
+
 class TreeCalibration:
     """Raw path probability -> estimated chance the path is accepted, for one drafter, fitted online.
 
@@ -50,7 +54,7 @@ class TreeCalibration:
     estimate is (accepted + s * raw mean) / (nodes + s): the raw value itself until evidence arrives.
     """
 
-    def __init__(self, prior_strength: float = 4.0) -> None:
+    def __init__(self, prior_strength: float = TREE_PRIOR_STRENGTH) -> None:
         self.prior_strength = prior_strength
         bins = len(EDGES) - 1
         self._nodes = [0.0] * bins
